@@ -25,6 +25,7 @@ def export_onnx(module: torch.nn.Module, args: tuple[torch.Tensor, ...], path: P
     """Export with torch's dynamo exporter, simplify with onnxslim, check, save; returns seconds taken."""
     start = time.perf_counter()
     path.parent.mkdir(parents=True, exist_ok=True)
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # e.g. "torchvision is not installed" notices
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(module, args, dynamo=True, optimize=True, input_names=input_names,

@@ -7,14 +7,15 @@ counters' (y0, x0, y1, x1) rows and SAM's 1024 frame are converted here and nowh
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
-import cv2
 import numpy as np
 
 from persense.runtime.resize import resize_bilinear_pil
 
 PIXEL_MEAN = np.array([123.675, 116.28, 103.53], dtype=np.float32)
 PIXEL_STD = np.array([58.395, 57.12, 57.375], dtype=np.float32)
+LOW_RES = 256  # side of SAM's low-res mask logits
 
 
 def preprocess_shape(height: int, width: int, long_side: int) -> tuple[int, int]:
@@ -73,14 +74,83 @@ class SamTransform:
         out[..., 1] *= h / new_h
         return out
 
+    @cached_property
+    def upsampler(self) -> "Upsampler":
+        """Composite bilinear maps from the 256x256 low-res frame to the original image."""
+        return Upsampler(self, LOW_RES)
+
     def upsample_to_original(self, low_res: np.ndarray) -> np.ndarray:
-        """A (h, w) map in SAM's padded frame (e.g. 256x256 logits) -> original size, as postprocess_masks."""
-        full = cv2.resize(np.ascontiguousarray(low_res, dtype=np.float32), (self.long_side, self.long_side),
-                          interpolation=cv2.INTER_LINEAR)
-        h, w = self.input_size
-        crop = np.ascontiguousarray(full[:h, :w])
-        oh, ow = self.original_size
-        return cv2.resize(crop, (ow, oh), interpolation=cv2.INTER_LINEAR)
+        """A 256x256 map in SAM's padded frame -> original size float32, as SAM's postprocess_masks."""
+        return self.upsampler.full(low_res)
+
+
+def _bilinear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per output index: the two input indices and the weight of the second, as torch's bilinear resize."""
+    scale = in_size / out_size
+    src = np.maximum((np.arange(out_size) + 0.5) * scale - 0.5, 0.0)
+    i0 = np.minimum(src.astype(np.int64), in_size - 1)
+    return i0, np.minimum(i0 + 1, in_size - 1), src - i0
+
+
+def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """(out, in) weights of torch's bilinear resize (align_corners=False, no antialias) along one axis."""
+    i0, i1, frac = _bilinear_taps(in_size, out_size)
+    matrix = np.zeros((out_size, in_size))
+    rows = np.arange(out_size)
+    np.add.at(matrix, (rows, i0), 1.0 - frac)
+    np.add.at(matrix, (rows, i1), frac)
+    return matrix
+
+
+def resize_bilinear(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Resize a 2-D float map as torch's F.interpolate(mode='bilinear', align_corners=False) does."""
+    r0, r1, fy = _bilinear_taps(image.shape[0], height)
+    c0, c1, fx = _bilinear_taps(image.shape[1], width)
+    rows = image[r0] * (1.0 - fy)[:, None] + image[r1] * fy[:, None]
+    return (rows[:, c0] * (1.0 - fx) + rows[:, c1] * fx).astype(np.float32)
+
+
+class Upsampler:
+    """postprocess_masks as two matrices: low-res -> padded square -> crop -> original, per axis."""
+
+    def __init__(self, transform: SamTransform, low_res: int) -> None:
+        (in_h, in_w), (out_h, out_w) = transform.input_size, transform.original_size
+        square = transform.long_side
+        self.rows = (bilinear_matrix(in_h, out_h) @ bilinear_matrix(low_res, square)[:in_h]).astype(np.float32)
+        self.cols = (bilinear_matrix(in_w, out_w) @ bilinear_matrix(low_res, square)[:in_w]).astype(np.float32)
+        self._row_span = _support_spans(self.rows)
+        self._col_span = _support_spans(self.cols)
+
+    def full(self, low_res: np.ndarray) -> np.ndarray:
+        """The whole map at the original size."""
+        return self.rows @ low_res.astype(np.float32) @ self.cols.T
+
+    def positive_window(self, low_res: np.ndarray) -> tuple[int, int, np.ndarray] | None:
+        """(y0, x0, mask) of the original-size pixels whose upsampled logit is > 0, or None if there are none.
+
+        Each output pixel is a convex combination of low-res logits, so it can be positive only where
+        some low-res logit it draws on is; only that window is computed.
+        """
+        positive = low_res > 0
+        row_hit = np.flatnonzero(positive.any(axis=1))
+        if row_hit.size == 0:
+            return None
+        col_hit = np.flatnonzero(positive.any(axis=0))
+        y0, y1 = self._row_span[0][row_hit].min(), self._row_span[1][row_hit].max()
+        x0, x1 = self._col_span[0][col_hit].min(), self._col_span[1][col_hit].max()
+        if y1 <= y0 or x1 <= x0:
+            return None
+        window = self.rows[y0:y1] @ low_res.astype(np.float32) @ self.cols[x0:x1].T
+        return y0, x0, window > 0
+
+
+def _support_spans(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per input index, the [first, last+1) output indices whose weight on it is non-zero."""
+    nonzero = matrix != 0
+    out_size = matrix.shape[0]
+    first = np.where(nonzero.any(axis=0), np.argmax(nonzero, axis=0), out_size)
+    last = np.where(nonzero.any(axis=0), out_size - np.argmax(nonzero[::-1], axis=0), 0)
+    return first, last
 
 
 def xyxy_to_yxyx(boxes: np.ndarray) -> np.ndarray:
@@ -91,12 +161,3 @@ def xyxy_to_yxyx(boxes: np.ndarray) -> np.ndarray:
 def yxyx_to_xyxy(boxes: np.ndarray) -> np.ndarray:
     """(y0, x0, y1, x1) -> (x0, y0, x1, y1)."""
     return np.asarray(boxes)[..., [1, 0, 3, 2]]
-
-
-def mask_box_xyxy(mask: np.ndarray) -> np.ndarray:
-    """Tight inclusive (x0, y0, x1, y1) box of a boolean mask, as the original's np.nonzero min/max."""
-    rows = np.flatnonzero(mask.any(axis=1))
-    cols = np.flatnonzero(mask.any(axis=0))
-    if rows.size == 0:
-        raise ValueError("empty mask has no bounding box")
-    return np.array([cols[0], rows[0], cols[-1], rows[-1]], dtype=np.float64)

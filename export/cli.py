@@ -1,0 +1,54 @@
+"""persense-export: SAM (and optionally a counter) to ONNX engines plus engines/manifest.json."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from persense.runtime.cli_common import add_common_flags, run_command
+
+log = logging.getLogger("persense.export")
+
+DEFAULT_WEIGHTS = Path("weights")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface."""
+    from persense.export.sam_build import SAM_CONFIGS
+
+    parser = argparse.ArgumentParser(prog="persense-export", description=__doc__)
+    parser.add_argument("--model", choices=list(SAM_CONFIGS), default="vit_h", help="SAM variant (default vit_h)")
+    parser.add_argument("--checkpoint", type=Path,
+                        help=f"original SAM checkpoint (default: {DEFAULT_WEIGHTS}/<official file name> if present)")
+    parser.add_argument("--random-weights", action="store_true", help="random weights instead of a checkpoint")
+    parser.add_argument("--seed", type=int, default=0, help="seed for --random-weights")
+    parser.add_argument("--out", type=Path, default=Path("engines"), help="output folder (default engines/)")
+    parser.add_argument("--force", action="store_true", help="re-export even if the folder has matching artefacts")
+    add_common_flags(parser)
+    return parser
+
+
+def _export(args: argparse.Namespace) -> int:
+    """Export the requested artefacts and write the manifest."""
+    from persense.export.exporter import ExportRequest, export_all, resolve_checkpoint
+
+    checkpoint = resolve_checkpoint(args.model, args.checkpoint, args.random_weights, DEFAULT_WEIGHTS)
+    request = ExportRequest(model_type=args.model, checkpoint=checkpoint, seed=args.seed, out=args.out,
+                            force=args.force)
+    manifest_path = export_all(request)
+    print(f"wrote {manifest_path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of persense-export."""
+    args = build_parser().parse_args(argv)
+    if args.checkpoint is not None and args.random_weights:
+        raise SystemExit("persense-export: error: --checkpoint and --random-weights exclude each other")
+    return run_command("persense-export", _export, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""What every persense command shares: logging flags and turning errors into one line on stderr."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Callable
+
+from persense.runtime.errors import PersenseError
+
+
+def add_common_flags(parser: argparse.ArgumentParser) -> None:
+    """-v/-q for the log level, --debug for tracebacks."""
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only errors")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
+
+
+def configure_logging(args: argparse.Namespace) -> None:
+    """Log persense to stderr at the level the flags ask for (warnings by default); others at warnings."""
+    level = logging.ERROR if args.quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
+    logging.basicConfig(level=logging.ERROR if args.quiet else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
+    logging.getLogger("persense").setLevel(level)
+
+
+def run_command(prog: str, body: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Run a command body; user errors and crashes become one stderr line and a non-zero exit code."""
+    configure_logging(args)
+    try:
+        return body(args)
+    except PersenseError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the one place that turns crashes into a clear line
+        if args.debug:
+            raise
+        print(f"{prog}: internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)",
+              file=sys.stderr)
+        return 1

@@ -1,0 +1,151 @@
+"""SAM as two engines: the image encoder and the batched PerSAM decoder, with SAM's prompt conventions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from persense.runtime.engine import Engine, open_engine
+from persense.runtime.manifest import REEXPORT_HINT, Manifest, TensorSpec, check_io
+from persense.runtime.transforms import SamTransform
+
+ENCODER = "sam_encoder"
+DECODER = "sam_decoder"
+EMBED_DIM = 256
+GRID = 64
+LOW_RES = 256
+PAD_LABEL = -1.0
+ENCODER_IO = ([TensorSpec("image", (1, 3, 1024, 1024), "float32")],
+              [TensorSpec("image_embeddings", (1, EMBED_DIM, GRID, GRID), "float32")])
+DECODER_IO = ([TensorSpec("image_embeddings", (1, EMBED_DIM, GRID, GRID), "float32"),
+               TensorSpec("point_coords", ("B", "N", 2), "float32"),
+               TensorSpec("point_labels", ("B", "N"), "float32"),
+               TensorSpec("mask_input", ("B", 1, LOW_RES, LOW_RES), "float32"),
+               TensorSpec("has_mask_input", ("B",), "float32"),
+               TensorSpec("target_embedding", (1, EMBED_DIM), "float32"),
+               TensorSpec("attn_sim", (1, GRID * GRID), "float32"),
+               TensorSpec("persam_weight", ("B",), "float32")],
+              [TensorSpec("low_res_masks", ("B", 4, LOW_RES, LOW_RES), "float32"),
+               TensorSpec("iou_predictions", ("B", 4), "float32")])
+
+
+@dataclass
+class Guidance:
+    """PerSAM's per-image guidance: target embedding [1,256] and attention similarity [1,4096]."""
+
+    target_embedding: np.ndarray
+    attn_sim: np.ndarray
+
+    @staticmethod
+    def none() -> "Guidance":
+        """Placeholder guidance for plain SAM calls (ignored when persam_weight is 0)."""
+        return Guidance(np.zeros((1, EMBED_DIM), np.float32), np.zeros((1, GRID * GRID), np.float32))
+
+
+@dataclass
+class Prompts:
+    """A batch of B prompts in SAM's input frame: points [B,N,2], labels [B,N], optional mask logits."""
+
+    coords: np.ndarray
+    labels: np.ndarray
+    mask_input: np.ndarray | None = None  # [B,1,256,256] low-res logits
+
+    def __len__(self) -> int:
+        return self.coords.shape[0]
+
+    @staticmethod
+    def points(coords: np.ndarray, mask_input: np.ndarray | None = None) -> "Prompts":
+        """One positive point per prompt plus SAM's padding point, as SamPredictor does without a box."""
+        coords = np.asarray(coords, np.float32).reshape(-1, 2)
+        batch = coords.shape[0]
+        padded = np.concatenate([coords[:, None, :], np.zeros((batch, 1, 2), np.float32)], axis=1)
+        labels = np.tile(np.array([[1.0, PAD_LABEL]], np.float32), (batch, 1))
+        return Prompts(padded, labels, mask_input)
+
+    @staticmethod
+    def point_and_box(coords: np.ndarray, boxes: np.ndarray, mask_input: np.ndarray | None = None) -> "Prompts":
+        """One positive point and one box (x0, y0, x1, y1) per prompt (box corners labelled 2 and 3)."""
+        coords = np.asarray(coords, np.float32).reshape(-1, 1, 2)
+        corners = np.asarray(boxes, np.float32).reshape(-1, 2, 2)
+        labels = np.tile(np.array([[1.0, 2.0, 3.0]], np.float32), (coords.shape[0], 1))
+        return Prompts(np.concatenate([coords, corners], axis=1), labels, mask_input)
+
+    def chunk(self, start: int, stop: int) -> "Prompts":
+        """Prompts start..stop-1."""
+        mask = None if self.mask_input is None else self.mask_input[start:stop]
+        return Prompts(self.coords[start:stop], self.labels[start:stop], mask)
+
+
+@dataclass
+class Decoded:
+    """Decoder outputs for B prompts: low-res logits [B,4,256,256] and IoU predictions [B,4]."""
+
+    low_res: np.ndarray
+    iou: np.ndarray
+
+    def best_multimask(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per prompt, SAM's best multimask output: (index 1..3, its logits [B,256,256], its score [B])."""
+        best = 1 + np.argmax(self.iou[:, 1:], axis=1)
+        rows = np.arange(len(best))
+        return best, self.low_res[rows, best], self.iou[rows, best]
+
+
+class SamEngines:
+    """The encoder and decoder engines of one manifest, used with SAM's geometry."""
+
+    def __init__(self, encoder: Engine, decoder: Engine, decode_chunk: int = 1) -> None:
+        self.encoder = encoder
+        self.decoder = decoder
+        self.decode_chunk = max(1, decode_chunk)
+        self.decoder_launches = 0
+
+    @staticmethod
+    def from_manifest(manifest: Manifest, backend: str = "ort-cpu", threads: int | None = None,
+                      decode_chunk: int | None = None) -> "SamEngines":
+        """Open and verify both SAM engines; the decoder chunk size defaults per backend."""
+        for name, (inputs, outputs) in ((ENCODER, ENCODER_IO), (DECODER, DECODER_IO)):
+            check_io(name, manifest.artefact(name), inputs, outputs, REEXPORT_HINT.format(folder=manifest.folder))
+        chunk = decode_chunk or default_decode_chunk(backend)
+        return SamEngines(open_engine(manifest, ENCODER, backend, threads),
+                          open_engine(manifest, DECODER, backend, threads), chunk)
+
+    def encode(self, image_rgb: np.ndarray) -> tuple[np.ndarray, SamTransform]:
+        """Image embedding [1,256,64,64] of an RGB uint8 image, and the transform of its geometry."""
+        transform = SamTransform(image_rgb.shape[:2])
+        embedding = self.encoder.run({"image": transform.image_tensor(image_rgb)})["image_embeddings"]
+        return embedding, transform
+
+    def decode(self, embedding: np.ndarray, prompts: Prompts, guidance: Guidance | None = None) -> Decoded:
+        """Decode all prompts in chunks of `decode_chunk`; PerSAM guidance applies to every prompt when given."""
+        guide = guidance or Guidance.none()
+        weight = 1.0 if guidance is not None else 0.0
+        parts = [self._decode_chunk(embedding, prompts.chunk(i, i + self.decode_chunk), guide, weight)
+                 for i in range(0, len(prompts), self.decode_chunk)]
+        if not parts:
+            return Decoded(np.zeros((0, 4, LOW_RES, LOW_RES), np.float32), np.zeros((0, 4), np.float32))
+        return Decoded(np.concatenate([p.low_res for p in parts]), np.concatenate([p.iou for p in parts]))
+
+    def _decode_chunk(self, embedding: np.ndarray, prompts: Prompts, guide: Guidance, weight: float) -> Decoded:
+        """One decoder launch."""
+        batch = len(prompts)
+        has_mask = prompts.mask_input is not None
+        feeds = {
+            "image_embeddings": embedding,
+            "point_coords": prompts.coords.astype(np.float32),
+            "point_labels": prompts.labels.astype(np.float32),
+            "mask_input": (prompts.mask_input.reshape(batch, 1, LOW_RES, LOW_RES).astype(np.float32) if has_mask
+                           else np.zeros((batch, 1, LOW_RES, LOW_RES), np.float32)),
+            "has_mask_input": np.full(batch, 1.0 if has_mask else 0.0, np.float32),
+            "target_embedding": guide.target_embedding.reshape(1, EMBED_DIM).astype(np.float32),
+            "attn_sim": guide.attn_sim.reshape(1, GRID * GRID).astype(np.float32),
+            "persam_weight": np.full(batch, weight, np.float32),
+        }
+        out = self.decoder.run(feeds)
+        self.decoder_launches += 1
+        return Decoded(out["low_res_masks"], out["iou_predictions"])
+
+
+def default_decode_chunk(backend: str) -> int:
+    """Prompts per decoder launch: one on CPU (batching gains nothing there, measured), all at once on a GPU."""
+    return 1 if backend == "ort-cpu" else 256
