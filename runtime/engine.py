@@ -10,7 +10,7 @@ from typing import Protocol
 import numpy as np
 
 from persense.runtime.errors import PersenseError
-from persense.runtime.manifest import TensorSpec
+from persense.runtime.manifest import Manifest, TensorSpec
 
 log = logging.getLogger(__name__)
 
@@ -95,3 +95,13 @@ def resolve_backend(requested: str) -> str:
         choice = "ort-cpu"
     log.info("backend auto -> %s%s", choice, f" (TensorRT: {reason})" if reason else "")
     return choice
+
+
+def open_engine(manifest: Manifest, name: str, backend: str = "ort-cpu", threads: int | None = None) -> Engine:
+    """Verify artefact `name` of a manifest (hash, existence) and open it on a resolved backend."""
+    if backend == "trt":
+        from persense.runtime.trt_engine import open_trt_engine
+
+        return open_trt_engine(manifest, name)
+    path = manifest.verified_path(name)
+    return OrtEngine(path, device="cuda" if backend == "ort-cuda" else "cpu", threads=threads)
