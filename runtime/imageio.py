@@ -14,7 +14,7 @@ import numpy as np
 from persense.runtime.errors import PersenseError
 
 
-def _read_raw(path: str | os.PathLike, flags: int) -> np.ndarray:
+def read_raw(path: str | os.PathLike, flags: int) -> np.ndarray:
     """cv2.imdecode a file (works with non-ASCII paths), raising PersenseError when it cannot."""
     path = Path(path)
     if not path.exists():
@@ -32,7 +32,7 @@ def _read_raw(path: str | os.PathLike, flags: int) -> np.ndarray:
 
 def read_rgb(path: str | os.PathLike) -> np.ndarray:
     """An image file as HxWx3 uint8 RGB (grayscale expanded, alpha dropped, 16-bit scaled to 8)."""
-    image = _read_raw(path, cv2.IMREAD_UNCHANGED)
+    image = read_raw(path, cv2.IMREAD_UNCHANGED)
     if image.dtype == np.uint16:
         image = (image // 257).astype(np.uint8)
     elif image.dtype != np.uint8:
@@ -46,7 +46,7 @@ def read_rgb(path: str | os.PathLike) -> np.ndarray:
 
 def read_mask(path: str | os.PathLike, expected_size: tuple[int, int] | None = None) -> np.ndarray:
     """A mask file as an HxW bool array (foreground = value > 0 in its first channel)."""
-    mask = _read_raw(path, cv2.IMREAD_UNCHANGED)
+    mask = read_raw(path, cv2.IMREAD_UNCHANGED)
     if mask.ndim == 3:
         mask = mask[..., 2] if mask.shape[2] >= 3 else mask[..., 0]  # the R channel, as the original
     binary = mask > 0
@@ -72,7 +72,7 @@ def _current_umask() -> int:
 _UMASK = _current_umask()
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write bytes to `path` through a temporary file in the same folder and an atomic rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -96,9 +96,9 @@ def write_image(path: str | os.PathLike, image: np.ndarray) -> None:
     ok, encoded = cv2.imencode(path.suffix or ".png", image)
     if not ok:
         raise PersenseError(f"{path}: could not encode image")
-    _atomic_write_bytes(path, encoded.tobytes())
+    atomic_write_bytes(path, encoded.tobytes())
 
 
 def write_json(path: str | os.PathLike, payload: Any) -> None:
     """Write JSON atomically."""
-    _atomic_write_bytes(Path(path), (json.dumps(payload, indent=2) + "\n").encode())
+    atomic_write_bytes(Path(path), (json.dumps(payload, indent=2) + "\n").encode())

@@ -1,4 +1,4 @@
-"""Pillow-exact bilinear resampling of uint8 images in NumPy (what SAM's ResizeLongestSide does via PIL)."""
+"""Pillow's bilinear resampling of uint8 images in NumPy (what SAM's ResizeLongestSide does via PIL)."""
 
 from __future__ import annotations
 
@@ -46,8 +46,11 @@ def _resample_axis(image: np.ndarray, out_size: int, axis: int) -> np.ndarray:
 
 
 def resize_bilinear_pil(image: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Resize an HxW or HxWxC uint8 image to (height, width) exactly as Pillow's BILINEAR does."""
+    """Resize an HxW or HxWxC uint8 image to (height, width) as Pillow's BILINEAR does.
+
+    Each axis is bit-exact; like Pillow up to 12 the horizontal pass runs first. Pillow 13 sometimes
+    runs the vertical pass first, so a 2-D resize can differ from it by one grey level in some pixels.
+    """
     if image.dtype != np.uint8:
         raise TypeError(f"resize_bilinear_pil expects uint8, got {image.dtype}")
-    horizontal = _resample_axis(image, width, axis=1)
-    return _resample_axis(horizontal, height, axis=0)
+    return _resample_axis(_resample_axis(image, width, axis=1), height, axis=0)

@@ -1,0 +1,71 @@
+"""Shared fixtures: a tiny random SAM, its engines exported once per test session, a synthetic scene."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+TINY_SEED = 0
+
+
+@pytest.fixture(scope="session")
+def tiny_sam():
+    """The tiny SAM (same I/O as vit_b/h) with seeded random weights."""
+    from persense.export.sam_build import random_sam
+
+    return random_sam("tiny", TINY_SEED)
+
+
+@pytest.fixture(scope="session")
+def tiny_engines(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An engines folder exported by persense-export from the tiny SAM (shared by the whole session)."""
+    from persense.export.cli import main
+
+    folder = tmp_path_factory.mktemp("engines_tiny")
+    assert main(["--model", "tiny", "--seed", str(TINY_SEED), "--out", str(folder), "-q"]) == 0
+    return folder
+
+
+def draw_scene(height: int = 288, width: int = 384, rows: int = 3, cols: int = 4, radius: int = 18,
+               seed: int = 0) -> dict[str, np.ndarray]:
+    """A grid of red discs on a noisy background: image, union mask, one-object reference mask, density."""
+    rng = np.random.default_rng(seed)
+    image = rng.integers(60, 90, (height, width, 3)).astype(np.uint8)
+    union = np.zeros((height, width), np.uint8)
+    centres = []
+    for i in range(rows):
+        for j in range(cols):
+            cx = int((j + 0.5) * width / cols + rng.integers(-4, 5))
+            cy = int((i + 0.5) * height / rows + rng.integers(-4, 5))
+            centres.append((cx, cy))
+            cv2.circle(image, (cx, cy), radius, (200, 60, 40), -1)
+            cv2.circle(union, (cx, cy), radius, 255, -1)
+    reference = np.zeros((height, width), np.uint8)
+    cv2.circle(reference, centres[0], radius, 255, -1)
+    yy, xx = np.mgrid[:height, :width]
+    density = np.zeros((height, width), np.float32)
+    for cx, cy in centres:
+        blob = np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * (radius / 3) ** 2))
+        density += (blob / blob.sum()).astype(np.float32)
+    return {"image": image, "union": union, "reference": reference, "density": density,
+            "centres": np.array(centres, dtype=np.float64)}
+
+
+@pytest.fixture(scope="session")
+def scene() -> dict[str, np.ndarray]:
+    """The default synthetic scene (12 discs, 384x288)."""
+    return draw_scene()
+
+
+@pytest.fixture(scope="session")
+def scene_files(tmp_path_factory: pytest.TempPathFactory, scene) -> dict[str, Path]:
+    """The scene written to disk as persense-infer takes it."""
+    folder = tmp_path_factory.mktemp("scene")
+    files = {"image": folder / "image.jpg", "mask": folder / "ref_mask.png", "density": folder / "density.npy"}
+    cv2.imwrite(str(files["image"]), cv2.cvtColor(scene["image"], cv2.COLOR_RGB2BGR))
+    cv2.imwrite(str(files["mask"]), scene["reference"])
+    np.save(files["density"], scene["density"])
+    return files
