@@ -186,7 +186,8 @@ class ReferencePipeline:
         with timer.stage("counter"):
             density = self.counter.count(request)
         with timer.stage("idm"):
-            points = idm_points(density.map, request.transform.original_size, density.idm_threshold)
+            points = [(int(x), int(y)) for x, y in
+                      idm_points(density.map, request.transform.original_size, density.idm_threshold)[0]]
         with timer.stage("ppsm"):
-            kept = ppsm_points(sim, points, density.count)
+            kept = ppsm_points(sim, np.array(points).reshape(-1, 2), density.count)
         return points, kept, density

@@ -9,42 +9,7 @@ import pytest
 
 from persense.runtime.errors import PersenseError
 from persense.runtime.idm import candidate_points
-
-
-def original_idm(density: np.ndarray, image_size: tuple[int, int], threshold: int) -> tuple[np.ndarray, int]:
-    """Oracle: the original IDM line by line (full-image distance transform, one loop per contour).
-
-    Returns the points and how many of them (at the front) are children of composite contours.
-    """
-    h_orig, w_orig = image_size
-    density_pred = cv2.resize(density.astype(np.float32), (w_orig, h_orig))
-    density_pred = (density_pred - density_pred.min()) / (density_pred.max() - density_pred.min())
-    density_pred = np.stack((density_pred,) * 3, axis=-1)
-    gray = cv2.cvtColor((density_pred * 255).astype(np.uint8), cv2.COLOR_RGB2GRAY)
-    thresh = cv2.threshold(gray, threshold, 255, cv2.THRESH_BINARY)[1]
-    kernel1 = cv2.getStructuringElement(cv2.MORPH_RECT, (3, 3))
-    eroded = cv2.erode(thresh, kernel1, iterations=1)
-    contours, _ = cv2.findContours(eroded, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    if not contours:  # the original took the mean of an empty list (NaN) and found no points
-        return np.empty((0, 2)), 0
-    contour_areas = [cv2.contourArea(contour) for contour in contours]
-    adaptive_threshold = np.mean(contour_areas) + 2.0 * np.std(contour_areas)
-    composite = [c for c, area in zip(contours, contour_areas) if area > adaptive_threshold]
-    coords = []
-    for large_contour in composite:
-        mask = np.zeros_like(gray)
-        cv2.drawContours(mask, [large_contour], -1, (255, 255, 255), thickness=cv2.FILLED)
-        dist_transform = cv2.distanceTransform(mask, cv2.DIST_L2, 3)
-        _, thresholded = cv2.threshold(dist_transform, 0.5 * dist_transform.max(), 255, cv2.THRESH_BINARY)
-        children, _ = cv2.findContours(np.uint8(thresholded), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-        for child in children:
-            m = cv2.moments(child)
-            coords.append((int(m["m10"] / (m["m00"] + 1e-15)), int(m["m01"] / (m["m00"] + 1e-15))))
-    n_children = len(coords)
-    for cntr in contours:
-        m = cv2.moments(cntr)
-        coords.append((int(m["m10"] / (m["m00"] + 1e-15)), int(m["m01"] / (m["m00"] + 1e-15))))
-    return np.array(coords, dtype=np.float64).reshape(-1, 2), n_children
+from persense.export.reference_glue import idm_points as original_idm
 
 
 def gaussians(shape: tuple[int, int], centres: np.ndarray, sigma: float, amps: np.ndarray | None = None) -> np.ndarray:
