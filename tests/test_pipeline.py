@@ -1,0 +1,65 @@
+"""The engine runtime against the PyTorch reference on the same weights and density map."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from persense.export.reference import ReferencePipeline
+from persense.runtime.counters import NpyDensityCounter
+from persense.runtime.manifest import load_manifest
+from persense.runtime.pipeline import PerSensePipeline
+from persense.runtime.sam import SamEngines
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
+
+
+@pytest.fixture(scope="module")
+def results(tiny_sam, tiny_engines, scene, scene_files):
+    counter = NpyDensityCounter(scene_files["density"])
+    runtime = PerSensePipeline(SamEngines.from_manifest(load_manifest(tiny_engines), "ort-cpu", threads=2), counter)
+    reference = ReferencePipeline(tiny_sam, counter)
+    got = runtime.segment(scene["image"], runtime.reference(scene["image"], scene["reference"] > 0))
+    expected = reference.segment(scene["image"], reference.reference(scene["image"], scene["reference"] > 0))
+    return got, expected
+
+
+def test_same_points_and_union_mask_as_the_reference(results, scene):
+    got, expected = results
+    assert len(expected.points) >= 12  # every disc yields a candidate
+    np.testing.assert_array_equal(got.points, expected.points)
+    assert got.first_pass_points == expected.first_pass_points
+    assert got.count == expected.count == np.ceil(np.sum(scene["density"], dtype=np.float64))
+    assert _iou(got.union > 0, expected.union > 0) >= 0.99
+    np.testing.assert_allclose(got.scores, expected.scores, atol=1e-4)
+
+
+def test_runtime_skips_only_the_unused_box_call(results):
+    got, expected = results
+    assert expected.decoder_prompts == 3 + 2 * expected.first_pass_points + len(expected.points)
+    assert got.decoder_prompts == expected.decoder_prompts - 1
+
+
+def test_result_is_complete(results, scene):
+    got, _ = results
+    assert got.union.shape == scene["image"].shape[:2] and set(np.unique(got.union)) <= {0, 255}
+    assert got.labels.dtype == np.uint16 and got.labels.max() <= len(got.points)
+    assert np.array_equal(got.labels > 0, got.union > 0)
+    assert got.boxes.shape == (len(got.points), 4) and got.exemplars.shape[1] == 4
+    assert {"image_encoding", "location_prior", "exemplar_cascade", "counter", "idm", "ppsm", "feedback",
+            "final_decoding", "merge"} <= set(got.timings_ms)
+    summary = got.summary()
+    assert summary["instances"] == len(got.points) and summary["decoder_prompts"] == got.decoder_prompts
+
+
+def test_zero_density_gives_an_empty_mask_with_a_warning(tiny_engines, scene, tmp_path):
+    path = tmp_path / "zeros.npy"
+    np.save(path, np.zeros((32, 32), np.float32))
+    runtime = PerSensePipeline(SamEngines.from_manifest(load_manifest(tiny_engines), "ort-cpu", threads=2),
+                               NpyDensityCounter(path))
+    result = runtime.segment(scene["image"], runtime.reference(scene["image"], scene["reference"] > 0))
+    assert len(result.points) == 0 and not result.union.any()
+    assert any("no instance found" in w for w in result.warnings)
