@@ -1,0 +1,107 @@
+"""persense-infer and persense-export from the command line: outputs, and one clear line on bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+
+from persense.runtime.cli_infer import main as infer
+
+
+def _run(args: list[str], capsys) -> tuple[int, str, str]:
+    code = infer(args)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_infer_writes_every_output(tiny_engines, scene_files, scene, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, stdout, _ = _run([str(scene_files["image"]), str(scene_files["image"]), str(scene_files["mask"]),
+                            "--engines", str(tiny_engines), "--density", str(scene_files["density"]),
+                            "--out", str(out), "--overlay", "--json", "--threads", "2"], capsys)
+    assert code == 0
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    assert summary == json.loads((out / "result.json").read_text())
+    mask = cv2.imread(str(out / "mask.png"), cv2.IMREAD_UNCHANGED)
+    labels = cv2.imread(str(out / "instances.png"), cv2.IMREAD_UNCHANGED)
+    assert mask.shape == scene["image"].shape[:2] and set(np.unique(mask)) <= {0, 255}
+    assert labels.dtype == np.uint16 and labels.max() <= summary["instances"]
+    assert np.array_equal(labels > 0, mask > 0)
+    assert cv2.imread(str(out / "overlay.jpg")).shape[:2] == mask.shape
+    assert summary["backend"] == "ort-cpu" and summary["counter"] == "npy" and summary["model_type"] == "tiny"
+    assert len(summary["points"]) == summary["instances"] and len(summary["manifest"]) == 16
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_infer_on_a_folder_encodes_the_reference_once(tiny_engines, scene_files, tmp_path, capsys):
+    folder = tmp_path / "targets"
+    folder.mkdir()
+    for name in ("a.jpg", "b.jpg"):
+        (folder / name).write_bytes(scene_files["image"].read_bytes())
+    out = tmp_path / "out"
+    code, stdout, _ = _run([str(folder), str(scene_files["image"]), str(scene_files["mask"]), "--engines",
+                            str(tiny_engines), "--density", str(scene_files["density"]), "--out", str(out)], capsys)
+    assert code == 0 and stdout.count("instances ->") == 2
+    assert json.loads((out / "a" / "result.json").read_text())["points"] == \
+        json.loads((out / "b" / "result.json").read_text())["points"]
+
+
+@pytest.fixture
+def bad_inputs(tmp_path, scene_files):
+    """Files a user can get wrong."""
+    empty_mask = tmp_path / "empty.png"
+    cv2.imwrite(str(empty_mask), np.zeros((288, 384), np.uint8))
+    small_mask = tmp_path / "small.png"
+    cv2.imwrite(str(small_mask), np.full((10, 10), 255, np.uint8))
+    grey_mask = tmp_path / "grey.png"
+    cv2.imwrite(str(grey_mask), (np.arange(288 * 384) % 7 * 30).astype(np.uint8).reshape(288, 384))
+    zero_bytes = tmp_path / "zero.jpg"
+    zero_bytes.write_bytes(b"")
+    not_image = tmp_path / "notes.jpg"
+    not_image.write_text("hello")
+    return {"empty_mask": empty_mask, "small_mask": small_mask, "grey_mask": grey_mask, "zero": zero_bytes,
+            "not_image": not_image}
+
+
+@pytest.mark.parametrize("case,message", [
+    ("missing_image", "no such file"),
+    ("zero_image", "file is empty"),
+    ("unreadable_image", "not a readable image"),
+    ("empty_mask", "mask is empty"),
+    ("size_mismatch", "must have the same size"),
+    ("non_binary_mask", "not binary"),
+    ("no_engines", "engines folder not found"),
+    ("directory_as_reference", "is a directory"),
+])
+def test_infer_bad_input_is_one_clear_line(case, message, tiny_engines, scene_files, bad_inputs, tmp_path, capsys):
+    image, mask, engines = str(scene_files["image"]), str(scene_files["mask"]), str(tiny_engines)
+    args = {
+        "missing_image": [str(tmp_path / "absent.jpg"), image, mask],
+        "zero_image": [str(bad_inputs["zero"]), image, mask],
+        "unreadable_image": [image, str(bad_inputs["not_image"]), mask],
+        "empty_mask": [image, image, str(bad_inputs["empty_mask"])],
+        "size_mismatch": [image, image, str(bad_inputs["small_mask"])],
+        "non_binary_mask": [image, image, str(bad_inputs["grey_mask"])],
+        "no_engines": [image, image, mask],
+        "directory_as_reference": [image, str(tmp_path), mask],
+    }[case]
+    engines = str(tmp_path / "missing_engines") if case == "no_engines" else engines
+    out = tmp_path / "out"
+    code, _, err = _run(args + ["--engines", engines, "--density", str(scene_files["density"]), "--out", str(out)],
+                        capsys)
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("persense-infer: error: ") and message in err
+    assert "Traceback" not in err
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_export_without_weights_says_where_they_go(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "persense.export.cli", "--model", "vit_h", "--out", str(tmp_path)],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 2
+    assert "put sam_vit_h_4b8939.pth in weights/" in done.stderr and "Traceback" not in done.stderr
