@@ -33,6 +33,9 @@ def run_command(prog: str, body: Callable[[argparse.Namespace], int], args: argp
     except PersenseError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # e.g. an output folder that is not writable, a full disk
+        print(f"{prog}: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130

@@ -1,4 +1,7 @@
-"""`persense-eval`: mIoU of predicted masks against a PerSense-D style dataset, as eval_miou.py."""
+"""`persense-eval`: mIoU of predicted masks against a PerSense-D style dataset, as eval_miou.py.
+
+With `--run` it first segments every image without a prediction (resumable) and then scores.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from persense.runtime.errors import PersenseError
+from persense.runtime.cli_common import add_common_flags, run_command
+from persense.runtime.counter_choice import COUNTERS
+from persense.runtime.engine import BACKENDS
 from persense.runtime.evaluate import EvalResult, miou
 from persense.runtime.imageio import write_json
 
@@ -16,11 +21,21 @@ PROG = "persense-eval"
 def _parser() -> argparse.ArgumentParser:
     """The command-line parser."""
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__)
-    parser.add_argument("--data", type=Path, required=True, help="dataset folder holding Images/<class>/NN.png")
+    parser.add_argument("--data", type=Path, required=True, help="dataset folder holding Images/<class>/NN.{jpg,png}")
     parser.add_argument("--pred", type=Path, required=True, help="prediction folder holding <class>/NN.png")
     parser.add_argument("--json", type=Path, help="write the report as JSON to this file")
     parser.add_argument("--ref-idx", default="00", help="reference marker: ground truth whose path contains "
                         "it is skipped, as in eval_miou.py (default: 00)")
+    run = parser.add_argument_group("running the pipeline first (--run)")
+    run.add_argument("--run", action="store_true", help="segment images without a prediction, then score")
+    run.add_argument("--engines", type=Path, default=Path("engines"), help="engines folder (default engines/)")
+    run.add_argument("--backend", choices=BACKENDS, default="auto", help="execution backend (default auto)")
+    run.add_argument("--counter", choices=COUNTERS, default="auto",
+                     help="density counter (auto: --density-dir if given, else the SAM-only counter)")
+    run.add_argument("--density-dir", type=Path,
+                     help="per-image .npy density maps as <dir>/<class>/<NN>_density.npy (e.g. persense-synth's meta/)")
+    run.add_argument("--threads", type=int, help="CPU threads per engine (default: all cores)")
+    add_common_flags(parser)
     return parser
 
 
@@ -44,15 +59,40 @@ def evaluate(data_dir: Path, pred_dir: Path, ref_idx: str = "00", json_out: Path
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point: 0 on success, 1 on a user error (one line on stderr), 2 on bad arguments."""
-    args = _parser().parse_args(argv)
-    try:
-        evaluate(args.data, args.pred, ref_idx=args.ref_idx, json_out=args.json)
-    except (PersenseError, OSError) as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 1
+def run_pipeline(args: argparse.Namespace) -> None:
+    """Segment the dataset into `args.pred` with the engines in `args.engines`."""
+    from persense.runtime.batch import run_dataset
+    from persense.runtime.counter_choice import make_counter
+    from persense.runtime.engine import resolve_backend
+    from persense.runtime.manifest import load_manifest
+    from persense.runtime.pipeline import PerSensePipeline
+    from persense.runtime.sam import SamEngines
+
+    manifest = load_manifest(args.engines)
+    backend = resolve_backend(args.backend)
+    counter_name = "sam" if args.counter in ("auto", "npy") else args.counter
+    pipeline = PerSensePipeline(SamEngines.from_manifest(manifest, backend, args.threads),
+                                make_counter(counter_name, manifest, backend, args.threads))
+    density_dir = args.density_dir
+    if args.counter == "npy" and density_dir is None:
+        raise SystemExit(f"{PROG}: error: --counter npy needs --density-dir")
+    density_for = (lambda name, stem: density_dir / name / f"{stem}_density.npy") if density_dir else None
+    report = run_dataset(args.data, args.pred, pipeline, args.ref_idx, density_for, progress=not args.quiet)
+    print(f"segmented {report.segmented} image(s), {report.skipped} already done, {len(report.failed)} failed",
+          file=sys.stderr)
+
+
+def _main(args: argparse.Namespace) -> int:
+    """Optionally run the pipeline, then score."""
+    if args.run:
+        run_pipeline(args)
+    evaluate(args.data, args.pred, ref_idx=args.ref_idx, json_out=args.json)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: 0 on success, 2 on a user error (one line on stderr) or bad arguments, 1 on a crash."""
+    return run_command(PROG, _main, _parser().parse_args(argv))
 
 
 if __name__ == "__main__":

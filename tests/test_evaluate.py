@@ -164,7 +164,7 @@ def test_cli_prints_table_and_writes_json(dataset: Path, capsys: pytest.CaptureF
 
 
 def test_cli_user_error_is_one_line(dataset: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["--data", str(dataset / "nowhere"), "--pred", str(dataset / "pred")]) == 1
+    assert main(["--data", str(dataset / "nowhere"), "--pred", str(dataset / "pred")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("persense-eval: error: ") and err.count("\n") == 1
 
@@ -186,6 +186,6 @@ def test_python_m_size_mismatch(dataset: Path) -> None:
     _pair(dataset, "beta", "03.png", BLOCK, np.zeros((5, 4), np.uint8))
     run = subprocess.run([sys.executable, "-m", "persense.runtime.cli_eval", "--data", str(dataset / "data"),
                           "--pred", str(dataset / "pred")], capture_output=True, text=True, timeout=60)
-    assert run.returncode == 1
+    assert run.returncode == 2
     assert "Traceback" not in run.stderr and run.stderr.count("\n") == 1
     assert "03.png" in run.stderr and "size mismatch" in run.stderr
