@@ -12,6 +12,10 @@ from persense.runtime.manifest import MANIFEST_NAME, Artefact, Manifest, load_ma
 
 log = logging.getLogger(__name__)
 
+# Part of every artefact's source key: bump it when a change to the export code changes what it writes,
+# so that folders exported by older code are re-exported instead of reused.
+EXPORT_RECIPE = 2
+
 
 @dataclass
 class ExportRequest:
@@ -84,7 +88,7 @@ def export_all(request: ExportRequest) -> Path:
 
     request.out.mkdir(parents=True, exist_ok=True)
     source = sha256_file(request.checkpoint) if request.checkpoint else "random"
-    source_key = f"{request.model_type}:{source}:{'' if request.checkpoint else request.seed}"
+    source_key = f"{request.model_type}:{source}:{'' if request.checkpoint else request.seed}:r{EXPORT_RECIPE}"
     previous = None if request.force else _previous_manifest(request.out)
     if previous is not None and previous.model_type != request.model_type:
         previous = None

@@ -112,11 +112,14 @@ class PerSamDecoder(nn.Module):
         guided = weight.reshape(-1, 1, 1, 1) > 0.5
         sim = attn_sim.reshape(1, 1, 1, -1)
         hs, keys = self.transformer(src, tokens, target, sim, guided)
-        b, c, h, w = src.shape
-        upscaled = md.output_upscaling(keys.transpose(1, 2).reshape(b, c, h, w))
         mask_tokens = hs[:, 1:1 + md.num_mask_tokens, :]
         hyper_in = torch.stack([mlp(mask_tokens[:, i, :]) for i, mlp in enumerate(md.output_hypernetworks_mlps)],
                                dim=1)
+        return self.masks(keys, hyper_in, src.shape[-1]), md.iou_prediction_head(hs[:, 0, :])
+
+    def masks(self, keys: Tensor, hyper_in: Tensor, grid: int) -> Tensor:
+        """Low-res mask logits: upscale the image tokens (B,N,C) and project with the hypernetwork outputs."""
+        b, n, c = keys.shape
+        upscaled = self.mask_decoder.output_upscaling(keys.transpose(1, 2).reshape(b, c, grid, grid))
         b, c, h, w = upscaled.shape
-        masks = (hyper_in @ upscaled.reshape(b, c, h * w)).reshape(b, -1, h, w)
-        return masks, md.iou_prediction_head(hs[:, 0, :])
+        return (hyper_in @ upscaled.reshape(b, c, h * w)).reshape(b, -1, h, w)

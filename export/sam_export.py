@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from persense.export.onnx_io import describe, export_onnx
+from persense.export.fast_decoder import FastPerSamDecoder
 from persense.export.persam_decoder import PerSamDecoder
 from persense.export.sam_modeling import Sam
 from persense.runtime.manifest import Artefact
@@ -39,13 +40,13 @@ def export_encoder(sam: Sam, path: Path, model_type: str, source: str) -> Artefa
 
 
 def export_decoder(sam: Sam, path: Path, model_type: str, source: str) -> Artefact:
-    """The batched PerSAM decoder with a dynamic prompt batch B and points per prompt N."""
+    """The batched PerSAM decoder (re-associated form) with a dynamic prompt batch B and points per prompt N."""
     batch = torch.export.Dim("B", min=1, max=MAX_PROMPTS)
     points = torch.export.Dim("N", min=1, max=MAX_POINTS)
     dynamic = {"image_embeddings": None, "point_coords": {0: batch, 1: points}, "point_labels": {0: batch, 1: points},
                "mask_input": {0: batch}, "has_mask_input": {0: batch}, "target_embedding": None, "attn_sim": None,
                "persam_weight": {0: batch}}
     with torch.no_grad():
-        seconds = export_onnx(PerSamDecoder(sam).eval(), decoder_example_inputs(), path,
+        seconds = export_onnx(FastPerSamDecoder(sam).eval(), decoder_example_inputs(), path,
                               PerSamDecoder.input_names, PerSamDecoder.output_names, dynamic)
     return describe(path, "sam_decoder", "fp32", model_type, source, {"export_seconds": round(seconds, 2)})

@@ -121,6 +121,18 @@ def test_guided_decoder_equals_the_original_in_place_persam_transformer(tiny_sam
     assert (unguided - got).abs().max() > 1e-3  # guidance really changes the output
 
 
+@pytest.mark.parametrize("batch,points,guided,with_mask", [(1, 2, True, False), (6, 3, False, True), (3, 2, True, True)])
+def test_reassociated_decoder_equals_the_literal_one(tiny_sam, decoder, batch, points, guided, with_mask):
+    from persense.export.fast_decoder import FastPerSamDecoder
+
+    args = _inputs(batch, points, guided, with_mask, seed=batch)
+    with torch.no_grad():
+        expected, expected_iou = decoder(*args)
+        got, got_iou = FastPerSamDecoder(tiny_sam).eval()(*args)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got_iou, expected_iou, atol=1e-5, rtol=1e-4)
+
+
 def _iou(a, b):
     union = np.logical_or(a, b).sum()
     return 1.0 if union == 0 else np.logical_and(a, b).sum() / union

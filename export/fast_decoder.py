@@ -1,0 +1,111 @@
+"""The exported decoder: PerSamDecoder with its image-sized attention products re-associated.
+
+In SAM's two-way transformer the few prompt tokens (T = 7 or 8) attend to 4096 image tokens and back.
+Written as in segment-anything, every attention first projects all 4096 image tokens to the
+128-wide attention space, once per prompt. Since T x heads (56-64) is smaller than that width, the
+same products are computed here with the projection weights moved onto the token side:
+
+- tokens -> image: `softmax((q W_k) K^T)` and `(attn K) W_v^T + b_v` instead of projecting K;
+  the key bias adds a constant per query row, which softmax ignores; value rows of attn sum to 1.
+- image -> tokens: `Q (k W_q)^T + b_q k^T` and `attn (v W_out^T)` instead of projecting Q and the output.
+
+The mask upscaling (two stride-2 transposed convolutions with a channel LayerNorm) is written as
+per-pixel matrix products on token-major data, with the LayerNorm over the last axis, which avoids
+NCHW channel reductions; the output pixels are reordered once at the end.
+
+This is exact algebra (float rounding aside; tests hold it to 1e-4 of the literal module) and halves the
+multiply-adds of the transformer per prompt. The token MLPs and the prediction heads are unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from persense.export.persam_decoder import PerSamDecoder
+
+
+def _head_weights(linear: nn.Linear, heads: int) -> Tensor:
+    """A (out, in) projection as per-head blocks (heads, out // heads, in)."""
+    out, inp = linear.weight.shape
+    return linear.weight.reshape(heads, out // heads, inp)
+
+
+def tokens_to_image(module: nn.Module, q: Tensor, k: Tensor, v: Tensor, attn_sim: Tensor | None = None,
+                    guided: Tensor | None = None) -> Tensor:
+    """Attention of few query tokens (B,T,C) over many image tokens k, v (B,N,C), re-associated."""
+    heads = module.num_heads
+    b, t, _ = q.shape
+    query = module.q_proj(q).reshape(b, t, heads, -1).transpose(1, 2)  # (B,h,T,d)
+    d = query.shape[-1]
+    qk = torch.einsum("bhtd,hdc->bhtc", query, _head_weights(module.k_proj, heads)) / math.sqrt(d)
+    scores = (qk.reshape(b, heads * t, -1) @ k.transpose(1, 2)).reshape(b, heads, t, -1)
+    attn = torch.softmax(scores, dim=-1)
+    if attn_sim is not None:
+        attn = torch.where(guided, torch.softmax(attn + attn_sim, dim=-1), attn)
+    pooled = (attn.reshape(b, heads * t, -1) @ v).reshape(b, heads, t, -1)  # (B,h,T,C)
+    out = torch.einsum("bhtc,hdc->bhtd", pooled, _head_weights(module.v_proj, heads))
+    out = out + module.v_proj.bias.reshape(heads, 1, d)
+    return module.out_proj(out.transpose(1, 2).reshape(b, t, heads * d))
+
+
+def image_to_tokens(module: nn.Module, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Attention of many image tokens q (B,N,C) over few tokens k, v (B,T,C), re-associated."""
+    heads = module.num_heads
+    b, t, _ = k.shape
+    key = module.k_proj(k).reshape(b, t, heads, -1).transpose(1, 2)  # (B,h,T,d)
+    value = module.v_proj(v).reshape(b, t, heads, -1).transpose(1, 2)
+    d = key.shape[-1]
+    kq = torch.einsum("bhtd,hdc->bhtc", key, _head_weights(module.q_proj, heads))  # (B,h,T,C)
+    bias = (key @ module.q_proj.bias.reshape(heads, d, 1)).reshape(b, 1, heads, t)
+    scores = ((q @ kq.reshape(b, heads * t, -1).transpose(1, 2)).reshape(b, -1, heads, t) + bias) / math.sqrt(d)
+    attn = torch.softmax(scores, dim=-1)
+    w_out = module.out_proj.weight.reshape(-1, heads, d).permute(1, 2, 0)  # (h,d,C)
+    projected = (value @ w_out).reshape(b, heads * t, -1)  # (B,hT,C)
+    return attn.reshape(b, -1, heads * t) @ projected + module.out_proj.bias
+
+
+class FastPerSamDecoder(PerSamDecoder):
+    """PerSamDecoder with the re-associated attentions (same inputs, outputs and weights)."""
+
+    def transformer(self, src: Tensor, tokens: Tensor, target: Tensor, attn_sim: Tensor,
+                    guided: Tensor) -> tuple[Tensor, Tensor]:
+        """The PerSAM two-way transformer (see PerSamDecoder.transformer) with re-associated attentions."""
+        tf = self.mask_decoder.transformer
+        keys = src.flatten(2).permute(0, 2, 1)
+        key_pe = self.image_pe.flatten(2).permute(0, 2, 1)
+        query_pe = tokens + target
+        queries = tokens
+        for layer in tf.layers:
+            queries = queries + target
+            if layer.skip_first_layer_pe:
+                queries = layer.self_attn(q=queries, k=queries, v=queries)
+            else:
+                q = queries + query_pe
+                queries = queries + layer.self_attn(q=q, k=q, v=queries)
+            queries = layer.norm1(queries)
+            k = keys + key_pe
+            attended = tokens_to_image(layer.cross_attn_token_to_image, queries + query_pe, k, keys, attn_sim, guided)
+            queries = layer.norm2(queries + attended)
+            queries = layer.norm3(queries + layer.mlp(queries))
+            q = queries + query_pe
+            keys = layer.norm4(keys + image_to_tokens(layer.cross_attn_image_to_token, k, q, queries))
+        attended = tokens_to_image(tf.final_attn_token_to_image, queries + query_pe + target, keys + key_pe, keys)
+        return tf.norm_final_attn(queries + attended), keys
+
+    def masks(self, keys: Tensor, hyper_in: Tensor, grid: int) -> Tensor:
+        """output_upscaling + hypernetwork product as matrix products on (B, pixels, channels) data."""
+        up1, norm, _, up2, _ = self.mask_decoder.output_upscaling
+        b, n, _ = keys.shape
+        c1, c2 = up1.out_channels, up2.out_channels
+        w1 = up1.weight.permute(0, 2, 3, 1).reshape(up1.in_channels, 4 * c1)  # (C, (a, b, o))
+        h1 = (keys @ w1).reshape(b, n * 4, c1) + up1.bias
+        h1 = F.gelu(F.layer_norm(h1, (c1,), norm.weight, norm.bias, norm.eps))
+        w2 = up2.weight.permute(0, 2, 3, 1).reshape(c1, 4 * c2)  # (o, (p, q, r))
+        h2 = F.gelu((h1 @ w2).reshape(b, n * 16, c2) + up2.bias)
+        logits = (h2 @ hyper_in.transpose(1, 2)).reshape(b, grid, grid, 2, 2, 2, 2, -1)  # (b, i, j, a, b, p, q, m)
+        side = grid * 4
+        return logits.permute(0, 7, 1, 3, 5, 2, 4, 6).reshape(b, -1, side, side)
