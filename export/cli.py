@@ -26,6 +26,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed for --random-weights")
     parser.add_argument("--out", type=Path, default=Path("engines"), help="output folder (default engines/)")
     parser.add_argument("--force", action="store_true", help="re-export even if the folder has matching artefacts")
+    parser.add_argument("--counter", choices=["countr", "dsalvanet"], help="also export this density counter")
+    parser.add_argument("--counter-checkpoint", type=Path,
+                        help="original counter checkpoint (CounTR FSC147.pth / DSALVANet checkpoint_200.pth); "
+                             "random weights when absent")
+    parser.add_argument("--counter-config", choices=["base", "tiny"], default="base",
+                        help="CounTR size: base (the original) or tiny (same I/O, for tests)")
     add_common_flags(parser)
     return parser
 
@@ -36,7 +42,8 @@ def _export(args: argparse.Namespace) -> int:
 
     checkpoint = resolve_checkpoint(args.model, args.checkpoint, args.random_weights, DEFAULT_WEIGHTS)
     request = ExportRequest(model_type=args.model, checkpoint=checkpoint, seed=args.seed, out=args.out,
-                            force=args.force)
+                            force=args.force, counter=args.counter, counter_checkpoint=args.counter_checkpoint,
+                            counter_config=args.counter_config)
     manifest_path = export_all(request)
     print(f"wrote {manifest_path}")
     return 0

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+
+from tqdm import tqdm
 
 from persense.runtime.errors import PersenseError
 from persense.runtime.manifest import MANIFEST_NAME, Artefact, Manifest, load_manifest, sha256_file
@@ -19,13 +23,27 @@ EXPORT_RECIPE = 2
 
 @dataclass
 class ExportRequest:
-    """What to export: SAM type, its weights (None = random with `seed`), the output folder."""
+    """What to export: SAM type and weights (None = random with `seed`), an optional counter, the folder."""
 
     model_type: str
     checkpoint: Path | None
     seed: int
     out: Path
     force: bool = False
+    counter: str | None = None  # "countr" or "dsalvanet"
+    counter_checkpoint: Path | None = None
+    counter_config: str = "base"  # CounTR size; "tiny" is a test-size model with the same I/O
+
+
+@dataclass
+class Job:
+    """One artefact to export: its name, where its weights come from, how to build and export it."""
+
+    name: str
+    source: str  # checkpoint sha256 or "random"
+    source_key: str
+    build: Callable[[], object]
+    export: Callable[[object, Path, str], Artefact]
 
 
 def resolve_checkpoint(model_type: str, checkpoint: Path | None, random_weights: bool,
@@ -81,34 +99,60 @@ def _previous_manifest(out: Path) -> Manifest | None:
         return None
 
 
-def export_all(request: ExportRequest) -> Path:
-    """Export SAM's encoder and decoder (reusing unchanged ones) and write the manifest; returns its path."""
+def _sam_jobs(request: ExportRequest) -> list[Job]:
+    """SAM's encoder and decoder, sharing one model build."""
     from persense.export.sam_build import load_sam, random_sam
     from persense.export.sam_export import export_decoder, export_encoder
 
-    request.out.mkdir(parents=True, exist_ok=True)
     source = sha256_file(request.checkpoint) if request.checkpoint else "random"
-    source_key = f"{request.model_type}:{source}:{'' if request.checkpoint else request.seed}:r{EXPORT_RECIPE}"
+    key = f"{request.model_type}:{source}:{'' if request.checkpoint else request.seed}:r{EXPORT_RECIPE}"
+    build = functools.cache(lambda: load_sam(request.model_type, request.checkpoint) if request.checkpoint
+                            else random_sam(request.model_type, request.seed))
+    return [Job(name, source, key, build, lambda m, path, src, f=fn: f(m, path, request.model_type, src))
+            for name, fn in (("sam_encoder", export_encoder), ("sam_decoder", export_decoder))]
+
+
+def _counter_job(request: ExportRequest) -> Job:
+    """The density counter engine."""
+    checkpoint = request.counter_checkpoint
+    source = sha256_file(checkpoint) if checkpoint else "random"
+    if request.counter == "countr":
+        from persense.export.countr import export_countr, load_countr, random_countr
+
+        build = (lambda: load_countr(checkpoint)) if checkpoint else (
+            lambda: random_countr(request.seed, request.counter_config))
+        key = f"countr-{request.counter_config}:{source}:{'' if checkpoint else request.seed}:r{EXPORT_RECIPE}"
+        return Job("counter_countr", source, key, build, lambda m, path, src: export_countr(m, path.parent, src))
+    if request.counter == "dsalvanet":
+        from persense.export.dsalvanet import export_dsalvanet, load_dsalvanet, random_dsalvanet
+
+        build = (lambda: load_dsalvanet(checkpoint)) if checkpoint else (lambda: random_dsalvanet(request.seed))
+        key = f"dsalvanet:{source}:{'' if checkpoint else request.seed}:r{EXPORT_RECIPE}"
+        return Job("counter_dsalvanet", source, key, build, lambda m, path, src: export_dsalvanet(m, path.parent, src))
+    raise PersenseError(f"unknown counter {request.counter!r}; choose countr or dsalvanet")
+
+
+def export_all(request: ExportRequest) -> Path:
+    """Export every requested artefact (reusing unchanged ones, keeping other counters) and write the manifest."""
+    request.out.mkdir(parents=True, exist_ok=True)
     previous = None if request.force else _previous_manifest(request.out)
     if previous is not None and previous.model_type != request.model_type:
         previous = None
-    sam = None
-    jobs: dict[str, Callable] = {"sam_encoder": export_encoder, "sam_decoder": export_decoder}
+    jobs = _sam_jobs(request) + ([_counter_job(request)] if request.counter else [])
     artefacts: dict[str, Artefact] = {}
-    for name, job in jobs.items():
-        reused = _reusable(previous, name, source_key)
+    if previous is not None:  # counters exported earlier into this folder stay listed while intact
+        artefacts.update({name: art for name, art in previous.artefacts.items() if name.startswith("counter_")
+                          and _reusable(previous, name, art.extra.get("source_key", "")) is not None})
+    for job in tqdm(jobs, desc="persense-export", unit="artefact", file=sys.stderr, disable=len(jobs) < 2):
+        reused = _reusable(previous, job.name, job.source_key)
         if reused is not None:
-            log.info("%s unchanged, reusing %s", name, reused.file)
-            artefacts[name] = reused
+            log.info("%s unchanged, reusing %s", job.name, reused.file)
+            artefacts[job.name] = reused
             continue
-        if sam is None:
-            sam = load_sam(request.model_type, request.checkpoint) if request.checkpoint else random_sam(
-                request.model_type, request.seed)
-        log.info("exporting %s (%s, %s weights)", name, request.model_type, "checkpoint" if request.checkpoint
-                 else f"random seed {request.seed}")
-        art = job(sam, request.out / f"{name}.onnx", request.model_type, source)
-        art.extra["source_key"] = source_key
-        artefacts[name] = art
+        log.info("exporting %s (%s)", job.name, "checkpoint" if job.source != "random" else "random weights")
+        art = job.export(job.build(), request.out / f"{job.name}.onnx", job.source)
+        art.extra["source_key"] = job.source_key
+        artefacts[job.name] = art
     manifest = Manifest(folder=request.out, model_type=request.model_type, versions=package_versions(),
                         artefacts=artefacts)
     return manifest.save()

@@ -14,11 +14,12 @@ _SQRT2_F32 = np.sqrt(np.float32(2.0))
 def ppsm_threshold(max_similarity: float, count: float) -> float:
     """τ = S_max/2 if count == 1, else S_max/(count/√2), in float32 like the original; count 0 gives +inf.
 
-    Raises PersenseError for a negative or non-finite count. (The original divided by zero for
+    A negative count (CounTR's float count can be) follows the same formula, as in the original, so τ
+    changes sign. Raises PersenseError for a non-finite count. (The original divided by zero for
     count 0, giving -inf or NaN when S_max <= 0; here count 0 always keeps nothing.)
     """
-    if not (math.isfinite(count) and count >= 0):
-        raise PersenseError(f"PPSM count must be a finite number >= 0, got {count}")
+    if not math.isfinite(count):
+        raise PersenseError(f"PPSM count must be a finite number, got {count}")
     divisor = np.float32(2.0) if count == 1 else np.float32(count) / _SQRT2_F32
     if divisor == 0:  # count 0, or a count that is 0 in float32
         return math.inf
@@ -31,7 +32,7 @@ def select_points(points: np.ndarray, similarity: np.ndarray, count: float) -> n
 
     Float points are truncated to integer pixels like the original's int64 tensors. Raises
     PersenseError for a similarity map that is not a non-empty 2-D array, points that are not
-    (N, 2) or not finite, points outside the map, or a negative count. The class2-box gating of
+    (N, 2) or not finite, points outside the map, or a non-finite count. The class2-box gating of
     the original is not done here.
     """
     similarity = np.asarray(similarity)

@@ -38,10 +38,16 @@ def test_threshold_count_two_is_stricter_than_one() -> None:
     assert ppsm_threshold(1.0, 1.2) > 1.0  # fractional counts below sqrt(2): nothing can pass
 
 
-@pytest.mark.parametrize("count", [-1, -0.5, math.nan, math.inf])
-def test_threshold_rejects_bad_counts(count: float) -> None:
+@pytest.mark.parametrize("count", [math.nan, math.inf, -math.inf])
+def test_threshold_rejects_non_finite_counts(count: float) -> None:
     with pytest.raises(PersenseError, match="count"):
         ppsm_threshold(1.0, count)
+
+
+@pytest.mark.parametrize("count", [-1.0, -0.5, -457.56])
+def test_negative_counts_follow_the_original_formula(count: float) -> None:
+    expected = np.float32(0.8) / (np.float32(count) / np.sqrt(np.float32(2.0)))
+    assert ppsm_threshold(0.8, count) == float(expected) and expected < 0
 
 
 def make_similarity(s_max: float = 0.8) -> np.ndarray:
@@ -111,7 +117,7 @@ def test_bad_inputs_raise() -> None:
     with pytest.raises(PersenseError, match="NaN or inf"):
         select_points(np.array([[np.nan, 1.0]]), make_similarity(), 2)
     with pytest.raises(PersenseError, match="count"):
-        select_points(np.zeros((1, 2)), make_similarity(), -3)
+        select_points(np.zeros((1, 2)), make_similarity(), math.nan)
 
 
 def test_huge_coordinates_raise_cleanly() -> None:
