@@ -32,19 +32,34 @@ def build_parser() -> argparse.ArgumentParser:
                              "random weights when absent")
     parser.add_argument("--counter-config", choices=["base", "tiny"], default="base",
                         help="CounTR size: base (the original) or tiny (same I/O, for tests)")
+    parser.add_argument("--fp16", action="store_true",
+                        help="also write FP16 ONNX models (<name>_fp16) and, where TensorRT and a GPU are usable, "
+                             "TensorRT FP16 engines (<name>_trt)")
+    parser.add_argument("--check", action="store_true",
+                        help="compare every engine in --out with the PyTorch model and print a table; "
+                             "exit 1 on a failure (nothing is exported)")
     add_common_flags(parser)
     return parser
 
 
 def _export(args: argparse.Namespace) -> int:
-    """Export the requested artefacts and write the manifest."""
+    """Export the requested artefacts and write the manifest (or, with --check, compare them with torch)."""
     from persense.export.exporter import ExportRequest, export_all, resolve_checkpoint
+
+    if args.check:
+        from persense.export.parity import check_parity, format_table, parity_ok
+
+        rows = check_parity(args.out, [p for p in (args.checkpoint, args.counter_checkpoint) if p], args.seed)
+        print(format_table(rows))
+        return 0 if parity_ok(rows) else 1
 
     checkpoint = resolve_checkpoint(args.model, args.checkpoint, args.random_weights, DEFAULT_WEIGHTS)
     request = ExportRequest(model_type=args.model, checkpoint=checkpoint, seed=args.seed, out=args.out,
                             force=args.force, counter=args.counter, counter_checkpoint=args.counter_checkpoint,
-                            counter_config=args.counter_config)
-    manifest_path = export_all(request)
+                            counter_config=args.counter_config, fp16=args.fp16)
+    manifest_path, note = export_all(request)
+    if note:
+        print(note)
     print(f"wrote {manifest_path}")
     return 0
 

@@ -33,6 +33,7 @@ class ExportRequest:
     counter: str | None = None  # "countr" or "dsalvanet"
     counter_checkpoint: Path | None = None
     counter_config: str = "base"  # CounTR size; "tiny" is a test-size model with the same I/O
+    fp16: bool = False  # also FP16 ONNX models and, where TensorRT and a GPU are usable, TensorRT engines
 
 
 @dataclass
@@ -132,18 +133,37 @@ def _counter_job(request: ExportRequest) -> Job:
     raise PersenseError(f"unknown counter {request.counter!r}; choose countr or dsalvanet")
 
 
-def export_all(request: ExportRequest) -> Path:
-    """Export every requested artefact (reusing unchanged ones, keeping other counters) and write the manifest."""
+def _base_name(name: str) -> str:
+    """The FP32 artefact an FP16 model or TensorRT engine was made from."""
+    return name.removesuffix("_fp16").removesuffix("_trt")
+
+
+def _kept(previous: Manifest | None, artefacts: dict[str, Artefact]) -> dict[str, Artefact]:
+    """Earlier artefacts this run does not rewrite (other counters, FP16 models, engines) that are intact
+    and were made from the same source as what the folder now holds."""
+    kept: dict[str, Artefact] = {}
+    for name, art in (previous.artefacts.items() if previous else ()):
+        base = artefacts.get(_base_name(name))
+        key = art.extra.get("source_key", "")
+        if name in artefacts or (base is not None and base.extra.get("source_key") != key):
+            continue
+        if _reusable(previous, name, key) is not None:
+            kept[name] = art
+    return kept
+
+
+def export_all(request: ExportRequest) -> tuple[Path, str | None]:
+    """Export every requested artefact (reusing unchanged ones) and write the manifest.
+
+    Returns the manifest path and, with `fp16`, one line saying why TensorRT engines were not built.
+    """
     request.out.mkdir(parents=True, exist_ok=True)
     previous = None if request.force else _previous_manifest(request.out)
     if previous is not None and previous.model_type != request.model_type:
         previous = None
     jobs = _sam_jobs(request) + ([_counter_job(request)] if request.counter else [])
     artefacts: dict[str, Artefact] = {}
-    if previous is not None:  # counters exported earlier into this folder stay listed while intact
-        artefacts.update({name: art for name, art in previous.artefacts.items() if name.startswith("counter_")
-                          and _reusable(previous, name, art.extra.get("source_key", "")) is not None})
-    for job in tqdm(jobs, desc="persense-export", unit="artefact", file=sys.stderr, disable=len(jobs) < 2):
+    for job in tqdm(jobs, desc="persense-export", unit="artefact", file=sys.stderr, disable=len(jobs) < 3):
         reused = _reusable(previous, job.name, job.source_key)
         if reused is not None:
             log.info("%s unchanged, reusing %s", job.name, reused.file)
@@ -153,6 +173,13 @@ def export_all(request: ExportRequest) -> Path:
         art = job.export(job.build(), request.out / f"{job.name}.onnx", job.source)
         art.extra["source_key"] = job.source_key
         artefacts[job.name] = art
+    artefacts.update(_kept(previous, artefacts))
+    note = None
+    if request.fp16:
+        from persense.export.trt_build import fp16_artefacts
+
+        added, note = fp16_artefacts(artefacts, request.out, previous)
+        artefacts.update(added)
     manifest = Manifest(folder=request.out, model_type=request.model_type, versions=package_versions(),
                         artefacts=artefacts)
-    return manifest.save()
+    return manifest.save(), note

@@ -35,6 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--density-dir", type=Path,
                      help="per-image .npy density maps as <dir>/<class>/<NN>_density.npy (e.g. persense-synth's meta/)")
     run.add_argument("--threads", type=int, help="CPU threads per engine (default: all cores)")
+    run.add_argument("--precision", choices=["fp32", "fp16"], default="fp32", help="ONNX models to run")
     add_common_flags(parser)
     return parser
 
@@ -69,9 +70,9 @@ def run_pipeline(args: argparse.Namespace) -> None:
     from persense.runtime.sam import SamEngines
 
     manifest = load_manifest(args.engines)
-    backend = resolve_backend(args.backend)
+    backend = resolve_backend(args.backend, manifest)
     counter_name = "sam" if args.counter in ("auto", "npy") else args.counter
-    pipeline = PerSensePipeline(SamEngines.from_manifest(manifest, backend, args.threads),
+    pipeline = PerSensePipeline(SamEngines.from_manifest(manifest, backend, args.threads, precision=args.precision),
                                 make_counter(counter_name, manifest, backend, args.threads))
     density_dir = args.density_dir
     if args.counter == "npy" and density_dir is None:

@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--density", type=Path, help=".npy density map to use as the counter's output")
     parser.add_argument("--threads", type=int, help="CPU threads per engine (default: all cores)")
     parser.add_argument("--decode-chunk", type=int, help="prompts per decoder launch (default: per backend)")
+    parser.add_argument("--precision", choices=["fp32", "fp16"], default="fp32",
+                        help="ONNX models to run (fp16 needs `persense-export --fp16`; TensorRT engines are fp16)")
     parser.add_argument("--overlay", action="store_true", help="also write overlay.jpg")
     parser.add_argument("--json", action="store_true", help="print each result.json to stdout")
     add_common_flags(parser)
@@ -81,8 +83,8 @@ def _infer(args: argparse.Namespace) -> int:
     ref_image = read_rgb(ref_path)
     ref_mask = read_mask(mask_path, expected_size=ref_image.shape[:2])
     manifest = load_manifest(args.engines)
-    backend = resolve_backend(args.backend)
-    sam = SamEngines.from_manifest(manifest, backend, args.threads, args.decode_chunk)
+    backend = resolve_backend(args.backend, manifest)
+    sam = SamEngines.from_manifest(manifest, backend, args.threads, args.decode_chunk, args.precision)
     pipeline = PerSensePipeline(sam, make_counter(args.counter, manifest, backend, args.threads, args.density))
     start = time.perf_counter()
     target = pipeline.reference(ref_image, ref_mask)
@@ -91,7 +93,8 @@ def _infer(args: argparse.Namespace) -> int:
         image = read_rgb(path)
         result = pipeline.segment(image, target)
         summary = {"image": str(path), "reference": str(ref_path), "reference_mask": str(mask_path),
-                   "backend": backend, "model_type": manifest.model_type, "counter": pipeline.counter.name,
+                   "backend": backend, "precision": "fp16" if backend == "trt" else args.precision,
+                   "model_type": manifest.model_type, "counter": pipeline.counter.name,
                    "manifest": manifest.digest(), "reference_encoding_ms": round(reference_ms, 3),
                    **result.summary()}
         folder = args.out if len(targets) == 1 else args.out / path.stem

@@ -76,17 +76,22 @@ def _spec(node) -> TensorSpec:
     return TensorSpec(node.name, shape, _ORT_TYPES.get(node.type, node.type))
 
 
-def resolve_backend(requested: str) -> str:
-    """Turn 'auto' into the best usable backend (TensorRT, then ORT-CUDA, then ORT-CPU) and log why."""
+def resolve_backend(requested: str, manifest: Manifest | None = None) -> str:
+    """Turn 'auto' into the best usable backend (TensorRT, then ORT-CUDA, then ORT-CPU) and log why.
+
+    TensorRT is chosen only when it is usable here and the manifest has current engines for SAM.
+    """
     if requested not in BACKENDS:
         raise PersenseError(f"unknown backend {requested!r}; choose one of {', '.join(BACKENDS)}")
     if requested != "auto":
         return requested
     import onnxruntime as ort
 
-    from persense.runtime.trt_engine import tensorrt_unavailable_reason
+    from persense.runtime.trt_engine import engine_unusable_reason, tensorrt_unavailable_reason
 
     reason = tensorrt_unavailable_reason()
+    if reason is None and manifest is not None:
+        reason = engine_unusable_reason(manifest, "sam_encoder") or engine_unusable_reason(manifest, "sam_decoder")
     if reason is None:
         choice = "trt"
     elif "CUDAExecutionProvider" in ort.get_available_providers():

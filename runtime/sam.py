@@ -102,13 +102,18 @@ class SamEngines:
 
     @staticmethod
     def from_manifest(manifest: Manifest, backend: str = "ort-cpu", threads: int | None = None,
-                      decode_chunk: int | None = None) -> "SamEngines":
-        """Open and verify both SAM engines; the decoder chunk size defaults per backend."""
-        for name, (inputs, outputs) in ((ENCODER, ENCODER_IO), (DECODER, DECODER_IO)):
-            check_io(name, manifest.artefact(name), inputs, outputs, REEXPORT_HINT.format(folder=manifest.folder))
+                      decode_chunk: int | None = None, precision: str = "fp32") -> "SamEngines":
+        """Open and verify both SAM engines; `precision` picks `<name>` (fp32) or `<name>_<precision>` ONNX
+        models (TensorRT uses its own engines); the decoder chunk size defaults per backend."""
+        names = {}
+        for base, (inputs, outputs) in ((ENCODER, ENCODER_IO), (DECODER, DECODER_IO)):
+            names[base] = base if precision == "fp32" or backend == "trt" else f"{base}_{precision}"
+            if backend != "trt":
+                check_io(names[base], manifest.artefact(names[base]), inputs, outputs,
+                         REEXPORT_HINT.format(folder=manifest.folder))
         chunk = decode_chunk or default_decode_chunk(backend)
-        return SamEngines(open_engine(manifest, ENCODER, backend, threads),
-                          open_engine(manifest, DECODER, backend, threads), chunk)
+        return SamEngines(open_engine(manifest, names[ENCODER], backend, threads),
+                          open_engine(manifest, names[DECODER], backend, threads), chunk)
 
     def encode(self, image_rgb: np.ndarray) -> tuple[np.ndarray, SamTransform]:
         """Image embedding [1,256,64,64] of an RGB uint8 image, and the transform of its geometry."""

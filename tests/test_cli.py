@@ -105,3 +105,23 @@ def test_export_without_weights_says_where_they_go(tmp_path):
                           capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 2
     assert "put sam_vit_h_4b8939.pth in weights/" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_export_fp16_then_infer_with_the_fp16_models(tiny_engines, scene_files, tmp_path, capsys):
+    import shutil
+
+    from persense.export.cli import main as export
+
+    folder = tmp_path / "engines"
+    shutil.copytree(tiny_engines, folder)
+    assert export(["--model", "tiny", "--seed", "0", "--out", str(folder), "--fp16", "-q"]) == 0
+    printed = capsys.readouterr().out
+    assert "TensorRT engines not built:" in printed and printed.count("\n") == 2
+    manifest = json.loads((folder / "manifest.json").read_text())["artefacts"]
+    assert manifest["sam_encoder_fp16"]["precision"] == "fp16" and "fp16_error" in manifest["sam_decoder_fp16"]["extra"]
+    code, stdout, _ = _run([str(scene_files["image"]), str(scene_files["image"]), str(scene_files["mask"]),
+                            "--engines", str(folder), "--density", str(scene_files["density"]), "--precision", "fp16",
+                            "--out", str(tmp_path / "out"), "--json", "--threads", "2"], capsys)
+    assert code == 0 and json.loads(stdout.strip().splitlines()[-1])["precision"] == "fp16"
+    assert export(["--model", "tiny", "--seed", "0", "--out", str(folder), "-q"]) == 0  # a plain re-export
+    assert "sam_decoder_fp16" in json.loads((folder / "manifest.json").read_text())["artefacts"]  # keeps them
