@@ -54,7 +54,7 @@ class PerSamDecoder(nn.Module):
         """Sparse embeddings of (B, N, 2) input-frame points with SAM labels -1/0/1/2/3."""
         pe = self.prompt_encoder
         h, w = pe.input_image_size
-        xy = (coords + 0.5) / torch.tensor([w, h], dtype=coords.dtype)
+        xy = (coords + 0.5) / torch.tensor([w, h], dtype=coords.dtype, device=coords.device)
         emb = pe.pe_layer._pe_encoding(xy)
         labels = labels.unsqueeze(-1)
         emb = emb * (labels != -1) + pe.not_a_point_embed.weight * (labels == -1)
