@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fp16", action="store_true",
                         help="also write FP16 ONNX models (<name>_fp16) and, where TensorRT and a GPU are usable, "
                              "TensorRT FP16 engines (<name>_trt)")
+    parser.add_argument("--int8", action="store_true",
+                        help="also write INT8 SAM models (<name>_int8, ONNX Runtime dynamic quantisation) for the CPU")
     parser.add_argument("--check", action="store_true",
                         help="compare every engine in --out with the PyTorch model and print a table; "
                              "exit 1 on a failure (nothing is exported)")
@@ -56,7 +58,8 @@ def _export(args: argparse.Namespace) -> int:
     checkpoint = resolve_checkpoint(args.model, args.checkpoint, args.random_weights, DEFAULT_WEIGHTS)
     request = ExportRequest(model_type=args.model, checkpoint=checkpoint, seed=args.seed, out=args.out,
                             force=args.force, counter=args.counter, counter_checkpoint=args.counter_checkpoint,
-                            counter_config=args.counter_config, fp16=args.fp16)
+                            counter_config=args.counter_config, fp16=args.fp16,
+                            int8=args.int8)
     manifest_path, note = export_all(request)
     if note:
         print(note)

@@ -34,6 +34,7 @@ class ExportRequest:
     counter_checkpoint: Path | None = None
     counter_config: str = "base"  # CounTR size; "tiny" is a test-size model with the same I/O
     fp16: bool = False  # also FP16 ONNX models and, where TensorRT and a GPU are usable, TensorRT engines
+    int8: bool = False  # also INT8 (dynamically quantised) SAM models for the CPU
 
 
 @dataclass
@@ -135,7 +136,7 @@ def _counter_job(request: ExportRequest) -> Job:
 
 def _base_name(name: str) -> str:
     """The FP32 artefact an FP16 model or TensorRT engine was made from."""
-    return name.removesuffix("_fp16").removesuffix("_trt")
+    return name.removesuffix("_fp16").removesuffix("_int8").removesuffix("_trt")
 
 
 def _kept(previous: Manifest | None, artefacts: dict[str, Artefact]) -> dict[str, Artefact]:
@@ -180,6 +181,10 @@ def export_all(request: ExportRequest) -> tuple[Path, str | None]:
 
         added, note = fp16_artefacts(artefacts, request.out, previous)
         artefacts.update(added)
+    if request.int8:
+        from persense.export.int8 import int8_artefacts
+
+        artefacts.update(int8_artefacts(artefacts, request.out, previous))
     manifest = Manifest(folder=request.out, model_type=request.model_type, versions=package_versions(),
                         artefacts=artefacts)
     return manifest.save(), note

@@ -94,14 +94,14 @@ def to_fp16(src: Path) -> onnx.ModelProto:
     return model
 
 
-def measure_fp16_error(artefact: Artefact, fp32_path: Path, fp16_path: Path, seed: int = 0) -> dict[str, Any]:
-    """Per-output error of the FP16 model against the FP32 one on ONNX Runtime CPU, on seeded sample inputs."""
+def measure_error(artefact: Artefact, fp32_path: Path, variant_path: Path, seed: int = 0) -> dict[str, Any]:
+    """Per-output error of a reduced-precision model against the FP32 one on ONNX Runtime CPU, seeded inputs."""
     from persense.export.parity import compare_outputs, sample_feeds
     from persense.runtime.engine import OrtEngine
 
     feeds = sample_feeds(artefact, seed)
     reference = OrtEngine(fp32_path).run(feeds)
-    candidate = OrtEngine(fp16_path).run(feeds)
+    candidate = OrtEngine(variant_path).run(feeds)
     return {"backend": "onnxruntime-cpu", "reference": "fp32 onnx", "inputs": f"parity.sample_feeds(seed={seed})",
             "outputs": {name: compare_outputs(reference[name], candidate[name], name) for name in reference}}
 
@@ -120,20 +120,21 @@ def convert_fp16(artefact: Artefact, folder: Path) -> Artefact:
              "fp32_sha256": artefact.sha256, "fp32_ops": list(SENSITIVE_OPS),
              "convert_seconds": round(time.perf_counter() - start, 2)}
     fp16 = describe(dst, artefact.kind, "fp16", artefact.model_type, artefact.source_checkpoint, extra)
-    fp16.extra["fp16_error"] = measure_fp16_error(artefact, src, dst)
+    fp16.extra["fp16_error"] = measure_error(artefact, src, dst)
     log.info("wrote %s (%.1f s)", dst.name, time.perf_counter() - start)
     return fp16
 
 
-def reusable_fp16(previous: Manifest | None, name: str, artefact: Artefact) -> Artefact | None:
-    """The previous FP16 entry of `name` if it was converted from this exact FP32 file and is intact."""
-    if previous is None or fp16_name(name) not in previous.artefacts:
+def reusable_fp16(previous: Manifest | None, name: str, artefact: Artefact, suffix: str = FP16_SUFFIX) -> Artefact | None:
+    """The previous `<name><suffix>` entry if it was converted from this exact FP32 file and is intact."""
+    variant = name + suffix
+    if previous is None or variant not in previous.artefacts:
         return None
-    entry = previous.artefacts[fp16_name(name)]
+    entry = previous.artefacts[variant]
     if entry.extra.get("fp32_sha256") != artefact.sha256:
         return None
     try:
-        previous.verified_path(fp16_name(name))
+        previous.verified_path(variant)
     except PersenseError:
         return None
     return entry

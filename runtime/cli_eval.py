@@ -35,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--density-dir", type=Path,
                      help="per-image .npy density maps as <dir>/<class>/<NN>_density.npy (e.g. persense-synth's meta/)")
     run.add_argument("--threads", type=int, help="CPU threads per engine (default: all cores)")
-    run.add_argument("--precision", choices=["fp32", "fp16"], default="fp32", help="ONNX models to run")
+    run.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32", help="ONNX models to run")
     add_common_flags(parser)
     return parser
 

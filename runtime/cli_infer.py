@@ -41,8 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--density", type=Path, help=".npy density map to use as the counter's output")
     parser.add_argument("--threads", type=int, help="CPU threads per engine (default: all cores)")
     parser.add_argument("--decode-chunk", type=int, help="prompts per decoder launch (default: per backend)")
-    parser.add_argument("--precision", choices=["fp32", "fp16"], default="fp32",
-                        help="ONNX models to run (fp16 needs `persense-export --fp16`; TensorRT engines are fp16)")
+    parser.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32",
+                        help="ONNX models to run (fp16/int8 need `persense-export --fp16/--int8`; TensorRT engines are fp16)")
     parser.add_argument("--overlay", action="store_true", help="also write overlay.jpg")
     parser.add_argument("--json", action="store_true", help="print each result.json to stdout")
     add_common_flags(parser)
