@@ -8,6 +8,7 @@ import torch
 
 from persense.export.onnx_io import describe, export_onnx
 from persense.export.fast_decoder import FastPerSamDecoder
+from persense.export.lean_encoder import lean_encoder
 from persense.export.persam_decoder import PerSamDecoder
 from persense.export.sam_modeling import Sam
 from persense.runtime.manifest import Artefact
@@ -32,9 +33,9 @@ def decoder_example_inputs(batch: int = 4, points: int = 2) -> tuple[torch.Tenso
 
 
 def export_encoder(sam: Sam, path: Path, model_type: str, source: str) -> Artefact:
-    """`image` [1,3,1024,1024] (normalised, padded) -> `image_embeddings` [1,256,64,64]."""
+    """`image` [1,3,1024,1024] (normalised, padded) -> `image_embeddings` [1,256,64,64] (row-blocked global attention)."""
     with torch.no_grad():
-        seconds = export_onnx(sam.image_encoder.eval(), (torch.randn(1, 3, 1024, 1024),), path,
+        seconds = export_onnx(lean_encoder(sam.image_encoder), (torch.randn(1, 3, 1024, 1024),), path,
                               ["image"], ["image_embeddings"])
     return describe(path, "sam_encoder", "fp32", model_type, source, {"export_seconds": round(seconds, 2)})
 

@@ -56,6 +56,9 @@ class OrtEngine:
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
+        # ORT's CPU arena keeps the largest transient buffers of every run (measured on vit_b: peak RSS
+        # 6.9 GB with it, 4.1 GB without; the row-blocked encoder export brings it to 2.2 GB).
+        options.enable_cpu_mem_arena = device != "cpu"
         try:
             self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
         except Exception as exc:  # ORT raises its own types for corrupt or unsupported models

@@ -68,3 +68,13 @@ def test_vit_b_decoder_masks_match_torch(vit_b, batch, points, has_mask):
     for a, b in zip(got.reshape(batch * 4, -1) > 0, expected.numpy().reshape(batch * 4, -1) > 0):
         union = np.logical_or(a, b).sum()
         assert union == 0 or np.logical_and(a, b).sum() / union >= MASK_IOU
+
+
+def test_row_blocked_global_attention_is_exact(tiny_sam):
+    from persense.export.lean_encoder import RowBlockedAttention, lean_encoder
+
+    lean = lean_encoder(tiny_sam.image_encoder, rows=5)  # 5 does not divide 64: a short last block
+    assert sum(isinstance(b.attn, RowBlockedAttention) for b in lean.blocks) == 1
+    image = torch.randn(1, 3, 1024, 1024)
+    with torch.no_grad():
+        torch.testing.assert_close(lean(image), tiny_sam.image_encoder(image), atol=1e-5, rtol=1e-5)
