@@ -71,30 +71,8 @@ def image_to_tokens(module: nn.Module, q: Tensor, k: Tensor, v: Tensor) -> Tenso
 class FastPerSamDecoder(PerSamDecoder):
     """PerSamDecoder with the re-associated attentions (same inputs, outputs and weights)."""
 
-    def transformer(self, src: Tensor, tokens: Tensor, target: Tensor, attn_sim: Tensor,
-                    guided: Tensor) -> tuple[Tensor, Tensor]:
-        """The PerSAM two-way transformer (see PerSamDecoder.transformer) with re-associated attentions."""
-        tf = self.mask_decoder.transformer
-        keys = src.flatten(2).permute(0, 2, 1)
-        key_pe = self.image_pe.flatten(2).permute(0, 2, 1)
-        query_pe = tokens + target
-        queries = tokens
-        for layer in tf.layers:
-            queries = queries + target
-            if layer.skip_first_layer_pe:
-                queries = layer.self_attn(q=queries, k=queries, v=queries)
-            else:
-                q = queries + query_pe
-                queries = queries + layer.self_attn(q=q, k=q, v=queries)
-            queries = layer.norm1(queries)
-            k = keys + key_pe
-            attended = tokens_to_image(layer.cross_attn_token_to_image, queries + query_pe, k, keys, attn_sim, guided)
-            queries = layer.norm2(queries + attended)
-            queries = layer.norm3(queries + layer.mlp(queries))
-            q = queries + query_pe
-            keys = layer.norm4(keys + image_to_tokens(layer.cross_attn_image_to_token, k, q, queries))
-        attended = tokens_to_image(tf.final_attn_token_to_image, queries + query_pe + target, keys + key_pe, keys)
-        return tf.norm_final_attn(queries + attended), keys
+    tokens_to_image = staticmethod(tokens_to_image)
+    image_to_tokens = staticmethod(image_to_tokens)
 
     def masks(self, keys: Tensor, hyper_in: Tensor, grid: int) -> Tensor:
         """output_upscaling + hypernetwork product as matrix products on (B, pixels, channels) data."""

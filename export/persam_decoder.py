@@ -88,14 +88,26 @@ class PerSamDecoder(nn.Module):
             queries = layer.norm1(queries)
             q = queries + query_pe
             k = keys + key_pe
-            queries = layer.norm2(queries + attention(layer.cross_attn_token_to_image, q, k, keys, attn_sim, guided))
+            queries = layer.norm2(queries + self.tokens_to_image(layer.cross_attn_token_to_image, q, k, keys, attn_sim,
+                                                                 guided))
             queries = layer.norm3(queries + layer.mlp(queries))
             q = queries + query_pe
-            keys = layer.norm4(keys + layer.cross_attn_image_to_token(q=k, k=q, v=queries))
+            keys = layer.norm4(keys + self.image_to_tokens(layer.cross_attn_image_to_token, k, q, queries))
         q = queries + query_pe + target
         k = keys + key_pe
-        queries = tf.norm_final_attn(queries + tf.final_attn_token_to_image(q=q, k=k, v=keys))
+        queries = tf.norm_final_attn(queries + self.tokens_to_image(tf.final_attn_token_to_image, q, k, keys))
         return queries, keys
+
+    @staticmethod
+    def tokens_to_image(module: nn.Module, q: Tensor, k: Tensor, v: Tensor, attn_sim: Tensor | None = None,
+                        guided: Tensor | None = None) -> Tensor:
+        """Token-to-image attention, PerSAM-guided where `guided`."""
+        return attention(module, q, k, v, attn_sim, guided)
+
+    @staticmethod
+    def image_to_tokens(module: nn.Module, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Image-to-token attention (stock)."""
+        return module(q=q, k=k, v=v)
 
     def forward(self, image_embeddings: Tensor, point_coords: Tensor, point_labels: Tensor, mask_input: Tensor,
                 has_mask_input: Tensor, target_embedding: Tensor, attn_sim: Tensor,

@@ -116,10 +116,7 @@ class ReferencePipeline:
             flat = int(sim.flatten().topk(1)[1])
             first = np.array([flat % sim.shape[1], flat // sim.shape[1]], dtype=np.int64)
         with timer.stage("exemplar_cascade"):
-            masks, scores, logits = predictor.predict(first, attn_sim=attn_sim, target_embedding=target_embedding)
-            best = int(np.argmax(scores))
-            masks, scores, logits = predictor.predict(first, mask_input=logits[best:best + 1])
-            best = int(np.argmax(scores))
+            masks, scores, logits, best = self._guided_then_refined(first, attn_sim, target_embedding)
             box = _mask_box(masks[best])
             if box is None:
                 warnings.append("the initial exemplar mask is empty; using a one-pixel box at the best-matching point")
@@ -131,10 +128,7 @@ class ReferencePipeline:
         with timer.stage("feedback"):
             lines = []
             for point in first_pass:
-                masks, scores, logits = predictor.predict(point, attn_sim=attn_sim, target_embedding=target_embedding)
-                best = int(np.argmax(scores))
-                masks, scores, logits = predictor.predict(point, mask_input=logits[best:best + 1])
-                best = int(np.argmax(scores))
+                masks, scores, _, best = self._guided_then_refined(np.asarray(point), attn_sim, target_embedding)
                 point_box = _mask_box(masks[best])
                 if point_box is None:
                     warnings.append("a feedback point gave an empty mask and was skipped")
@@ -166,6 +160,14 @@ class ReferencePipeline:
             scores=np.array(final_scores), exemplars=request.exemplars, count=density.count,
             first_pass_points=len(first_pass), decoder_prompts=predictor.calls - calls,
             decoder_launches=predictor.calls - calls, timings_ms=timer.ms, warnings=warnings)
+
+    def _guided_then_refined(self, point: np.ndarray, attn_sim: torch.Tensor, target_embedding: torch.Tensor
+                             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+        """A PerSAM-guided call, then a plain call with its best logits: (masks, scores, logits, best index)."""
+        _, scores, logits = self.predictor.predict(point, attn_sim=attn_sim, target_embedding=target_embedding)
+        best = int(np.argmax(scores))
+        masks, scores, logits = self.predictor.predict(point, mask_input=logits[best:best + 1])
+        return masks, scores, logits, int(np.argmax(scores))
 
     def _location_prior(self, target_feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Similarity map at the original size and the attention similarity, as persense.py computes them."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from persense.export.dsalvanet import (LVAM, TorchDsalvanetCounter, export_dsalvanet, index_roi_pool, load_dsalvanet,
                                        modulated_deform_conv2d, random_dsalvanet, reference_boxes, reference_image,
