@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
+import numpy as np
 from tqdm import tqdm
 
 from persense.runtime.counters import Counter, NpyDensityCounter
@@ -15,8 +16,34 @@ from persense.runtime.errors import PersenseError
 from persense.runtime.evaluate import class_names
 from persense.runtime.imageio import read_mask, read_rgb, write_image
 from persense.runtime.pipeline import PerSensePipeline
+from persense.runtime.prior import Target
 
 log = logging.getLogger(__name__)
+
+DensityFor = Callable[[str, str], Path]  # (class, image stem) -> .npy density map
+
+
+@dataclass(frozen=True)
+class PipelineSpec:
+    """Everything needed to open a pipeline anywhere (a Ray worker included): plain, picklable values."""
+
+    engines: Path
+    backend: str = "auto"
+    counter: str = "sam"
+    threads: int | None = None
+    precision: str = "fp32"
+
+    def open(self) -> PerSensePipeline:
+        """Open and verify the engines and the counter."""
+        from persense.runtime.counter_choice import make_counter
+        from persense.runtime.engine import resolve_backend
+        from persense.runtime.manifest import load_manifest
+        from persense.runtime.sam import SamEngines
+
+        manifest = load_manifest(self.engines)
+        backend = resolve_backend(self.backend, manifest)
+        sam = SamEngines.from_manifest(manifest, backend, self.threads, precision=self.precision)
+        return PerSensePipeline(sam, make_counter(self.counter, manifest, backend, self.threads))
 
 
 @dataclass
@@ -28,8 +55,18 @@ class BatchReport:
     failed: dict[str, str] = field(default_factory=dict)
 
 
-def class_jobs(data_dir: Path, pred_dir: Path, ref_idx: str) -> Iterable[tuple[str, Path, Path, list[Path]]]:
-    """Per class: (name, reference image, reference mask, target images whose prediction is still missing).
+@dataclass(frozen=True)
+class ClassJob:
+    """One class of a run: its reference pair and the target images whose prediction is still missing."""
+
+    name: str
+    reference: Path
+    mask: Path
+    todo: list[Path]
+
+
+def class_jobs(data_dir: Path, pred_dir: Path, ref_idx: str) -> Iterable[ClassJob]:
+    """Per class, the reference pair and the targets without a prediction.
 
     Every `NN.jpg` of the class is a target, the reference included, as the original's loop does.
     """
@@ -38,40 +75,82 @@ def class_jobs(data_dir: Path, pred_dir: Path, ref_idx: str) -> Iterable[tuple[s
         reference, mask = folder / f"{ref_idx}.jpg", folder / f"{ref_idx}.png"
         if not reference.is_file() or not mask.is_file():
             raise PersenseError(f"{folder}: no reference pair {ref_idx}.jpg / {ref_idx}.png")
-        todo = [p for p in sorted(folder.glob("*.jpg")) if not (pred_dir / name / f"{p.stem}.png").is_file()]
-        yield name, reference, mask, todo
+        todo = [p for p in sorted(folder.glob("*.jpg")) if not prediction_path(pred_dir, name, p).is_file()]
+        yield ClassJob(name, reference, mask, todo)
+
+
+def plan(data_dir: Path, pred_dir: Path, ref_idx: str) -> tuple[list[ClassJob], int]:
+    """The classes with work left, and how many images already have a prediction; stale temp files removed."""
+    jobs = list(class_jobs(data_dir, pred_dir, ref_idx))
+    for job in jobs:
+        remove_stale_temporaries(pred_dir, job)
+    skipped = count_images(data_dir) - sum(len(job.todo) for job in jobs)
+    return [job for job in jobs if job.todo], skipped
+
+
+def prediction_path(pred_dir: Path, name: str, image: Path) -> Path:
+    """Where the prediction of `image` of class `name` goes."""
+    return pred_dir / name / f"{image.stem}.png"
+
+
+def remove_stale_temporaries(pred_dir: Path, job: ClassJob) -> None:
+    """Delete temp files an interrupted run left for images still to do (one run per prediction folder)."""
+    for image in job.todo:
+        final = prediction_path(pred_dir, job.name, image)
+        for stale in final.parent.glob(f".{final.name}.*.tmp"):
+            stale.unlink(missing_ok=True)
+
+
+def reference_of(pipeline: PerSensePipeline, reference: Path, mask: Path) -> Target:
+    """The target of a class, from its reference image and mask files."""
+    image = read_rgb(reference)
+    return pipeline.reference(image, read_mask(mask, expected_size=image.shape[:2]))
+
+
+def segment_file(pipeline: PerSensePipeline, image: Path, target: Target, density: Path | None) -> np.ndarray:
+    """The union mask of one image file, with the .npy density map `density` when given."""
+    own_counter: Counter = pipeline.counter
+    try:
+        if density is not None:
+            pipeline.counter = NpyDensityCounter(density)
+        return pipeline.segment(read_rgb(image), target).union
+    finally:
+        pipeline.counter = own_counter
+
+
+def progress_bar(total: int, progress: bool) -> tqdm:
+    """The per-image progress bar on stderr."""
+    return tqdm(total=total, unit="image", disable=not progress, file=sys.stderr)
 
 
 def run_dataset(data_dir: Path, pred_dir: Path, pipeline: PerSensePipeline, ref_idx: str = "00",
-                density_for: Callable[[str, str], Path] | None = None, progress: bool = True) -> BatchReport:
+                density_for: DensityFor | None = None, progress: bool = True) -> BatchReport:
     """Segment every image without a prediction yet; each prediction is written atomically when complete.
 
     `density_for(class, stem)` gives a .npy density map per image (the npy counter); otherwise the
     pipeline's own counter is used. An interrupted run (even kill -9) resumes where it stopped.
     """
-    report = BatchReport()
-    own_counter: Counter = pipeline.counter
-    jobs = list(class_jobs(data_dir, pred_dir, ref_idx))
-    report.skipped = count_images(data_dir) - sum(len(todo) for *_, todo in jobs)
-    bar = tqdm(total=sum(len(todo) for *_, todo in jobs), unit="image", disable=not progress, file=sys.stderr)
-    for name, reference, mask, todo in jobs:
-        if not todo:
-            continue
-        ref_image = read_rgb(reference)
-        target = pipeline.reference(ref_image, read_mask(mask, expected_size=ref_image.shape[:2]))
-        for path in todo:
-            try:
-                pipeline.counter = NpyDensityCounter(density_for(name, path.stem)) if density_for else own_counter
-                result = pipeline.segment(read_rgb(path), target)
-                write_image(pred_dir / name / f"{path.stem}.png", result.union)
-                report.segmented += 1
-            except PersenseError as exc:
-                report.failed[str(path)] = str(exc)
-                log.error("%s: %s", path, exc)
-            bar.update(1)
-    bar.close()
-    pipeline.counter = own_counter
+    jobs, skipped = plan(data_dir, pred_dir, ref_idx)
+    report = BatchReport(skipped=skipped)
+    with progress_bar(sum(len(job.todo) for job in jobs), progress) as bar:
+        for job in jobs:
+            target = reference_of(pipeline, job.reference, job.mask)
+            for path in job.todo:
+                density = density_for(job.name, path.stem) if density_for else None
+                try:
+                    write_image(prediction_path(pred_dir, job.name, path),
+                                segment_file(pipeline, path, target, density))
+                    report.segmented += 1
+                except PersenseError as exc:
+                    record_failure(report, path, str(exc))
+                bar.update(1)
     return report
+
+
+def record_failure(report: BatchReport, path: Path, message: str) -> None:
+    """Note and log one image that could not be segmented."""
+    report.failed[str(path)] = message
+    log.error("%s: %s", path, message)
 
 
 def count_images(data_dir: Path) -> int:

@@ -6,12 +6,14 @@ With `--run` it first segments every image without a prediction (resumable) and 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
 from persense.runtime.cli_common import add_common_flags, run_command
 from persense.runtime.counter_choice import COUNTERS
 from persense.runtime.engine import BACKENDS
+from persense.runtime.errors import PersenseError
 from persense.runtime.evaluate import EvalResult, miou
 from persense.runtime.imageio import write_json
 
@@ -34,8 +36,13 @@ def _parser() -> argparse.ArgumentParser:
                      help="density counter (auto: --density-dir if given, else the SAM-only counter)")
     run.add_argument("--density-dir", type=Path,
                      help="per-image .npy density maps as <dir>/<class>/<NN>_density.npy (e.g. persense-synth's meta/)")
-    run.add_argument("--threads", type=int, help="CPU threads per engine (default: all cores)")
+    run.add_argument("--threads", type=int, help="CPU threads per engine (default: all cores; with --ray 1)")
     run.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32", help="ONNX models to run")
+    run.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                     help="distribute --run over Ray (pip install 'persense[ray]'): alone, a private local Ray "
+                     "instance; with an address (e.g. ray://head:10001 or auto), an existing cluster (docs/RAY.md)")
+    run.add_argument("--ray-workers", type=int, default=2, metavar="N",
+                     help="Ray actors, each with its own engines (default 2)")
     add_common_flags(parser)
     return parser
 
@@ -61,24 +68,24 @@ def evaluate(data_dir: Path, pred_dir: Path, ref_idx: str = "00", json_out: Path
 
 
 def run_pipeline(args: argparse.Namespace) -> None:
-    """Segment the dataset into `args.pred` with the engines in `args.engines`."""
-    from persense.runtime.batch import run_dataset
-    from persense.runtime.counter_choice import make_counter
-    from persense.runtime.engine import resolve_backend
-    from persense.runtime.manifest import load_manifest
-    from persense.runtime.pipeline import PerSensePipeline
-    from persense.runtime.sam import SamEngines
+    """Segment the dataset into `args.pred` with the engines in `args.engines`, in-process or over Ray."""
+    from persense.runtime.batch import PipelineSpec, run_dataset
 
-    manifest = load_manifest(args.engines)
-    backend = resolve_backend(args.backend, manifest)
-    counter_name = "sam" if args.counter in ("auto", "npy") else args.counter
-    pipeline = PerSensePipeline(SamEngines.from_manifest(manifest, backend, args.threads, precision=args.precision),
-                                make_counter(counter_name, manifest, backend, args.threads))
     density_dir = args.density_dir
     if args.counter == "npy" and density_dir is None:
-        raise SystemExit(f"{PROG}: error: --counter npy needs --density-dir")
+        raise PersenseError("--counter npy needs --density-dir")
+    if args.ray_workers < 1:
+        raise PersenseError("--ray-workers must be at least 1")
     density_for = (lambda name, stem: density_dir / name / f"{stem}_density.npy") if density_dir else None
-    report = run_dataset(args.data, args.pred, pipeline, args.ref_idx, density_for, progress=not args.quiet)
+    counter_name = "sam" if args.counter in ("auto", "npy") else args.counter
+    spec = PipelineSpec(args.engines, args.backend, counter_name, args.threads, args.precision)
+    if args.ray:
+        from persense.runtime.ray_batch import run_dataset_ray
+
+        report = run_dataset_ray(args.data, args.pred, spec, args.ray, args.ray_workers, args.ref_idx, density_for,
+                                 progress=not args.quiet, log_level=logging.getLogger("persense").level)
+    else:
+        report = run_dataset(args.data, args.pred, spec.open(), args.ref_idx, density_for, progress=not args.quiet)
     print(f"segmented {report.segmented} image(s), {report.skipped} already done, {len(report.failed)} failed",
           file=sys.stderr)
 

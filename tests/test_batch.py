@@ -1,0 +1,48 @@
+"""persense-eval --run resumes after kill -9: only unfinished images are redone, outputs are identical."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from eval_runs import eval_command, predictions, run_eval, tiny_dataset
+
+IMAGES = 3  # per class, plus the reference, which is a target too
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One class, four target images."""
+    return tiny_dataset(tmp_path_factory.mktemp("batch") / "data", classes=1, images=IMAGES)
+
+
+def _kill_after_first_prediction(command: list[str], pred: Path) -> None:
+    """Start a run and SIGKILL it as soon as its first prediction file is in place."""
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while not list(pred.glob("*/*.png")):
+            assert process.poll() is None, "the run ended before writing a prediction"
+            time.sleep(0.005)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+
+
+def test_killed_run_resumes_to_identical_outputs(dataset: Path, tiny_engines: Path, tmp_path: Path) -> None:
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    assert run_eval(dataset, whole, tiny_engines) == (IMAGES + 1, 0)
+    _kill_after_first_prediction(eval_command(dataset, resumed, tiny_engines), resumed)
+    survivors = {p: p.stat().st_mtime_ns for p in resumed.glob("*/*.png")}
+    assert 1 <= len(survivors) < IMAGES + 1, "the kill came too late to leave work undone"
+    missing = next(p.relative_to(whole) for p in sorted(whole.glob("*/*.png"))
+                   if not (resumed / p.relative_to(whole)).exists())
+    stale = resumed / missing.parent / f".{missing.name}.k1ll3d.tmp"  # as a kill during a write leaves
+    stale.write_bytes(b"partial")
+
+    assert run_eval(dataset, resumed, tiny_engines) == (IMAGES + 1 - len(survivors), len(survivors))
+    assert predictions(resumed) == predictions(whole)  # byte-identical, and no temp file left
+    assert {p: p.stat().st_mtime_ns for p in survivors} == survivors  # finished images were not redone
+    assert run_eval(dataset, resumed, tiny_engines) == (0, IMAGES + 1)
