@@ -1,0 +1,266 @@
+"""persense-bench outputs: the machine's description, and the JSON, Markdown and PNG reports of one run."""
+
+from __future__ import annotations
+
+import importlib.metadata as metadata
+import io
+import json
+import logging
+import os
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from persense.runtime.imageio import atomic_write_bytes
+
+log = logging.getLogger(__name__)
+
+STAGE_LABELS = {
+    "reference_encoding": "reference encoding", "image_encoding": "image encoding",
+    "location_prior": "location prior", "exemplar_cascade": "exemplar cascade", "counter": "counter",
+    "idm": "IDM", "ppsm": "PPSM", "feedback": "feedback", "final_decoding": "final decoding",
+    "merge": "merge/output", "total": "total",
+}
+PACKAGES = ("persense", "torch", "onnxruntime", "onnxruntime-gpu", "onnx", "tensorrt", "numpy",
+            "opencv-python-headless", "opencv-python", "matplotlib")
+
+
+# ------------------------------------------------------------------------------------------ environment
+
+def _cpu_name() -> str:
+    """The CPU model name (from /proc/cpuinfo on Linux)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def _gpu_names() -> list[str]:
+    """NVIDIA GPU names from nvidia-smi (empty without it)."""
+    if shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        done = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                              text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [line.strip() for line in done.stdout.splitlines() if line.strip()] if done.returncode == 0 else []
+
+
+def _versions() -> dict[str, str]:
+    """Installed versions of the packages that shape the numbers."""
+    versions = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def environment() -> dict[str, Any]:
+    """CPU, GPU, memory, ONNX Runtime providers and package versions of this machine."""
+    import onnxruntime as ort
+
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return {"platform": platform.platform(), "cpu": _cpu_name(), "cpu_cores": os.cpu_count(),
+            "cpu_cores_usable": len(os.sched_getaffinity(0)), "memory_gb": round(memory / 2**30, 1),
+            "gpus": _gpu_names(), "onnxruntime_providers": ort.get_available_providers(), "versions": _versions()}
+
+
+# ---------------------------------------------------------------------------------------------- writers
+
+def write_json(path: Path, doc: dict[str, Any]) -> None:
+    """The report as indented JSON, written atomically."""
+    atomic_write_bytes(path, (json.dumps(doc, indent=2) + "\n").encode())
+
+
+def _ms(value: float | None) -> str:
+    """Milliseconds with sensible precision ('-' when absent)."""
+    if value is None:
+        return "-"
+    return f"{value:,.0f}" if value >= 100 else f"{value:.1f}" if value >= 1 else f"{value:.2f}"
+
+
+def _cell(run: dict[str, Any] | None, stage: str) -> str:
+    """'p50 / p90' of one stage of one run."""
+    if run is None or run["stages_ms"] is None or run["stages_ms"].get(stage) is None:
+        return "-"
+    stats = run["stages_ms"][stage]
+    return f"{_ms(stats['p50'])} / {_ms(stats['p90'])}"
+
+
+def _row(cells: list[str]) -> str:
+    """One Markdown table row."""
+    return "| " + " | ".join(cells) + " |"
+
+
+def _table(header: list[str], rows: list[list[str]], numeric: bool = True) -> list[str]:
+    """A Markdown table; with `numeric`, all columns but the first are right-aligned."""
+    rule = ["---"] + ["---:" if numeric else "---"] * (len(header) - 1)
+    return [_row(header), _row(rule), *(_row(r) for r in rows), ""]
+
+
+def _measured(doc: dict[str, Any]) -> list[str]:
+    """Names of the pipelines with at least one measured run, in report order."""
+    names = {r["pipeline"] for r in doc["runs"] if r["status"] == "measured"}
+    return [p["name"] for p in doc["pipelines"] if p["name"] in names]
+
+
+def _run(doc: dict[str, Any], workload: str, pipeline: str) -> dict[str, Any] | None:
+    """The run record of one pipeline on one workload."""
+    return next((r for r in doc["runs"] if r["workload"] == workload and r["pipeline"] == pipeline), None)
+
+
+def _header_lines(doc: dict[str, Any]) -> list[str]:
+    """Title and the one-paragraph description of machine and settings."""
+    s, env = doc["settings"], doc["environment"]
+    versions = env["versions"]
+    ort = versions.get("onnxruntime-gpu", versions.get("onnxruntime", "?"))
+    gpu = ", ".join(env["gpus"]) or "no GPU"
+    return [f"# persense-bench: SAM {s['model_type']}, random weights (seed {s['seed']})", "",
+            f"{env['cpu']} ({env['cpu_cores_usable']} usable cores), {gpu}; python {versions['python']}, "
+            f"torch {versions.get('torch', '-')}, onnxruntime {ort}, tensorrt {versions.get('tensorrt', '-')}.  ",
+            f"threads: {s['threads']}; queries per pipeline and workload: {s['warmup']} warm-up, {s['repeat']} timed, "
+            f"pipelines alternating; counter `{s['counter']}`; inputs {s['inputs']}. Times in ms, p50 / p90; "
+            "a query = reference encoding + segmentation of one image.", ""]
+
+
+def _scaling_lines(doc: dict[str, Any], pipelines: list[str]) -> list[str]:
+    """Total latency per workload and pipeline, with the speed-up over the reference."""
+    rows = []
+    for workload in doc["workloads"]:
+        cells = [workload["name"] if workload["instances"] is None else str(workload["instances"])]
+        for name in pipelines:
+            run = _run(doc, workload["name"], name)
+            speedup = run and run.get("speedup_vs_reference")
+            cells.append(_cell(run, "total") + (f" (x{speedup:.2f})" if speedup else ""))
+        rows.append(cells)
+    return ["## Total latency (speed-up over the reference at p50)", "",
+            *_table(["instances", *pipelines], rows)]
+
+
+def _stage_lines(doc: dict[str, Any], pipelines: list[str], workload: dict[str, Any]) -> list[str]:
+    """Per-stage table of one workload, then decoder work, memory and agreement with the reference."""
+    runs = [_run(doc, workload["name"], name) for name in pipelines]
+    rows = [[STAGE_LABELS.get(stage, stage), *(_cell(run, stage) for run in runs)] for stage in doc["stages"]]
+    rows[-1] = [f"**{c}**" if c != "-" else c for c in rows[-1]]
+
+    def field(label: str, key: str, fmt: str = "{}") -> list[str]:
+        """A table row of one per-run value."""
+        return [label, *("-" if run is None or run.get(key) is None else fmt.format(run[key]) for run in runs)]
+
+    rows += [field("decoder launches", "decoder_launches"), field("decoder prompts", "decoder_prompts"),
+             field("instances found", "points"), field("peak RSS (MB)", "peak_rss_mb", "{:,.0f}"),
+             field("union IoU vs reference", "union_iou_vs_reference", "{:.4f}")]
+    title = workload["name"] if workload["instances"] is None else (
+        f"{workload['instances']} instances ({workload['ground_truth_count']} visible)")
+    return [f"## Per stage: {title}", "", *_table(["stage", *pipelines], rows)]
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    """The human-readable report: settings, pipelines (with skip reasons), scaling and per-stage tables."""
+    pipelines = _measured(doc)
+    lines = _header_lines(doc)
+    lines += ["## Pipelines", "", *_table(["pipeline", "backend", "precision", "status"], [
+        [p["name"], p["backend"], p["precision"], p["status"] + (f": {p['reason']}" if p["reason"] else "")]
+        for p in doc["pipelines"]], numeric=False)]
+    if pipelines:
+        lines += _scaling_lines(doc, pipelines)
+        for workload in doc["workloads"]:
+            lines += _stage_lines(doc, pipelines, workload)
+    warnings = sorted({f"{r['pipeline']} on {r['workload']}: {w}" for r in doc["runs"] for w in r["warnings"]})
+    if warnings:
+        lines += ["## Pipeline warnings", "", *(f"- {w}" for w in warnings), ""]
+    lines += [f"Peak memory: {doc['memory_method']}", ""]
+    return "\n".join(lines)
+
+
+def write_markdown(path: Path, doc: dict[str, Any]) -> None:
+    """The Markdown report, written atomically."""
+    atomic_write_bytes(path, markdown(doc).encode())
+
+
+# ------------------------------------------------------------------------------------------------- plot
+
+def _x_value(workload: dict[str, Any], run: dict[str, Any]) -> float:
+    """Where a run sits on the scaling curve: instances asked for, else the instances it found."""
+    return workload["instances"] if workload["instances"] is not None else run["points"]
+
+
+def _stacked_bars(axis: Any, doc: dict[str, Any], pipelines: list[str], colours: list[Any]) -> None:
+    """Per workload, one bar per pipeline stacking its per-stage p50 (seconds)."""
+    stages = doc["stages"][:-1]  # without the total
+    width = 0.8 / len(pipelines)
+    for i, workload in enumerate(doc["workloads"]):
+        for j, name in enumerate(pipelines):
+            run = _run(doc, workload["name"], name)
+            if run is None or run["stages_ms"] is None:
+                continue
+            x, bottom = i + (j - (len(pipelines) - 1) / 2) * width, 0.0
+            for k, stage in enumerate(stages):
+                value = (run["stages_ms"][stage] or {"p50": 0.0})["p50"] / 1000.0  # null: stage not timed
+                axis.bar(x, value, width * 0.92, bottom=bottom, color=colours[k % len(colours)],
+                         label=STAGE_LABELS.get(stage, stage) if i == 0 and j == 0 else None)
+                bottom += value
+            axis.annotate(name, (x, bottom), xytext=(0, 3), textcoords="offset points", rotation=90,
+                          ha="center", va="bottom", fontsize=8)
+    axis.set_xticks(range(len(doc["workloads"])), [
+        w["name"] if w["instances"] is None else f"{w['instances']} instances" for w in doc["workloads"]])
+    axis.set_ylabel("p50 latency of one query (s)")
+    axis.set_title("Where the time goes (stacked per-stage p50)")
+    axis.margins(y=0.2)
+    axis.legend(loc="upper center", bbox_to_anchor=(0.5, -0.07), fontsize=8, ncol=5, frameon=False)
+
+
+def _scaling_curve(axis: Any, doc: dict[str, Any], pipelines: list[str]) -> None:
+    """Total p50 (marker) to p90 (bar) against instances, one line per pipeline."""
+    ticks: set[float] = set()
+    for name in pipelines:
+        points = sorted((_x_value(w, run), run["stages_ms"]["total"]) for w in doc["workloads"]
+                        if (run := _run(doc, w["name"], name)) is not None and run["stages_ms"] is not None)
+        xs = [x for x, _ in points]
+        p50 = [t["p50"] / 1000.0 for _, t in points]
+        above = [(t["p90"] - t["p50"]) / 1000.0 for _, t in points]
+        axis.errorbar(xs, p50, yerr=[[0.0] * len(xs), above], marker="o", capsize=3,
+                      linestyle="--" if name == "reference" else "-", label=name)
+        ticks.update(xs)
+    axis.set_xticks(sorted(ticks))
+    axis.set_xlabel("instances in the image")
+    axis.set_ylabel("total latency of one query (s): p50, bar up to p90")
+    axis.set_title("Scaling with the number of instances")
+    axis.set_ylim(bottom=0)
+    axis.grid(alpha=0.3)
+    axis.legend(loc="best", fontsize=8)
+
+
+def write_plot(path: Path, doc: dict[str, Any]) -> bool:
+    """Stacked per-stage bars and the scaling curve in one PNG; False when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed, so no plot: pip install 'persense[bench]'")
+        return False
+    pipelines = _measured(doc)
+    if not pipelines:
+        return False
+    figure, (bars, curve) = plt.subplots(1, 2, figsize=(15, 6.5), gridspec_kw={"width_ratios": [3, 2]})
+    _stacked_bars(bars, doc, pipelines, list(plt.get_cmap("tab10").colors))
+    _scaling_curve(curve, doc, pipelines)
+    s, env = doc["settings"], doc["environment"]
+    machine = ", ".join([env["cpu"], *env["gpus"]])
+    figure.suptitle(f"persense-bench: SAM {s['model_type']} (random weights), {machine}; "
+                    f"timed queries per pipeline: {s['repeat']}")
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    plt.close(figure)
+    atomic_write_bytes(path, buffer.getvalue())
+    return True

@@ -1,0 +1,249 @@
+"""The pipelines persense-bench measures, the engines they need, and the worker process that runs one of them.
+
+Every pipeline runs in its own worker process (multiprocessing, spawn): the parent sends "run" and gets
+one query's timings back, so the parent can alternate pipelines while each process's peak resident
+memory (ru_maxrss) stays its own. Runtime workers never import torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from persense.benchmarks.workload import Workload
+from persense.runtime.errors import PersenseError
+from persense.runtime.manifest import Manifest, load_manifest
+
+SAM_ENTRIES = ("sam_encoder", "sam_decoder")
+STOP_TIMEOUT_S = 60.0
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One pipeline: the PyTorch reference, or the engine runtime on one backend and precision."""
+
+    name: str
+    backend: str  # torch-cpu (reference), ort-cpu, ort-cuda or trt
+    precision: str  # fp32, fp16 or int8 (SamEngines.from_manifest's `precision`; TensorRT engines are fp16)
+    export_flag: str | None = None  # the persense-export flag that writes this variant's models
+
+    @property
+    def is_reference(self) -> bool:
+        """True for the PyTorch reference."""
+        return self.backend == "torch-cpu"
+
+    def describe(self) -> dict[str, str]:
+        """JSON form."""
+        return {"name": self.name, "kind": "reference" if self.is_reference else "runtime",
+                "backend": self.backend, "precision": self.precision}
+
+
+REFERENCE = Variant("reference", "torch-cpu", "fp32")
+RUNTIME_VARIANTS = {v.name: v for v in (
+    Variant("ort-cpu-fp32", "ort-cpu", "fp32"),
+    Variant("ort-cpu-fp16", "ort-cpu", "fp16", "--fp16"),
+    Variant("ort-cpu-int8", "ort-cpu", "int8", "--int8"),
+    Variant("ort-cuda-fp32", "ort-cuda", "fp32"),
+    Variant("trt-fp16", "trt", "fp16", "--fp16"),
+)}
+
+
+# ----------------------------------------------------------------------------------------------- engines
+
+def _run_module(module: str, *args: str) -> str | None:
+    """Run `python -m module args -q`; None on success, else the last line it wrote to stderr."""
+    done = subprocess.run([sys.executable, "-m", module, *args, "-q"], capture_output=True, text=True)
+    if done.returncode == 0:
+        return None
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    return lines[-1] if lines else f"python -m {module} exited with code {done.returncode}"
+
+
+def export_engines(model_type: str, seed: int, folder: Path, flags: list[str]) -> dict[str, str]:
+    """`persense-export --random-weights` into the cache folder (it reuses unchanged artefacts), then once per
+    extra flag (--fp16, --int8), so that a failed conversion only skips its variants; {flag: error line}."""
+    command = ["persense.export.cli", "--model", model_type, "--random-weights", "--seed", str(seed),
+               "--out", str(folder)]
+    error = _run_module(*command)
+    if error is not None:
+        raise PersenseError(f"exporting the {model_type} engines into {folder} failed: {error}")
+    errors = {flag: _run_module(*command, flag) for flag in flags}
+    return {flag: error for flag, error in errors.items() if error is not None}
+
+
+def _ort_cuda_reason() -> str | None:
+    """None when ONNX Runtime has its CUDA provider here, else why not."""
+    import onnxruntime as ort
+
+    providers = ort.get_available_providers()
+    if "CUDAExecutionProvider" in providers:
+        return None
+    return (f"onnxruntime {ort.__version__} has no CUDAExecutionProvider (providers: {', '.join(providers)}); "
+            "install the `gpu` extra (onnxruntime-gpu) on a machine with an NVIDIA GPU")
+
+
+def platform_reason(variant: Variant) -> str | None:
+    """Why this machine cannot run `variant` at all (no CUDA provider, no TensorRT or GPU), or None."""
+    if variant.backend == "ort-cuda":
+        return _ort_cuda_reason()
+    if variant.backend == "trt":
+        from persense.runtime.trt_engine import tensorrt_unavailable_reason
+
+        return tensorrt_unavailable_reason()
+    return None
+
+
+def engines_reason(variant: Variant, folder: Path, export_errors: dict[str, str]) -> str | None:
+    """Why the engines in `folder` cannot serve `variant` (failed export, missing models, stale plans), or None."""
+    if variant.export_flag in export_errors:
+        return f"persense-export {variant.export_flag} failed: {export_errors[variant.export_flag]}"
+    manifest = load_manifest(folder)
+    if variant.backend == "trt":
+        from persense.runtime.trt_engine import engine_unusable_reason
+
+        return next((r for name in SAM_ENTRIES if (r := engine_unusable_reason(manifest, name)) is not None), None)
+    missing = [f"{name}_{variant.precision}" for name in SAM_ENTRIES
+               if variant.precision != "fp32" and f"{name}_{variant.precision}" not in manifest.artefacts]
+    return f"{folder}: the manifest has no {' or '.join(missing)}" if missing else None
+
+
+# ------------------------------------------------------------------------------------------ worker side
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker process needs to build its pipeline for one workload."""
+
+    variant: Variant
+    model_type: str
+    seed: int
+    engines: Path
+    workload: Workload
+    counter: str  # "fixed" (the workload's density map) or "sam" (SamPrototypeCounter)
+    threads: int
+    decode_chunk: int | None
+
+
+def _counter(spec: WorkerSpec) -> Any:
+    """The density counter both pipelines use."""
+    if spec.counter == "sam":
+        from persense.runtime.sam_counter import SamPrototypeCounter
+
+        return SamPrototypeCounter()
+    from persense.runtime.counters import NpyDensityCounter
+
+    if spec.workload.density is None:
+        raise PersenseError(f"workload {spec.workload.name} has no density map for the fixed counter")
+    return NpyDensityCounter(spec.workload.density)
+
+
+def _build_pipeline(spec: WorkerSpec) -> Any:
+    """The reference (torch model with the export's seed) or the runtime on the variant's engines."""
+    if spec.variant.is_reference:
+        import torch
+
+        from persense.export.reference import ReferencePipeline
+        from persense.export.sam_build import random_sam
+
+        torch.set_num_threads(spec.threads)
+        return ReferencePipeline(random_sam(spec.model_type, spec.seed), _counter(spec))
+    from persense.runtime.pipeline import PerSensePipeline
+    from persense.runtime.sam import SamEngines
+
+    variant = spec.variant
+    sam = SamEngines.from_manifest(load_manifest(spec.engines), variant.backend, spec.threads, spec.decode_chunk,
+                                   variant.precision)
+    return PerSensePipeline(sam, _counter(spec))
+
+
+def _query(pipeline: Any, image: np.ndarray, ref_image: np.ndarray, ref_mask: np.ndarray) -> dict[str, Any]:
+    """One timed query: encode the reference, segment the target; timings and decoder work."""
+    start = time.perf_counter()
+    target = pipeline.reference(ref_image, ref_mask)
+    reference_ms = (time.perf_counter() - start) * 1000.0
+    result = pipeline.segment(image, target)
+    return {"timings_ms": {"reference_encoding": reference_ms, **result.timings_ms},
+            "decoder_prompts": int(result.decoder_prompts), "decoder_launches": int(result.decoder_launches),
+            "points": int(len(result.points)), "count_estimate": float(result.count),
+            "warnings": list(result.warnings), "union": np.packbits(result.union > 0)}
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def serve(conn: Connection, spec: WorkerSpec) -> None:
+    """Worker process: build the pipeline, answer "run" with one query's results, answer "stop" with peak RSS."""
+    logging.getLogger("persense").setLevel(logging.ERROR)  # pipeline warnings are returned with each result
+    try:
+        start = time.perf_counter()
+        pipeline = _build_pipeline(spec)
+        inputs = spec.workload.load()
+        conn.send(("ok", {"load_s": time.perf_counter() - start, "torch_imported": "torch" in sys.modules}))
+        while conn.recv() == "run":
+            conn.send(("ok", _query(pipeline, *inputs)))
+        conn.send(("ok", {"peak_rss_bytes": peak_rss_bytes()}))
+    except Exception as exc:  # noqa: BLE001 - reported to the parent, which marks the pipeline failed
+        conn.send(("error", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"))
+
+
+# ------------------------------------------------------------------------------------------ parent side
+
+class Worker:
+    """Parent-side handle of one worker process; after a failure `error` says why and calls return None."""
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        context = multiprocessing.get_context("spawn")
+        self.conn, child = context.Pipe()
+        self.process = context.Process(target=serve, args=(child, spec), name=f"bench-{spec.variant.name}",
+                                       daemon=True)
+        self.process.start()
+        child.close()
+        self.error: str | None = None
+        self.info: dict[str, Any] = {}
+
+    def ready(self) -> bool:
+        """Wait until the pipeline is built; False if it failed."""
+        self.info = self._request(None) or {}
+        return self.error is None
+
+    def run(self) -> dict[str, Any] | None:
+        """One query's results, or None after a failure."""
+        return self._request("run")
+
+    def stop(self) -> int | None:
+        """End the worker; its peak RSS in bytes (None if it failed)."""
+        reply = self._request("stop")
+        self.process.join(STOP_TIMEOUT_S)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+        return None if reply is None else reply["peak_rss_bytes"]
+
+    def _request(self, message: str | None) -> dict[str, Any] | None:
+        """Send `message` (None: just wait) and return the reply's payload; a failure sets `error`."""
+        if self.error is not None:
+            return None
+        try:
+            if message is not None:
+                self.conn.send(message)
+            status, payload = self.conn.recv()
+        except (EOFError, OSError):
+            self.process.join(5)
+            self.error = f"worker process died (exit code {self.process.exitcode}; -9 is usually out of memory)"
+            return None
+        if status == "error":
+            self.error = payload
+            return None
+        return payload

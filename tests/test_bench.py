@@ -1,0 +1,111 @@
+"""persense-bench --quick on the tiny SAM: the JSON schema, every stage timed in both pipelines, the reports.
+
+No test here asserts a speed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from persense.benchmarks.bench import SCHEMA, main
+from persense.runtime.timing import STAGES
+
+README = Path(__file__).resolve().parents[1] / "benchmarks" / "README.md"
+TOP_KEYS = {"schema", "created", "command", "settings", "environment", "engines", "memory_method", "stages",
+            "pipelines", "workloads", "runs"}
+RUN_KEYS = {"workload", "instances", "ground_truth_count", "pipeline", "backend", "precision", "status", "error",
+            "repetitions", "stages_ms", "decoder_launches", "decoder_prompts", "points", "count_estimate",
+            "peak_rss_mb", "load_s", "torch_in_process", "union_iou_vs_reference", "speedup_vs_reference",
+            "warnings"}
+QUICK_REPEAT = 2
+VARIANTS = ("ort-cpu-fp32", "ort-cuda-fp32", "trt-fp16")  # no --fp16/--int8 conversion (time); GPU ones skip here
+
+
+@pytest.fixture(scope="module")
+def out(tiny_engines: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The output folder of one `persense-bench --quick` run (engine cache seeded with the session's tiny export)."""
+    folder = tmp_path_factory.mktemp("bench")
+    shutil.copytree(tiny_engines, folder / "engines")
+    # one thread: two spinning OpenMP/ORT threads on 2 shared cores can make a query ten times slower
+    assert main(["--quick", "--instances", "10", "--variants", ",".join(VARIANTS), "--threads", "1",
+                 "--out", str(folder), "--engines-cache", str(folder / "engines"), "-q"]) == 0
+    return folder
+
+
+@pytest.fixture(scope="module")
+def doc(out: Path) -> dict[str, Any]:
+    """The JSON report."""
+    return json.loads((out / "bench.json").read_text())
+
+
+def _runs(doc: dict[str, Any], status: str = "measured") -> dict[str, dict[str, Any]]:
+    """Run records by pipeline name."""
+    return {r["pipeline"]: r for r in doc["runs"] if r["status"] == status}
+
+
+def test_json_follows_the_schema(doc: dict[str, Any]) -> None:
+    assert set(doc) == TOP_KEYS and doc["schema"] == SCHEMA
+    assert doc["settings"]["model_type"] == "tiny" and doc["settings"]["repeat"] == QUICK_REPEAT
+    assert doc["stages"] == [*STAGES, "total"]
+    assert {"cpu", "gpus", "versions", "onnxruntime_providers"} <= set(doc["environment"])
+    assert [w["instances"] for w in doc["workloads"]] == [10] and doc["workloads"][0]["ground_truth_count"] >= 1
+    names = [p["name"] for p in doc["pipelines"]]
+    assert names == ["reference", *VARIANTS]
+    for pipeline in doc["pipelines"]:
+        assert pipeline["status"] in ("measured", "skipped", "failed")
+        assert (pipeline["reason"] is None) == (pipeline["status"] == "measured")
+    assert all(set(run) == RUN_KEYS for run in doc["runs"])
+
+
+def test_every_stage_is_timed_in_both_pipelines(doc: dict[str, Any]) -> None:
+    runs = _runs(doc)
+    assert {"reference", "ort-cpu-fp32"} <= set(runs)
+    for name in ("reference", "ort-cpu-fp32"):
+        stages = runs[name]["stages_ms"]
+        assert list(stages) == doc["stages"], name
+        for stage, stats in stages.items():
+            assert stats is not None and len(stats["samples"]) == QUICK_REPEAT, (name, stage)
+            assert 0 < stats["min"] <= stats["p50"] <= stats["p90"] <= stats["max"], (name, stage)
+
+
+def test_runtime_agrees_with_the_reference_and_never_loads_torch(doc: dict[str, Any]) -> None:
+    runs = _runs(doc)
+    reference, runtime = runs["reference"], runs["ort-cpu-fp32"]
+    assert runtime["union_iou_vs_reference"] >= 0.99 and runtime["speedup_vs_reference"] > 0
+    assert runtime["points"] == reference["points"]
+    assert runtime["decoder_prompts"] == reference["decoder_prompts"] - 1  # the unused box call is skipped
+    assert reference["torch_in_process"] and not any(r["torch_in_process"] for n, r in runs.items() if n != "reference")
+    assert all(r["peak_rss_mb"] > 0 for r in runs.values())
+
+
+def test_markdown_and_png_are_written(out: Path, doc: dict[str, Any]) -> None:
+    text = (out / "bench.md").read_text()
+    for label in ("reference encoding", "exemplar cascade", "merge/output", "decoder launches", "peak RSS"):
+        assert label in text
+    for pipeline in doc["pipelines"]:
+        assert pipeline["name"] in text
+    pytest.importorskip("matplotlib")
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_readme_documents_every_json_key(doc: dict[str, Any]) -> None:
+    documented = set(re.findall(r"`([a-z_0-9]+)`", README.read_text()))
+    assert TOP_KEYS | RUN_KEYS <= documented
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--instances", "0"], "--instances"),
+    (["--variants", "ort-cpu-int4"], "unknown variant"),
+    (["--image", "crowd.jpg"], "--image, --ref and --ref-mask"),
+    (["--repeat", "0"], "--repeat"),
+])
+def test_bad_arguments_are_one_line_errors(argv: list[str], message: str, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([*argv, "--quick", "--out", str(tmp_path)]) == 2
+    assert message in capsys.readouterr().err
