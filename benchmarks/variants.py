@@ -22,7 +22,7 @@ import numpy as np
 
 from persense.benchmarks.workload import Workload
 from persense.runtime.errors import PersenseError
-from persense.runtime.manifest import Manifest, load_manifest
+from persense.runtime.manifest import load_manifest
 
 SAM_ENTRIES = ("sam_encoder", "sam_decoder")
 STOP_TIMEOUT_S = 60.0
