@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -117,7 +118,7 @@ class SamEngines:
 
     def encode(self, image_rgb: np.ndarray) -> tuple[np.ndarray, SamTransform]:
         """Image embedding [1,256,64,64] of an RGB uint8 image, and the transform of its geometry."""
-        transform = SamTransform(image_rgb.shape[:2])
+        transform = transform_for(image_rgb.shape[:2])
         embedding = self.encoder.run({"image": transform.image_tensor(image_rgb)})["image_embeddings"]
         return embedding, transform
 
@@ -149,6 +150,12 @@ class SamEngines:
         out = self.decoder.run(feeds)
         self.decoder_launches += 1
         return Decoded(out["low_res_masks"], out["iou_predictions"])
+
+
+@functools.lru_cache(maxsize=16)
+def transform_for(size: tuple[int, int]) -> SamTransform:
+    """One SamTransform per image size, so its upsampling maps are built once per size, not per image."""
+    return SamTransform(size)
 
 
 def default_decode_chunk(backend: str) -> int:
