@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -65,12 +66,51 @@ def _targets(paths: list[Path]) -> list[Path]:
     return targets
 
 
+def _output_folders(targets: list[Path], out: Path) -> list[Path]:
+    """`out` for one target, else `out/<stem>` per target; refuses two targets that would share a folder."""
+    if len(targets) == 1:
+        return [out]
+    seen: dict[Path, Path] = {}
+    for path in targets:
+        folder = out / path.stem
+        if folder in seen:
+            raise PersenseError(f"{seen[folder]} and {path} would both write to {folder}; "
+                                f"rename one of them or segment them in separate runs")
+        seen[folder] = path
+    return list(seen)
+
+
+def _check_writable(folder: Path) -> None:
+    """Create the output folder and prove that files can be written in it, before any work is done."""
+    if folder.exists() and not folder.is_dir():
+        raise PersenseError(f"{folder}: output folder is a file; pass --out a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise PersenseError(f"{folder}: cannot write to the output folder ({exc.strerror or exc})") from exc
+
+
+def _check_count(value: int | None, flag: str) -> None:
+    """Refuse a count option below 1."""
+    if value is not None and value < 1:
+        raise PersenseError(f"{flag} must be at least 1, got {value}")
+
+
 def _write_outputs(folder: Path, image: np.ndarray, result, summary: dict, with_overlay: bool) -> None:
-    """mask.png, instances.png, optional overlay.jpg, then result.json last (it marks a finished image)."""
+    """mask.png, instances.png, optional overlay.jpg, then result.json last (it marks a finished image).
+
+    The previous result.json goes first, so a run killed half-way never leaves a result.json beside
+    images of another run; a stale overlay.jpg is removed when this run writes none.
+    """
+    (folder / "result.json").unlink(missing_ok=True)
     write_image(folder / "mask.png", result.union)
     write_image(folder / "instances.png", result.labels)
     if with_overlay:
         write_image(folder / "overlay.jpg", overlay(image, result.labels, result.points))
+    else:
+        (folder / "overlay.jpg").unlink(missing_ok=True)
     write_json(folder / "result.json", summary)
 
 
@@ -78,10 +118,15 @@ def _infer(args: argparse.Namespace) -> int:
     """Validate every input, load engines once, encode the reference once, segment each target."""
     if len(args.paths) < 3:
         raise PersenseError("expected at least three paths: IMAGE REF REF_MASK")
+    _check_count(args.threads, "--threads")
+    _check_count(args.decode_chunk, "--decode-chunk")
     *target_paths, ref_path, mask_path = args.paths
     targets = _targets(target_paths)
-    ref_image = read_rgb(ref_path)
-    ref_mask = read_mask(mask_path, expected_size=ref_image.shape[:2])
+    folders = _output_folders(targets, args.out)
+    input_warnings: list[str] = []
+    ref_image = read_rgb(ref_path, input_warnings)
+    ref_mask = read_mask(mask_path, ref_image.shape[:2], input_warnings)
+    _check_writable(args.out)
     manifest = load_manifest(args.engines)
     backend = resolve_backend(args.backend, manifest)
     sam = SamEngines.from_manifest(manifest, backend, args.threads, args.decode_chunk, args.precision)
@@ -89,15 +134,16 @@ def _infer(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     target = pipeline.reference(ref_image, ref_mask)
     reference_ms = (time.perf_counter() - start) * 1000
-    for index, path in enumerate(targets):
-        image = read_rgb(path)
+    for index, (path, folder) in enumerate(zip(targets, folders, strict=True)):
+        warnings = list(input_warnings)
+        image = read_rgb(path, warnings)
         result = pipeline.segment(image, target)
         summary = {"image": str(path), "reference": str(ref_path), "reference_mask": str(mask_path),
                    "backend": backend, "precision": "fp16" if backend == "trt" else args.precision,
                    "model_type": manifest.model_type, "counter": pipeline.counter.name,
                    "manifest": manifest.digest(), "reference_encoding_ms": round(reference_ms, 3),
                    **result.summary()}
-        folder = args.out if len(targets) == 1 else args.out / path.stem
+        summary["warnings"] = warnings + summary["warnings"]
         _write_outputs(folder, image, result, summary, args.overlay)
         log.info("[%d/%d] %s: %d instances in %.0f ms", index + 1, len(targets), path.name, len(result.points),
                  result.timings_ms and sum(result.timings_ms.values()))

@@ -59,15 +59,28 @@ class NpyDensityCounter:
             raise PersenseError(f"{path}: density file not found")
         try:
             density = np.load(path, allow_pickle=False)
-        except (ValueError, OSError) as exc:
+        except (ValueError, OSError, EOFError) as exc:  # not .npy, truncated, empty, pickled objects
             raise PersenseError(f"{path}: not a readable .npy array ({exc})") from exc
-        density = np.squeeze(density)
-        if density.ndim != 2 or density.size == 0:
-            raise PersenseError(f"{path}: density map must be 2-D, got shape {density.shape}")
-        if not np.all(np.isfinite(density)):
-            raise PersenseError(f"{path}: density map contains NaN or infinite values")
-        self.density = np.maximum(density.astype(np.float32), 0)
+        if not isinstance(density, np.ndarray):  # an .npz archive
+            density.close()
+            raise PersenseError(f"{path}: is an .npz archive; save the density map alone with numpy.save")
+        self.density = _checked_density(path, density)
 
     def count(self, request: CountRequest) -> Density:
         """The stored map, whatever the exemplars."""
         return Density(self.density, dsalvanet_count(self.density), 30)
+
+
+def _checked_density(path: Path, density: np.ndarray) -> np.ndarray:
+    """A loaded array as a finite, non-negative 2-D float32 map (leading batch axes of size 1 dropped)."""
+    while density.ndim > 2 and density.shape[0] == 1:
+        density = density[0]
+    if density.ndim != 2 or density.size == 0:
+        raise PersenseError(f"{path}: density map must be 2-D (H, W), got shape {density.shape}")
+    if density.dtype.kind not in "biuf":
+        raise PersenseError(f"{path}: density map must hold real numbers, got dtype {density.dtype}")
+    with np.errstate(over="ignore"):
+        density = density.astype(np.float32)
+    if not np.isfinite(density).all():
+        raise PersenseError(f"{path}: density map contains NaN or infinite values (or values beyond float32)")
+    return np.maximum(density, 0)

@@ -7,10 +7,11 @@ import math
 import numpy as np
 
 _PRECISION_BITS = 32 - 8 - 2  # Pillow's fixed-point precision for 8-bit images
+_BLOCK_ELEMENTS = 1 << 21  # output elements per block: bounds the int32 temporaries to a few MB whatever the image
 
 
 def _bilinear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Pillow's bilinear coefficients as (first input index per output, fixed-point weights per tap)."""
+    """Pillow's bilinear coefficients as (first input index per output, fixed-point int32 weights per tap)."""
     scale = in_size / out_size
     filter_scale = max(scale, 1.0)
     support = 1.0 * filter_scale
@@ -25,24 +26,30 @@ def _bilinear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]
     total = weights.sum(axis=1, keepdims=True)
     weights = np.divide(weights, total, out=np.zeros_like(weights), where=total != 0)
     scaled = weights * (1 << _PRECISION_BITS)
-    fixed = np.where(scaled < 0, np.trunc(scaled - 0.5), np.trunc(scaled + 0.5)).astype(np.int64)
+    fixed = np.where(scaled < 0, np.trunc(scaled - 0.5), np.trunc(scaled + 0.5)).astype(np.int32)
     return xmin, fixed
 
 
-def _resample_axis(image: np.ndarray, out_size: int, axis: int) -> np.ndarray:
-    """Resample one axis of a uint8 array with Pillow's fixed-point bilinear filter."""
-    in_size = image.shape[axis]
-    if in_size == out_size:
-        return image
+def _resample_lines(lines: np.ndarray, out_size: int) -> np.ndarray:
+    """Resample axis 1 of a (lines, in[, C]) uint8 array, a block of lines at a time, in Pillow's int32 arithmetic.
+
+    Weights are >= 0 and sum to about 2**22, so 255 * sum + rounding stays below 2**31: int32 is exact.
+    """
+    in_size = lines.shape[1]
     xmin, fixed = _bilinear_taps(in_size, out_size)
-    moved = np.moveaxis(image, axis, 0).astype(np.int64)
-    acc = np.full((out_size,) + moved.shape[1:], 1 << (_PRECISION_BITS - 1), dtype=np.int64)
-    extra = (1,) * (moved.ndim - 1)
-    for tap in range(fixed.shape[1]):
-        index = np.minimum(xmin + tap, in_size - 1)
-        acc += moved[index] * fixed[:, tap].reshape((-1,) + extra)
-    out = np.clip(acc >> _PRECISION_BITS, 0, 255).astype(np.uint8)
-    return np.moveaxis(out, 0, axis)
+    used = np.flatnonzero(fixed.any(axis=0))
+    index = np.minimum(xmin[:, None] + used, in_size - 1)
+    weights = fixed[:, used].reshape((out_size, len(used)) + (1,) * (lines.ndim - 2))
+    out = np.empty((lines.shape[0], out_size) + lines.shape[2:], np.uint8)
+    step = max(1, _BLOCK_ELEMENTS // (out_size * math.prod(lines.shape[2:])))
+    for start in range(0, lines.shape[0], step):
+        block = lines[start:start + step]
+        acc = np.full((block.shape[0],) + out.shape[1:], 1 << (_PRECISION_BITS - 1), np.int32)
+        for tap in range(len(used)):
+            acc += block[:, index[:, tap]] * weights[:, tap]
+        np.right_shift(acc, _PRECISION_BITS, out=acc)
+        out[start:start + step] = np.clip(acc, 0, 255)
+    return out
 
 
 def resize_bilinear_pil(image: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -50,7 +57,14 @@ def resize_bilinear_pil(image: np.ndarray, height: int, width: int) -> np.ndarra
 
     Each axis is bit-exact; like Pillow up to 12 the horizontal pass runs first. Pillow 13 sometimes
     runs the vertical pass first, so a 2-D resize can differ from it by one grey level in some pixels.
+    Memory beyond the input and output is a few MB (the passes run in blocks of lines).
     """
     if image.dtype != np.uint8:
         raise TypeError(f"resize_bilinear_pil expects uint8, got {image.dtype}")
-    return _resample_axis(_resample_axis(image, width, axis=1), height, axis=0)
+    if height <= 0 or width <= 0:
+        raise ValueError(f"resize_bilinear_pil needs a positive output size, got {height}x{width}")
+    if image.shape[1] != width:
+        image = _resample_lines(image, width)
+    if image.shape[0] != height:
+        image = np.ascontiguousarray(_resample_lines(image.swapaxes(0, 1), height).swapaxes(0, 1))
+    return image

@@ -19,9 +19,13 @@ LOW_RES = 256  # side of SAM's low-res mask logits
 
 
 def preprocess_shape(height: int, width: int, long_side: int) -> tuple[int, int]:
-    """Size (h, w) after scaling the longest side to `long_side`, rounded like segment-anything."""
+    """Size (h, w) after scaling the longest side to `long_side`, rounded like segment-anything.
+
+    A side that would round to 0 (an image more than 2048 times longer than wide, where segment-anything
+    fails) is kept at 1 pixel.
+    """
     scale = long_side / max(height, width)
-    return int(height * scale + 0.5), int(width * scale + 0.5)
+    return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
 
 
 @dataclass(frozen=True)
@@ -110,20 +114,54 @@ def resize_bilinear(image: np.ndarray, height: int, width: int) -> np.ndarray:
     return (rows[:, c0] * (1.0 - fx) + rows[:, c1] * fx).astype(np.float32)
 
 
+class AxisTaps:
+    """A resize along one axis as K (index, weight) taps per output; K is small for bilinear compositions."""
+
+    def __init__(self, matrix: np.ndarray) -> None:
+        nonzero = matrix != 0
+        taps = max(1, int(nonzero.sum(axis=1).max(initial=0)))
+        order = np.argsort(~nonzero, axis=1, kind="stable")[:, :taps]  # non-zero columns first, in order
+        self.index = order
+        self.weight = np.take_along_axis(matrix, order, axis=1).astype(np.float32)
+        self.out_size, self.in_size = matrix.shape
+        self.first = np.where(nonzero.any(axis=0), np.argmax(nonzero, axis=0), self.out_size)
+        self.last = np.where(nonzero.any(axis=0), self.out_size - np.argmax(nonzero[::-1], axis=0), 0)
+
+    def rows(self, image: np.ndarray, start: int, stop: int) -> np.ndarray:
+        """Output rows start..stop-1 of resizing axis 0 of a 2-D float32 array."""
+        index, weight = self.index[start:stop], self.weight[start:stop]
+        out = image[index[:, 0]] * weight[:, :1]
+        for k in range(1, index.shape[1]):
+            out += image[index[:, k]] * weight[:, k:k + 1]
+        return out
+
+    def cols(self, image: np.ndarray, start: int, stop: int) -> np.ndarray:
+        """Output columns start..stop-1 of resizing axis 1 of a 2-D float32 array."""
+        index, weight = self.index[start:stop], self.weight[start:stop]
+        out = image[:, index[:, 0]] * weight[:, 0]
+        for k in range(1, index.shape[1]):
+            out += image[:, index[:, k]] * weight[:, k]
+        return out
+
+
 class Upsampler:
-    """postprocess_masks as two matrices: low-res -> padded square -> crop -> original, per axis."""
+    """postprocess_masks as a separable resize: low-res -> padded square -> crop -> original, per axis.
+
+    Each output pixel draws on at most a few low-res rows and columns, so the maps are computed from those
+    taps (in blocks of rows: memory is the output plus a few MB, time is linear in the output size).
+    """
+
+    _BLOCK_ROWS = 256
 
     def __init__(self, transform: SamTransform, low_res: int) -> None:
         (in_h, in_w), (out_h, out_w) = transform.input_size, transform.original_size
         square = transform.long_side
-        self.rows = (bilinear_matrix(in_h, out_h) @ bilinear_matrix(low_res, square)[:in_h]).astype(np.float32)
-        self.cols = (bilinear_matrix(in_w, out_w) @ bilinear_matrix(low_res, square)[:in_w]).astype(np.float32)
-        self._row_span = _support_spans(self.rows)
-        self._col_span = _support_spans(self.cols)
+        self.rows = AxisTaps(bilinear_matrix(in_h, out_h) @ bilinear_matrix(low_res, square)[:in_h])
+        self.cols = AxisTaps(bilinear_matrix(in_w, out_w) @ bilinear_matrix(low_res, square)[:in_w])
 
     def full(self, low_res: np.ndarray) -> np.ndarray:
         """The whole map at the original size."""
-        return self.rows @ low_res.astype(np.float32) @ self.cols.T
+        return self._window(low_res.astype(np.float32), 0, self.rows.out_size, 0, self.cols.out_size, None)
 
     def positive_window(self, low_res: np.ndarray) -> tuple[int, int, np.ndarray] | None:
         """(y0, x0, mask) of the original-size pixels whose upsampled logit is > 0, or None if there are none.
@@ -136,21 +174,21 @@ class Upsampler:
         if row_hit.size == 0:
             return None
         col_hit = np.flatnonzero(positive.any(axis=0))
-        y0, y1 = self._row_span[0][row_hit].min(), self._row_span[1][row_hit].max()
-        x0, x1 = self._col_span[0][col_hit].min(), self._col_span[1][col_hit].max()
+        y0, y1 = self.rows.first[row_hit].min(), self.rows.last[row_hit].max()
+        x0, x1 = self.cols.first[col_hit].min(), self.cols.last[col_hit].max()
         if y1 <= y0 or x1 <= x0:
             return None
-        window = self.rows[y0:y1] @ low_res.astype(np.float32) @ self.cols[x0:x1].T
-        return y0, x0, window > 0
+        return y0, x0, self._window(low_res.astype(np.float32), y0, y1, x0, x1, 0.0)
 
-
-def _support_spans(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per input index, the [first, last+1) output indices whose weight on it is non-zero."""
-    nonzero = matrix != 0
-    out_size = matrix.shape[0]
-    first = np.where(nonzero.any(axis=0), np.argmax(nonzero, axis=0), out_size)
-    last = np.where(nonzero.any(axis=0), out_size - np.argmax(nonzero[::-1], axis=0), 0)
-    return first, last
+    def _window(self, low_res: np.ndarray, y0: int, y1: int, x0: int, x1: int,
+                threshold: float | None) -> np.ndarray:
+        """Output rows y0..y1-1, columns x0..x1-1: float32 values, or `> threshold` booleans."""
+        out = np.empty((y1 - y0, x1 - x0), np.float32 if threshold is None else bool)
+        for top in range(y0, y1, self._BLOCK_ROWS):
+            bottom = min(top + self._BLOCK_ROWS, y1)
+            block = self.cols.cols(self.rows.rows(low_res, top, bottom), x0, x1)
+            out[top - y0:bottom - y0] = block if threshold is None else block > threshold
+        return out
 
 
 def xyxy_to_yxyx(boxes: np.ndarray) -> np.ndarray:
