@@ -56,6 +56,8 @@ def resolve_checkpoint(model_type: str, checkpoint: Path | None, random_weights:
     if random_weights or model_type == "tiny":
         return None
     if checkpoint is not None:
+        if not checkpoint.is_file():
+            raise PersenseError(f"{checkpoint}: checkpoint not found (download it and pass its path)")
         return checkpoint
     default = weights_dir / CHECKPOINT_NAMES[model_type]
     if default.is_file():
@@ -117,6 +119,8 @@ def _sam_jobs(request: ExportRequest) -> list[Job]:
 def _counter_job(request: ExportRequest) -> Job:
     """The density counter engine."""
     checkpoint = request.counter_checkpoint
+    if checkpoint is not None and not checkpoint.is_file():
+        raise PersenseError(f"{checkpoint}: counter checkpoint not found")
     source = sha256_file(checkpoint) if checkpoint else "random"
     if request.counter == "countr":
         from persense.export.countr import export_countr, load_countr, random_countr

@@ -7,7 +7,7 @@ import re
 import sys
 from pathlib import Path
 
-from persense.runtime.errors import PersenseError
+from persense.runtime.cli_common import add_common_flags, run_command
 from persense.runtime.synth import generate_dataset
 
 PROG = "persense-synth"
@@ -39,19 +39,20 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--instances", type=_instances, required=True, help="instances per image, A..B")
     parser.add_argument("--size", type=_size, default=(768, 576), help="image size WxH (default 768x576)")
     parser.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes (default 0)")
+    add_common_flags(parser)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point: 0 on success, 1 on a user error (one line on stderr), 2 on bad arguments."""
-    args = _parser().parse_args(argv)
-    try:
-        written = generate_dataset(args.out, args.classes, args.images, args.instances, args.size, args.seed)
-    except (PersenseError, OSError) as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 1
+def _synth(args: argparse.Namespace) -> int:
+    """Generate the dataset and say what was written."""
+    written = generate_dataset(args.out, args.classes, args.images, args.instances, args.size, args.seed)
     print(f"wrote {args.classes} classes x {args.images + 1} images ({len(written)} files) to {args.out}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: 0 on success, 2 on a user error (one line on stderr) or bad arguments, 1 on a crash."""
+    return run_command(PROG, _synth, _parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ def default_threads() -> int:
 class OrtEngine:
     """An ONNX model run by ONNX Runtime on the CPU or CUDA execution provider."""
 
-    def __init__(self, path: str | Path, device: str = "cpu", threads: int | None = None) -> None:
+    def __init__(self, path: str | Path, device: str = "cpu", threads: int | None = None, arena: bool = True) -> None:
         import onnxruntime as ort
 
         if device not in ("cpu", "cuda"):
@@ -56,9 +56,10 @@ class OrtEngine:
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
-        # ORT's CPU arena keeps the largest transient buffers of every run (measured on vit_b: peak RSS
-        # 6.9 GB with it, 4.1 GB without; the row-blocked encoder export brings it to 2.2 GB).
-        options.enable_cpu_mem_arena = device != "cpu"
+        # ORT's CPU arena keeps the largest transient buffers of every run: worth it for many small runs
+        # (vit_b decoder, one prompt: 31 ms with it, 45 ms without), not for one huge one (vit_b encoder:
+        # peak RSS 3.2 GB with it, 2.1 GB without, 6.9 vs 6.3 s).
+        options.enable_cpu_mem_arena = arena
         try:
             self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
         except Exception as exc:  # ORT raises its own types for corrupt or unsupported models
@@ -105,11 +106,12 @@ def resolve_backend(requested: str, manifest: Manifest | None = None) -> str:
     return choice
 
 
-def open_engine(manifest: Manifest, name: str, backend: str = "ort-cpu", threads: int | None = None) -> Engine:
+def open_engine(manifest: Manifest, name: str, backend: str = "ort-cpu", threads: int | None = None,
+                arena: bool = True) -> Engine:
     """Verify artefact `name` of a manifest (hash, existence) and open it on a resolved backend."""
     if backend == "trt":
         from persense.runtime.trt_engine import open_trt_engine
 
         return open_trt_engine(manifest, name)
     path = manifest.verified_path(name)
-    return OrtEngine(path, device="cuda" if backend == "ort-cuda" else "cpu", threads=threads)
+    return OrtEngine(path, device="cuda" if backend == "ort-cuda" else "cpu", threads=threads, arena=arena)

@@ -21,7 +21,7 @@ class Instances:
         """0/255 uint8 union of all instance masks."""
         if self.labels is None:
             raise ValueError("instances were rasterised without a label map")
-        return np.where(self.labels > 0, 255, 0).astype(np.uint8)
+        return (self.labels > 0).astype(np.uint8) * np.uint8(255)
 
 
 def rasterise(logits: np.ndarray, transform: SamTransform, with_labels: bool) -> Instances:

@@ -53,8 +53,7 @@ class PerSensePipeline:
             request.exemplars = np.concatenate([exemplar[None], boxes[best]])
         points, density = self._candidates(request, similarity, timer, fallback=True, warnings=warnings)
         with timer.stage("final_decoding"):
-            decoded = self.sam.decode(embedding, Prompts.points(transform.coords_to_input(points)))
-            _, logits, final_scores = decoded.best_multimask()
+            logits, final_scores = self.sam.decode_best(embedding, Prompts.points(transform.coords_to_input(points)))
         with timer.stage("merge"):
             instances = rasterise(logits, transform, with_labels=True)
             union = instances.union()
@@ -90,8 +89,8 @@ class PerSensePipeline:
         only labels the initial exemplar, which is never re-ranked, so no output depends on it.
         """
         prompt = transform.coords_to_input(point[None])
-        _, guided, _ = self.sam.decode(embedding, Prompts.points(prompt), guidance).best_multimask()
-        _, refined, _ = self.sam.decode(embedding, Prompts.points(prompt, guided[:, None])).best_multimask()
+        guided, _ = self.sam.decode_best(embedding, Prompts.points(prompt), guidance)
+        refined, _ = self.sam.decode_best(embedding, Prompts.points(prompt, guided[:, None]))
         box = rasterise(refined, transform, with_labels=False).boxes[0]
         if np.isnan(box).any():
             warnings.append("the initial exemplar mask is empty; using a one-pixel box at the best-matching point")
@@ -102,8 +101,8 @@ class PerSensePipeline:
                      warnings: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """Feedback: per point a guided call then a refined call (batched); boxes and scores of non-empty masks."""
         prompts = transform.coords_to_input(points)
-        _, guided, _ = self.sam.decode(embedding, Prompts.points(prompts), guidance).best_multimask()
-        _, refined, scores = self.sam.decode(embedding, Prompts.points(prompts, guided[:, None])).best_multimask()
+        guided, _ = self.sam.decode_best(embedding, Prompts.points(prompts), guidance)
+        refined, scores = self.sam.decode_best(embedding, Prompts.points(prompts, guided[:, None]))
         instances = rasterise(refined, transform, with_labels=False)
         if not instances.valid.all():
             warnings.append(f"{int((~instances.valid).sum())} feedback point(s) gave an empty mask and were skipped")

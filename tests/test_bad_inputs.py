@@ -1,6 +1,6 @@
 """docs/ERRORS.md as tests: one case per catalogue row, each asserting the row's documented outcome.
 
-An error row expects exit code 2 (1 for persense-synth, see the catalogue), exactly one stderr line
+An error row expects exit code 2, exactly one stderr line
 `persense-<cmd>: error: ...` containing the documented text, no traceback and no output files. A
 success row expects exit code 0, no error line, and the documented behaviour.
 """
@@ -680,7 +680,7 @@ def export_truncated_checkpoint(kit: Kit) -> None:
 def export_missing_checkpoint(kit: Kit) -> None:
     absent = kit.path("absent.pth")
     expect_error(kit.run("export", ["--model", "vit_b", "--checkpoint", absent, "--out", kit.out]), "export",
-                 f"No such file or directory: {absent}")
+                 f"{absent}: checkpoint not found")
 
 
 # --- persense-eval ----------------------------------------------------------------------------------------
@@ -741,13 +741,13 @@ def synth_out_is_file(kit: Kit) -> None:
     blocker = kit.path("blocker")
     blocker.write_text("a file")
     outcome = kit.run("synth", ["--out", blocker, "--classes", "1", "--images", "1", "--instances", "3..4"])
-    expect_error(outcome, "synth", "Not a directory", code=1)
+    expect_error(outcome, "synth", "Not a directory", code=2)
 
 
 @row
 def synth_zero_classes(kit: Kit) -> None:
     outcome = kit.run("synth", ["--out", kit.out, "--classes", "0", "--images", "1", "--instances", "3..4"])
-    expect_error(outcome, "synth", "--classes must be at least 1", code=1)
+    expect_error(outcome, "synth", "--classes must be at least 1", code=2)
 
 
 @pytest.mark.parametrize("name", list(ROWS))

@@ -112,7 +112,7 @@ def test_render_scene_is_fast_and_exact() -> None:
 def test_cli_user_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str) -> None:
     base = {"--out": str(tmp_path / "ds"), "--classes": "1", "--images": "2", "--instances": "3..5", "--size": "64x48"}
     base.update(dict(zip(argv[::2], argv[1::2])))
-    assert main([item for pair in base.items() for item in pair]) == 1
+    assert main([item for pair in base.items() for item in pair]) == 2
     err = capsys.readouterr().err
     assert err.startswith("persense-synth: error: ") and message in err and err.count("\n") == 1
 
