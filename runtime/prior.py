@@ -50,8 +50,7 @@ def similarity_map(embedding: np.ndarray, target: Target, transform: SamTransfor
     norms = np.linalg.norm(feats, axis=0)
     cosine = (target.feature @ feats) / norms
     grid = embedding.shape[-1]
-    low = resize_bilinear(cosine.reshape(grid, grid), grid * 4, grid * 4)
-    return transform.upsample_to_original(low)
+    return transform.upsampler.from_grid(cosine.reshape(grid, grid))
 
 
 def attention_similarity(similarity: np.ndarray, grid: int = 64) -> np.ndarray:

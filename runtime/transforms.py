@@ -156,8 +156,21 @@ class Upsampler:
     def __init__(self, transform: SamTransform, low_res: int) -> None:
         (in_h, in_w), (out_h, out_w) = transform.input_size, transform.original_size
         square = transform.long_side
-        self.rows = AxisTaps(bilinear_matrix(in_h, out_h) @ bilinear_matrix(low_res, square)[:in_h])
-        self.cols = AxisTaps(bilinear_matrix(in_w, out_w) @ bilinear_matrix(low_res, square)[:in_w])
+        self.low_res = low_res
+        self._dense = (bilinear_matrix(in_h, out_h) @ bilinear_matrix(low_res, square)[:in_h],
+                       bilinear_matrix(in_w, out_w) @ bilinear_matrix(low_res, square)[:in_w])
+        self.rows, self.cols = AxisTaps(self._dense[0]), AxisTaps(self._dense[1])
+        self._from_grid: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def from_grid(self, grid_map: np.ndarray) -> np.ndarray:
+        """A coarse square map (SAM's 64x64 feature grid) resized bilinearly to the low-res frame, then as
+        `full`: one pair of dense products with the composed (original x grid) maps, cached per grid size."""
+        grid = grid_map.shape[0]
+        if grid not in self._from_grid:
+            to_low = bilinear_matrix(grid, self.low_res)
+            self._from_grid[grid] = tuple((m @ to_low).astype(np.float32) for m in self._dense)
+        rows, cols = self._from_grid[grid]
+        return rows @ grid_map.astype(np.float32) @ cols.T
 
     def full(self, low_res: np.ndarray) -> np.ndarray:
         """The whole map at the original size."""
