@@ -24,12 +24,12 @@ import hashlib
 import io
 import logging
 import os
-import tempfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
+from persense.runtime.imageio import atomic_write_bytes
 from persense.runtime.manifest import Artefact
 from persense.runtime.prior import Target
 
@@ -38,7 +38,6 @@ log = logging.getLogger(__name__)
 ENTRY_FORMAT = 1
 EMBED_DIM = 256
 SUFFIX = ".npz"
-_TEMP_PREFIX = ".tmp-"
 
 
 class BadEntry(ValueError):
@@ -128,17 +127,7 @@ def _checked_array(array: np.ndarray, name: str, error: type[Exception]) -> np.n
 def write_entry(path: str | Path, key: str, target: Target) -> Path:
     """Write an entry atomically (temp file in the same folder, fsync, os.replace); OSError if unwritable."""
     path = Path(path)
-    data = entry_bytes(key, target)
-    fd, temp = tempfile.mkstemp(prefix=_TEMP_PREFIX, suffix=SUFFIX, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, entry_bytes(key, target))
     return path
 
 
@@ -197,7 +186,6 @@ class ReferenceCache:
             return None
         path = self.path(key)
         try:
-            self.folder.mkdir(parents=True, exist_ok=True)
             return write_entry(path, key, target)
         except OSError as exc:
             if not self._warned:
