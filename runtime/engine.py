@@ -11,6 +11,7 @@ import numpy as np
 
 from persense.runtime.errors import PersenseError
 from persense.runtime.manifest import Manifest, TensorSpec
+from persense.runtime.ort_check import check_onnxruntime
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ class OrtEngine:
     """An ONNX model run by ONNX Runtime on the CPU or CUDA execution provider."""
 
     def __init__(self, path: str | Path, device: str = "cpu", threads: int | None = None, arena: bool = True) -> None:
+        check_onnxruntime()
         import onnxruntime as ort
 
         if device not in ("cpu", "cuda"):
@@ -89,6 +91,7 @@ def resolve_backend(requested: str, manifest: Manifest | None = None) -> str:
         raise PersenseError(f"unknown backend {requested!r}; choose one of {', '.join(BACKENDS)}")
     if requested != "auto":
         return requested
+    check_onnxruntime()
     import onnxruntime as ort
 
     from persense.runtime.trt_engine import engine_unusable_reason, tensorrt_unavailable_reason
