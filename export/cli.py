@@ -16,6 +16,7 @@ DEFAULT_WEIGHTS = Path("weights")
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
+    from persense.export.gpu_encoder import ATTENTION_FORMS, DEFAULT_FORM
     from persense.export.sam_build import SAM_CONFIGS
 
     parser = argparse.ArgumentParser(prog="persense-export", description=__doc__)
@@ -35,6 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fp16", action="store_true",
                         help="also write FP16 ONNX models (<name>_fp16) and, where TensorRT and a GPU are usable, "
                              "TensorRT FP16 engines (<name>_trt)")
+    parser.add_argument("--gpu-encoder", nargs="?", const=DEFAULT_FORM, choices=ATTENTION_FORMS,
+                        metavar="FORM",
+                        help="also write sam_encoder_gpu, the encoder persense-infer uses on ort-cuda: every attention "
+                             "one fused attention with the relative positions as an additive bias, no CPU row blocks "
+                             "(with --fp16 also sam_encoder_gpu_fp16). FORM: attention (default; ONNX Attention, "
+                             "opset 23), mha (ONNX Runtime's com.microsoft.MultiHeadAttention) or decomposed "
+                             "(MatMul/Softmax, opset 18); not used by TensorRT, which keeps sam_encoder")
     parser.add_argument("--int8", action="store_true",
                         help="also write INT8 SAM models (<name>_int8, ONNX Runtime dynamic quantisation) for the CPU")
     parser.add_argument("--check", action="store_true",
@@ -59,7 +67,7 @@ def _export(args: argparse.Namespace) -> int:
     request = ExportRequest(model_type=args.model, checkpoint=checkpoint, seed=args.seed, out=args.out,
                             force=args.force, counter=args.counter, counter_checkpoint=args.counter_checkpoint,
                             counter_config=args.counter_config, fp16=args.fp16,
-                            int8=args.int8)
+                            int8=args.int8, gpu_encoder=args.gpu_encoder)
     manifest_path, note = export_all(request)
     if note:
         print(note)

@@ -35,6 +35,7 @@ class ExportRequest:
     counter_config: str = "base"  # CounTR size; "tiny" is a test-size model with the same I/O
     fp16: bool = False  # also FP16 ONNX models and, where TensorRT and a GPU are usable, TensorRT engines
     int8: bool = False  # also INT8 (dynamically quantised) SAM models for the CPU
+    gpu_encoder: str | None = None  # also sam_encoder_gpu with this attention form (export/gpu_encoder.py)
 
 
 @dataclass
@@ -104,7 +105,7 @@ def _previous_manifest(out: Path) -> Manifest | None:
 
 
 def _sam_jobs(request: ExportRequest) -> list[Job]:
-    """SAM's encoder and decoder, sharing one model build."""
+    """SAM's encoder and decoder (and with `gpu_encoder` the fused-attention encoder), sharing one model build."""
     from persense.export.sam_build import load_sam, random_sam
     from persense.export.sam_export import export_decoder, export_encoder
 
@@ -112,8 +113,19 @@ def _sam_jobs(request: ExportRequest) -> list[Job]:
     key = f"{request.model_type}:{source}:{'' if request.checkpoint else request.seed}:r{EXPORT_RECIPE}"
     build = functools.cache(lambda: load_sam(request.model_type, request.checkpoint) if request.checkpoint
                             else random_sam(request.model_type, request.seed))
-    return [Job(name, source, key, build, lambda m, path, src, f=fn: f(m, path, request.model_type, src))
+    jobs = [Job(name, source, key, build, lambda m, path, src, f=fn: f(m, path, request.model_type, src))
             for name, fn in (("sam_encoder", export_encoder), ("sam_decoder", export_decoder))]
+    form = request.gpu_encoder
+    if form is not None:
+        from persense.export.gpu_encoder import ATTENTION_FORMS, export_gpu_encoder
+        from persense.runtime.sam import GPU_ENCODER
+
+        if form not in ATTENTION_FORMS:
+            raise PersenseError(f"unknown attention form {form!r} for the GPU encoder; choose one of "
+                                f"{', '.join(ATTENTION_FORMS)}")
+        jobs.append(Job(GPU_ENCODER, source, f"{key}:{form}", build,
+                        lambda m, path, src: export_gpu_encoder(m, path, request.model_type, src, form)))
+    return jobs
 
 
 def _counter_job(request: ExportRequest) -> Job:
@@ -148,9 +160,10 @@ def _kept(previous: Manifest | None, artefacts: dict[str, Artefact]) -> dict[str
     and were made from the same source as what the folder now holds."""
     kept: dict[str, Artefact] = {}
     for name, art in (previous.artefacts.items() if previous else ()):
-        base = artefacts.get(_base_name(name))
+        # sam_encoder_gpu (its key: SAM's key + ":<form>") is made from the SAM build that sam_encoder is
+        base = artefacts.get(_base_name(name)) or artefacts.get(_base_name(name).removesuffix("_gpu"))
         key = art.extra.get("source_key", "")
-        if name in artefacts or (base is not None and base.extra.get("source_key") != key):
+        if name in artefacts or (base is not None and not f"{key}:".startswith(f"{base.extra.get('source_key')}:")):
             continue
         if _reusable(previous, name, key) is not None:
             kept[name] = art

@@ -21,15 +21,18 @@ _SINGLE_FILE_LIMIT = 1_800_000_000  # protobuf's 2 GB cap, with headroom: larger
 
 
 def export_onnx(module: torch.nn.Module, args: tuple[torch.Tensor, ...], path: Path, input_names: list[str],
-                output_names: list[str], dynamic_shapes: dict[str, Any] | None = None) -> float:
-    """Export with torch's dynamo exporter, simplify with onnxslim, check, save; returns seconds taken."""
+                output_names: list[str], dynamic_shapes: dict[str, Any] | None = None,
+                options: dict[str, Any] | None = None) -> float:
+    """Export with torch's dynamo exporter (extra torch.onnx.export `options`, e.g. opset_version), simplify with
+    onnxslim, check, save; returns seconds taken."""
     start = time.perf_counter()
     path.parent.mkdir(parents=True, exist_ok=True)
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # e.g. "torchvision is not installed" notices
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(module, args, dynamo=True, optimize=True, input_names=input_names,
-                                    output_names=output_names, dynamic_shapes=dynamic_shapes, verbose=False)
+                                    output_names=output_names, dynamic_shapes=dynamic_shapes, verbose=False,
+                                    **(options or {}))
     model = simplify(program.model_proto)
     save_onnx(model, path)
     onnx.checker.check_model(str(path))

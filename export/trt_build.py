@@ -188,6 +188,8 @@ def fp16_artefacts(artefacts: dict[str, Artefact], folder: Path,
     if reason is not None:
         return added, f"TensorRT engines not built: {reason}"
     for name, art in sources.items():
+        if "trt" not in art.extra.get("backends", ["trt"]):
+            continue  # exported for other backends only (sam_encoder_gpu: ONNX Runtime CUDA)
         old = previous.artefacts.get(engine_name(name)) if previous is not None else None
         added[engine_name(name)] = build_engine(art, folder, old)
     return added, None

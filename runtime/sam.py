@@ -13,6 +13,7 @@ from persense.runtime.manifest import REEXPORT_HINT, Manifest, TensorSpec, check
 from persense.runtime.transforms import SamTransform
 
 ENCODER = "sam_encoder"
+GPU_ENCODER = "sam_encoder_gpu"  # the encoder with fused attention, exported for ort-cuda (--gpu-encoder)
 DECODER = "sam_decoder"
 EMBED_DIM = 256
 GRID = 64
@@ -107,9 +108,8 @@ class SamEngines:
                       decode_chunk: int | None = None, precision: str = "fp32") -> "SamEngines":
         """Open and verify both SAM engines; `precision` picks `<name>` (fp32) or `<name>_<precision>` ONNX
         models (TensorRT uses its own engines); the decoder chunk size defaults per backend."""
-        names = {}
+        names = engine_names(manifest, backend, precision)
         for base, (inputs, outputs) in ((ENCODER, ENCODER_IO), (DECODER, DECODER_IO)):
-            names[base] = base if precision == "fp32" or backend == "trt" else f"{base}_{precision}"
             if backend != "trt":
                 check_io(names[base], manifest.artefact(names[base]), inputs, outputs,
                          REEXPORT_HINT.format(folder=manifest.folder))
@@ -168,6 +168,17 @@ class SamEngines:
         out = self.decoder.run(feeds)
         self.decoder_launches += 1
         return Decoded(out["low_res_masks"], out["iou_predictions"])
+
+
+def engine_names(manifest: Manifest, backend: str, precision: str) -> dict[str, str]:
+    """Encoder and decoder artefact names: `<name>` (fp32; TensorRT maps them to its engines) or
+    `<name>_<precision>`, the encoder on ort-cuda being `sam_encoder_gpu[_<precision>]` where the manifest has it."""
+    names = {base: base if precision == "fp32" or backend == "trt" else f"{base}_{precision}"
+             for base in (ENCODER, DECODER)}
+    gpu = names[ENCODER].replace(ENCODER, GPU_ENCODER, 1)
+    if backend == "ort-cuda" and gpu in manifest.artefacts:
+        names[ENCODER] = gpu
+    return names
 
 
 @functools.lru_cache(maxsize=16)
