@@ -11,6 +11,7 @@ from typing import Callable
 
 from tqdm import tqdm
 
+from persense.export.artefacts import package_versions, reusable
 from persense.runtime.errors import PersenseError
 from persense.runtime.manifest import MANIFEST_NAME, Artefact, Manifest, load_manifest, sha256_file
 
@@ -65,33 +66,6 @@ def resolve_checkpoint(model_type: str, checkpoint: Path | None, random_weights:
         return default
     raise PersenseError(f"no SAM checkpoint: put {CHECKPOINT_NAMES[model_type]} in {weights_dir}/, pass --checkpoint "
                         f"PATH, or use --random-weights for a demo with random weights")
-
-
-def package_versions() -> dict[str, str]:
-    """Versions of the packages an artefact depends on."""
-    import importlib.metadata as md
-
-    versions = {}
-    for name in ("persense", "torch", "onnx", "onnxruntime", "onnxslim", "onnxconverter-common", "tensorrt"):
-        try:
-            versions[name] = md.version(name)
-        except md.PackageNotFoundError:
-            continue
-    return versions
-
-
-def _reusable(previous: Manifest | None, name: str, source_key: str) -> Artefact | None:
-    """The previous artefact if it came from the same source and its files are intact."""
-    if previous is None or name not in previous.artefacts:
-        return None
-    art = previous.artefacts[name]
-    if art.extra.get("source_key") != source_key:
-        return None
-    try:
-        previous.verified_path(name)
-    except PersenseError:
-        return None
-    return art
 
 
 def _previous_manifest(out: Path) -> Manifest | None:
@@ -165,7 +139,7 @@ def _kept(previous: Manifest | None, artefacts: dict[str, Artefact]) -> dict[str
         key = art.extra.get("source_key", "")
         if name in artefacts or (base is not None and not f"{key}:".startswith(f"{base.extra.get('source_key')}:")):
             continue
-        if _reusable(previous, name, key) is not None:
+        if reusable(previous, name, key) is not None:
             kept[name] = art
     return kept
 
@@ -182,7 +156,7 @@ def export_all(request: ExportRequest) -> tuple[Path, str | None]:
     jobs = _sam_jobs(request) + ([_counter_job(request)] if request.counter else [])
     artefacts: dict[str, Artefact] = {}
     for job in tqdm(jobs, desc="persense-export", unit="artefact", file=sys.stderr, disable=len(jobs) < 3):
-        reused = _reusable(previous, job.name, job.source_key)
+        reused = reusable(previous, job.name, job.source_key)
         if reused is not None:
             log.info("%s unchanged, reusing %s", job.name, reused.file)
             artefacts[job.name] = reused

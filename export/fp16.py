@@ -12,20 +12,15 @@ from typing import Any
 
 import onnx
 
-from persense.runtime.errors import PersenseError
-from persense.runtime.manifest import Artefact, Manifest, load_manifest
+from persense.export.artefacts import add_artefact, describe, fp16_name, variant_extra
+from persense.export.fp16_islands import SENSITIVE_OPS, float_outputs_kept, fp32_islands, merge_casts
+from persense.export.onnx_io import save_onnx
+from persense.export.parity import measure_error
+from persense.runtime.manifest import Artefact, load_manifest
 
 log = logging.getLogger(__name__)
 
-FP16_SUFFIX = "_fp16"
 FP16_MAX = 65504.0  # constants are clamped to the FP16 range, not to onnxconverter-common's default 1e4
-# LayerNorm (fused or SAM's LayerNorm2d as mean/pow/sqrt), softmax and reductions (the density head's sum)
-SENSITIVE_OPS = ("LayerNormalization", "Softmax", "ReduceMean", "ReduceSum", "Pow", "Sqrt")
-
-
-def fp16_name(name: str) -> str:
-    """Manifest name of the FP16 copy of artefact `name`."""
-    return name + FP16_SUFFIX
 
 
 def _dedupe_value_info(model: onnx.ModelProto) -> None:
@@ -38,16 +33,25 @@ def _dedupe_value_info(model: onnx.ModelProto) -> None:
     model.graph.value_info.extend(kept)
 
 
-def _unshare_blocked_initializers(model: onnx.ModelProto, blocked_ops: set[str]) -> None:
-    """Give blocked (FP32) nodes their own copy of initializers they share with FP16 nodes."""
+def _name_nodes(model: onnx.ModelProto) -> None:
+    """Give every node a unique name (the converter's block list and casts go by node name)."""
+    seen: set[str] = set()
+    for i, node in enumerate(model.graph.node):
+        if not node.name or node.name in seen:
+            node.name = f"{node.op_type}_{i}"
+        seen.add(node.name)
+
+
+def _unshare_blocked_initializers(model: onnx.ModelProto, blocked: set[str]) -> None:
+    """Give blocked (FP32) nodes, named in `blocked`, their own copy of initializers they share with FP16 nodes."""
     initializers = {t.name: t for t in model.graph.initializer}
     users: dict[str, set[bool]] = {}
     for node in model.graph.node:
         for name in node.input:
             if name in initializers:
-                users.setdefault(name, set()).add(node.op_type in blocked_ops)
+                users.setdefault(name, set()).add(node.name in blocked)
     for node in model.graph.node:
-        if node.op_type not in blocked_ops:
+        if node.name not in blocked:
             continue
         for i, name in enumerate(node.input):
             if users.get(name) == {True, False}:
@@ -73,7 +77,7 @@ def _retype_float_casts(model: onnx.ModelProto) -> None:
 
 
 def to_fp16(src: Path) -> onnx.ModelProto:
-    """The FP16 model of an FP32 ONNX file: float32 inputs/outputs, SENSITIVE_OPS kept in FP32."""
+    """The FP16 model of an FP32 ONNX file: float32 inputs/outputs, FP32 islands around SENSITIVE_OPS."""
     from onnxconverter_common import float16
 
     # path-based inference works above protobuf's 2 GB limit; the copy sits beside `src` for its external data
@@ -83,71 +87,35 @@ def to_fp16(src: Path) -> onnx.ModelProto:
         model = onnx.load(str(inferred))
     finally:
         inferred.unlink(missing_ok=True)
-    blocked = set(float16.DEFAULT_OP_BLOCK_LIST) | set(SENSITIVE_OPS)
     _dedupe_value_info(model)
-    _unshare_blocked_initializers(model, blocked)
+    _name_nodes(model)
+    islands = fp32_islands(model.graph)
+    float_outputs = {o.name for o in model.graph.output if o.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
+    op_blocked = set(float16.DEFAULT_OP_BLOCK_LIST)  # ops without FP16 kernels
+    _unshare_blocked_initializers(model, islands | {n.name for n in model.graph.node if n.op_type in op_blocked})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "the float32 number 1e-08 will be truncated to 1e-07", per constant
         model = float16.convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True,
-                                                 max_finite_val=FP16_MAX, op_block_list=sorted(blocked))
+                                                 max_finite_val=FP16_MAX, op_block_list=sorted(op_blocked),
+                                                 node_block_list=sorted(islands))
     _retype_float_casts(model)
+    float_outputs_kept(model.graph, float_outputs)
+    merge_casts(model.graph)
     return model
-
-
-def measure_error(artefact: Artefact, fp32_path: Path, variant_path: Path, seed: int = 0) -> dict[str, Any]:
-    """Per-output error of a reduced-precision model against the FP32 one on ONNX Runtime CPU, seeded inputs."""
-    from persense.export.parity import compare_outputs, sample_feeds
-    from persense.runtime.engine import OrtEngine
-
-    feeds = sample_feeds(artefact, seed)
-    reference = OrtEngine(fp32_path).run(feeds)
-    candidate = OrtEngine(variant_path).run(feeds)
-    return {"backend": "onnxruntime-cpu", "reference": "fp32 onnx", "inputs": f"parity.sample_feeds(seed={seed})",
-            "outputs": {name: compare_outputs(reference[name], candidate[name], name) for name in reference}}
 
 
 def convert_fp16(artefact: Artefact, folder: Path) -> Artefact:
     """Write `<name>_fp16.onnx` next to an FP32 artefact and return its manifest entry with the measured error."""
-    from persense.export.onnx_io import describe, save_onnx
-
     start = time.perf_counter()
     src = folder / artefact.file
-    dst = folder / (Path(artefact.file).stem + FP16_SUFFIX + ".onnx")
-    model = to_fp16(src)
-    save_onnx(model, dst)
+    dst = folder / (fp16_name(Path(artefact.file).stem) + ".onnx")
+    save_onnx(to_fp16(src), dst)
     onnx.checker.check_model(str(dst))
-    extra = {"source_key": artefact.extra.get("source_key"), "fp32_file": artefact.file,
-             "fp32_sha256": artefact.sha256, "fp32_ops": list(SENSITIVE_OPS),
-             "convert_seconds": round(time.perf_counter() - start, 2)}
+    extra = variant_extra(artefact, time.perf_counter() - start, fp32_ops=list(SENSITIVE_OPS))
     fp16 = describe(dst, artefact.kind, "fp16", artefact.model_type, artefact.source_checkpoint, extra)
     fp16.extra["fp16_error"] = measure_error(artefact, src, dst)
     log.info("wrote %s (%.1f s)", dst.name, time.perf_counter() - start)
     return fp16
-
-
-def reusable_fp16(previous: Manifest | None, name: str, artefact: Artefact, suffix: str = FP16_SUFFIX) -> Artefact | None:
-    """The previous `<name><suffix>` entry if it was converted from this exact FP32 file and is intact."""
-    variant = name + suffix
-    if previous is None or variant not in previous.artefacts:
-        return None
-    entry = previous.artefacts[variant]
-    if entry.extra.get("fp32_sha256") != artefact.sha256:
-        return None
-    try:
-        previous.verified_path(variant)
-    except PersenseError:
-        return None
-    return entry
-
-
-def add_artefact(folder: Path, name: str, artefact: Artefact) -> None:
-    """Add or replace one entry of the folder's manifest (and refresh its package versions)."""
-    from persense.export.exporter import package_versions
-
-    manifest = load_manifest(folder)
-    manifest.artefacts[name] = artefact
-    manifest.versions.update(package_versions())
-    manifest.save()
 
 
 def main(argv: list[str] | None = None) -> int:

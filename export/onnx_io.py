@@ -1,4 +1,11 @@
-"""Exporting a torch module to a simplified, checked ONNX file, and describing it for the manifest."""
+"""Exporting a torch module to a simplified, checked ONNX file, with external weights above protobuf's 2 GB cap.
+
+Models whose weights exceed `LARGE_MODEL_BYTES` (SAM vit_h and vit_l) never exist as one ModelProto: protobuf
+cannot serialise more than 2 GB, and onnxslim serialises the whole model for shape inference. Their large
+weights are detached from the graph (as graph inputs) while onnxslim simplifies it, then streamed one tensor
+at a time from the exporter's in-memory model into `<name>.onnx.data` and reattached as external initializers.
+Weights that feed a constant-foldable node stay attached, so folding works as on the normal path.
+"""
 
 from __future__ import annotations
 
@@ -6,18 +13,20 @@ import logging
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import onnx
 import torch
+from onnx.external_data_helper import set_external_data
 
-from persense.runtime.manifest import Artefact, TensorSpec, sha256_file
+from persense.export.artefacts import describe  # noqa: F401  (the model exporters import it from here)
 
 log = logging.getLogger(__name__)
 
-_ONNX_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
-                onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT32: "int32", onnx.TensorProto.BOOL: "bool"}
-_SINGLE_FILE_LIMIT = 1_800_000_000  # protobuf's 2 GB cap, with headroom: larger models keep external data
+LARGE_MODEL_BYTES = 1_800_000_000  # protobuf's 2 GB cap, with headroom; tests lower it to force the large path
+DETACH_MIN_BYTES = 1 << 16  # weights from this size on are detached while simplifying a large model
+EXTERNAL_MIN_BYTES = 1024  # initializers from this size on go to the external data file (onnx's default)
+_ALIGNMENT = 4096  # external tensors start on page boundaries, so ONNX Runtime can memory-map them
 
 
 def export_onnx(module: torch.nn.Module, args: tuple[torch.Tensor, ...], path: Path, input_names: list[str],
@@ -33,8 +42,12 @@ def export_onnx(module: torch.nn.Module, args: tuple[torch.Tensor, ...], path: P
         program = torch.onnx.export(module, args, dynamo=True, optimize=True, input_names=input_names,
                                     output_names=output_names, dynamic_shapes=dynamic_shapes, verbose=False,
                                     **(options or {}))
-    model = simplify(program.model_proto)
-    save_onnx(model, path)
+    weights = sum(v.const_value.nbytes for v in program.model.graph.initializers.values() if v.const_value is not None)
+    if weights > LARGE_MODEL_BYTES:
+        log.info("%s: %.2f GB of weights, simplified with weights detached", path.name, weights / 1e9)
+        save_large(program.model, path)
+    else:
+        save_onnx(simplify(program.model_proto), path)
     onnx.checker.check_model(str(path))
     seconds = time.perf_counter() - start
     log.info("exported %s in %.1f s", path.name, seconds)
@@ -48,34 +61,81 @@ def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
     return onnxslim.slim(model)
 
 
+def data_file(path: Path) -> Path:
+    """The external data file of ONNX file `path`: `<name>.onnx.data`."""
+    return path.with_name(path.name + ".data")
+
+
 def save_onnx(model: onnx.ModelProto, path: Path) -> None:
-    """Save one file, or one file plus `<name>.data` external weights when above protobuf's limit."""
-    data_path = path.with_name(path.name + ".data")
+    """Save one file, or one file plus `<name>.data` external weights when above `LARGE_MODEL_BYTES`."""
+    data_path = data_file(path)
     data_path.unlink(missing_ok=True)
-    large = model.ByteSize() > _SINGLE_FILE_LIMIT
+    large = sum(t.ByteSize() for t in model.graph.initializer) > LARGE_MODEL_BYTES  # never the whole proto's size
     onnx.save_model(model, str(path), save_as_external_data=large, all_tensors_to_one_file=True,
-                    location=data_path.name if large else None)
+                    location=data_path.name if large else None, size_threshold=EXTERNAL_MIN_BYTES)
 
 
-def _specs(values) -> list[TensorSpec]:
-    """TensorSpecs of ONNX graph inputs/outputs (dynamic axes keep their symbolic names)."""
-    specs = []
-    for value in values:
-        tensor = value.type.tensor_type
-        shape = tuple(d.dim_param if d.dim_param else d.dim_value for d in tensor.shape.dim)
-        specs.append(TensorSpec(value.name, shape, _ONNX_DTYPES.get(tensor.elem_type, str(tensor.elem_type))))
-    return specs
+def _detachable(value: Any) -> bool:
+    """A large weight none of whose consumers could be constant-folded (each also takes a computed input)."""
+    def computed(node_input: Any) -> bool:
+        """An input that is neither a weight nor a Constant node's output."""
+        producer = node_input.producer() if node_input is not None else None
+        return node_input is not None and not node_input.is_initializer() and not (
+            producer is not None and producer.op_type == "Constant")
+
+    return value.const_value.nbytes >= DETACH_MIN_BYTES and all(
+        any(computed(i) for i in use.node.inputs) for use in value.uses())
 
 
-def describe(path: Path, kind: str, precision: str, model_type: str, source_checkpoint: str,
-             extra: dict[str, Any] | None = None) -> Artefact:
-    """The manifest entry of an exported ONNX file (hash, opset, I/O)."""
-    model = onnx.load(str(path), load_external_data=False)
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
-    extra = dict(extra or {})
-    data_path = path.with_name(path.name + ".data")
-    if data_path.exists():
-        extra.update(data_file=data_path.name, data_sha256=sha256_file(data_path))
-    return Artefact(file=path.name, sha256=sha256_file(path), kind=kind, precision=precision, model_type=model_type,
-                    source_checkpoint=source_checkpoint, opset=opset, inputs=_specs(model.graph.input),
-                    outputs=_specs(model.graph.output), extra=extra)
+def _slim_detached(model: Any) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """onnxslim's model of an onnx_ir model whose large weights were graph inputs; returns it and those weights."""
+    import onnx_ir as ir
+
+    graph = model.graph
+    detached = {name: v for name, v in graph.initializers.items() if v.const_value is not None and _detachable(v)}
+    inputs = list(graph.inputs)
+    for name, value in detached.items():
+        graph.initializers.pop(name)
+        value.type, value.shape = ir.TensorType(value.const_value.dtype), value.const_value.shape
+        graph.inputs.append(value)
+    try:
+        proto = ir.serde.serialize_model(model)
+    finally:  # the exporter's model is left as it was
+        graph.inputs.clear()
+        graph.inputs.extend(inputs)
+        graph.initializers.update(detached)
+    log.info("simplifying with %d weights (%.2f GB) detached", len(detached),
+             sum(v.const_value.nbytes for v in detached.values()) / 1e9)
+    return simplify(proto), {name: v.const_value for name, v in detached.items()}
+
+
+def _write_external(tensor: onnx.TensorProto, data: bytes, handle: BinaryIO, location: str) -> None:
+    """Append `data` to the open data file at the next page boundary and point `tensor` at it."""
+    end = handle.tell()
+    offset = end + (-end) % _ALIGNMENT
+    handle.seek(offset)
+    handle.write(data)
+    set_external_data(tensor, location, offset, len(data))
+    tensor.ClearField("raw_data")
+
+
+def save_large(model: Any, path: Path) -> None:
+    """Simplify an onnx_ir model with its large weights detached, then save it with them in `<name>.onnx.data`."""
+    import onnx_ir as ir
+
+    slim, weights = _slim_detached(model)
+    graph = slim.graph
+    reattached = [graph_input for graph_input in graph.input if graph_input.name in weights]
+    for graph_input in reattached:
+        graph.input.remove(graph_input)
+    data_path = data_file(path)
+    with open(data_path, "wb") as handle:
+        for tensor in graph.initializer:
+            if tensor.HasField("raw_data") and len(tensor.raw_data) >= EXTERNAL_MIN_BYTES:
+                _write_external(tensor, tensor.raw_data, handle, data_path.name)
+        for graph_input in reattached:  # one weight in memory at a time
+            tensor = ir.serde.serialize_tensor(weights[graph_input.name])
+            tensor.name = graph_input.name
+            _write_external(tensor, tensor.raw_data, handle, data_path.name)
+            graph.initializer.append(tensor)
+    onnx.save_model(slim, str(path))

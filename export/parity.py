@@ -16,8 +16,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from persense.export.fp16 import fp16_name
-from persense.runtime.engine import open_engine
+from persense.export.artefacts import fp16_name
+from persense.runtime.engine import OrtEngine, open_engine
 from persense.runtime.errors import PersenseError
 from persense.runtime.manifest import Artefact, Manifest, load_manifest, sha256_file
 from persense.runtime.trt_engine import ENGINE_SUFFIX, engine_unusable_reason, open_trt_engine
@@ -140,6 +140,15 @@ def compare_outputs(reference: np.ndarray, candidate: np.ndarray, name: str) -> 
     return metrics
 
 
+def measure_error(artefact: Artefact, fp32_path: Path, variant_path: Path, seed: int = 0) -> dict[str, Any]:
+    """Per-output error of a reduced-precision model against the FP32 one on ONNX Runtime CPU, seeded inputs."""
+    feeds = sample_feeds(artefact, seed)
+    reference = OrtEngine(fp32_path).run(feeds)
+    candidate = OrtEngine(variant_path).run(feeds)
+    return {"backend": "onnxruntime-cpu", "reference": "fp32 onnx", "inputs": f"parity.sample_feeds(seed={seed})",
+            "outputs": {name: compare_outputs(reference[name], candidate[name], name) for name in reference}}
+
+
 def judge(reference: np.ndarray, candidate: np.ndarray, name: str, tol: Tolerance) -> tuple[dict[str, float], bool]:
     """Metrics (with the outlier fraction) and whether they meet a tolerance."""
     metrics = compare_outputs(reference, candidate, name)
@@ -212,7 +221,7 @@ def _wrap(kind: str, model: Any) -> Any:
     if kind == "sam_decoder":
         from persense.export.persam_decoder import PerSamDecoder
 
-        return PerSamDecoder(model).eval()
+        return PerSamDecoder(model, best_only=True).eval()  # as exported: the best multimask output only
     return model.eval()
 
 

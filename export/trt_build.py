@@ -17,7 +17,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from persense.export.fp16 import SENSITIVE_OPS, add_artefact, convert_fp16, fp16_name, reusable_fp16
+from persense.export.artefacts import FP16_SUFFIX, add_artefact, fp16_name, reusable_variant
+from persense.export.fp16 import convert_fp16
+from persense.export.fp16_islands import SENSITIVE_OPS
 from persense.runtime.errors import PersenseError
 from persense.runtime.manifest import Artefact, Manifest, load_manifest, sha256_file
 from persense.runtime.trt_engine import (compute_capability, engine_name, stale_reason, tensorrt_unavailable_reason,
@@ -183,7 +185,7 @@ def fp16_artefacts(artefacts: dict[str, Artefact], folder: Path,
     sources = {name: a for name, a in artefacts.items() if a.precision == "fp32" and a.file.endswith(".onnx")}
     added: dict[str, Artefact] = {}
     for name, art in sources.items():
-        added[fp16_name(name)] = reusable_fp16(previous, name, art) or convert_fp16(art, folder)
+        added[fp16_name(name)] = reusable_variant(previous, name, art, FP16_SUFFIX) or convert_fp16(art, folder)
     reason = tensorrt_unavailable_reason()
     if reason is not None:
         return added, f"TensorRT engines not built: {reason}"

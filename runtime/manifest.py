@@ -103,20 +103,30 @@ class Manifest:
         return self.artefacts[name]
 
     def verified_path(self, name: str, expected: "Artefact | None" = None) -> Path:
-        """Path of an artefact after checking the file exists, its hash, and (optionally) its I/O."""
+        """Path of an artefact after checking its file and external data file exist, their hashes, and its I/O."""
         art = self.artefact(name)
         hint = REEXPORT_HINT.format(folder=self.folder)
         path = self.folder / art.file
         if not path.is_file():
             raise PersenseError(f"{path}: listed in the manifest but missing; {hint}")
-        actual = sha256_file(path)
-        if actual != art.sha256:
-            raise PersenseError(
-                f"{path}: sha256 {actual[:12]}... does not match the manifest ({art.sha256[:12]}...): "
-                f"the file was modified or replaced; {hint}")
+        _check_hash(path, art.sha256, hint)
+        if art.extra.get("data_file"):  # external weights: the .onnx names the file, the manifest its hash
+            data_path = self.folder / art.extra["data_file"]
+            if not data_path.is_file():
+                raise PersenseError(f"{data_path}: external weights of {art.file} are missing; {hint}")
+            _check_hash(data_path, art.extra.get("data_sha256", ""), hint)
         if expected is not None:
             check_io(name, art, expected.inputs, expected.outputs, hint)
         return path
+
+
+def _check_hash(path: Path, expected: str, hint: str) -> None:
+    """Refuse a file whose sha256 is not the manifest's."""
+    actual = sha256_file(path)
+    if actual != expected:
+        raise PersenseError(
+            f"{path}: sha256 {actual[:12]}... does not match the manifest ({expected[:12]}...): "
+            f"the file was modified or replaced; {hint}")
 
 
 def check_io(name: str, art: Artefact, inputs: list[TensorSpec], outputs: list[TensorSpec], hint: str) -> None:

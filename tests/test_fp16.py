@@ -14,7 +14,9 @@ import numpy as np
 import onnx
 import pytest
 
-from persense.export.fp16 import SENSITIVE_OPS, fp16_name, main, reusable_fp16
+from persense.export.artefacts import FP16_SUFFIX, fp16_name, reusable_variant
+from persense.export.fp16 import main
+from persense.export.fp16_islands import SENSITIVE_OPS
 from persense.export.parity import compare_outputs, sample_feeds
 from persense.runtime.engine import OrtEngine
 from persense.runtime.manifest import Manifest, load_manifest
@@ -95,7 +97,7 @@ def test_fp16_decoder_masks_match_fp32_on_other_inputs(manifest: Manifest) -> No
 
 def test_fp16_entry_is_reused_only_for_the_same_fp32_file(manifest: Manifest) -> None:
     fp32 = manifest.artefact("sam_decoder")
-    assert reusable_fp16(manifest, "sam_decoder", fp32) is manifest.artefact("sam_decoder_fp16")
+    assert reusable_variant(manifest, "sam_decoder", fp32, FP16_SUFFIX) is manifest.artefact("sam_decoder_fp16")
     changed = replace(fp32, sha256="0" * 64)
-    assert reusable_fp16(manifest, "sam_decoder", changed) is None
-    assert reusable_fp16(None, "sam_decoder", fp32) is None
+    assert reusable_variant(manifest, "sam_decoder", changed, FP16_SUFFIX) is None
+    assert reusable_variant(None, "sam_decoder", fp32, FP16_SUFFIX) is None
