@@ -44,8 +44,12 @@ class Counter(Protocol):
 
 
 def dsalvanet_count(density: np.ndarray) -> float:
-    """DSALVANet's count as PerSense uses it: ceil of the density sum."""
-    return float(math.ceil(float(np.sum(density, dtype=np.float64))))
+    """DSALVANet's count as PerSense uses it: ceil of the density sum, summed in float32 as `torch.sum` does.
+
+    The original computes `ceil(torch.sum(output))` on a float32 map (PerSense_modules.py L16-17). A float64
+    sum of a map that sums to an integer in float32 can land just above it and give one more.
+    """
+    return float(math.ceil(float(np.sum(np.asarray(density, dtype=np.float32), dtype=np.float32))))
 
 
 class NpyDensityCounter:
@@ -65,6 +69,13 @@ class NpyDensityCounter:
             density.close()
             raise PersenseError(f"{path}: is an .npz archive; save the density map alone with numpy.save")
         self.density = _checked_density(path, density)
+
+    @classmethod
+    def from_array(cls, density: np.ndarray, name: str = "density") -> "NpyDensityCounter":
+        """The same counter over an in-memory map, checked as a file's map is."""
+        counter = cls.__new__(cls)
+        counter.density = _checked_density(Path(name), np.asarray(density))
+        return counter
 
     def count(self, request: CountRequest) -> Density:
         """The stored map, whatever the exemplars."""

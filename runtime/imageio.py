@@ -9,6 +9,7 @@ import re
 import struct
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_PALETTE = 3  # IHDR colour type of an indexed-colour PNG
 _PNG_HEADER_BYTES = 1 << 16  # where a PNG's palette is looked for (it precedes the image data)
 _OPENCV_LOG_PREFIX = re.compile(r"\[[A-Z]+:[^\]]*\] global \S+ ")
+_STDERR_LOCK = threading.Lock()
 
 
 def _decode_quietly(data: np.ndarray, flags: int) -> tuple[np.ndarray | None, str]:
@@ -33,9 +35,9 @@ def _decode_quietly(data: np.ndarray, flags: int) -> tuple[np.ndarray | None, st
     File descriptor 2 is redirected for the duration of the call, so anything another thread writes to
     stderr meanwhile ends up in the message too.
     """
-    sys.stderr.flush()
-    saved, error = os.dup(2), ""
-    with tempfile.TemporaryFile() as capture:
+    with _STDERR_LOCK, tempfile.TemporaryFile() as capture:  # one redirection at a time: threads share fd 2
+        sys.stderr.flush()
+        saved, error = os.dup(2), ""
         os.dup2(capture.fileno(), 2)
         try:
             image = cv2.imdecode(data, flags)
@@ -91,14 +93,28 @@ def read_raw(path: str | os.PathLike, flags: int = READ_FLAGS, warnings: list[st
 
 def read_rgb(path: str | os.PathLike, warnings: list[str] | None = None) -> np.ndarray:
     """An image file as HxWx3 uint8 RGB (EXIF-oriented, grayscale expanded, alpha dropped, 16-bit scaled to 8)."""
-    image = read_raw(path, READ_FLAGS, warnings)
+    return _to_rgb(path, read_raw(path, READ_FLAGS, warnings), cv2.COLOR_BGR2RGB)
+
+
+def rgb_from_array(image: np.ndarray, name: str = "image") -> np.ndarray:
+    """An in-memory RGB (or grey) 8/16-bit image as HxWx3 uint8 RGB, checked as `read_rgb` checks files."""
+    image = np.asarray(image)
+    if image.ndim == 3 and image.shape[2] == 4:
+        image = image[..., :3]  # alpha dropped, as cv2 reads files
+    if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3)) or 0 in image.shape:
+        raise PersenseError(f"{name}: expected an HxW or HxWx3 image array, got shape {image.shape}")
+    return _to_rgb(name, image[..., 0] if image.ndim == 3 and image.shape[2] == 1 else image, None)
+
+
+def _to_rgb(path: str | os.PathLike, image: np.ndarray, colour_code: int | None) -> np.ndarray:
+    """8-bit RGB from a decoded 8/16-bit image: grey expanded, colour converted with `colour_code` (None: as is)."""
     if image.dtype == np.uint16:
         image = (image // 257).astype(np.uint8)
     elif image.dtype != np.uint8:
         raise PersenseError(f"{path}: unsupported pixel type {image.dtype}; expected 8- or 16-bit integers")
     if image.ndim == 2:
         return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    return np.ascontiguousarray(image) if colour_code is None else cv2.cvtColor(image, colour_code)
 
 
 def png_palette_background(data: bytes) -> tuple[int, int, int] | None:
@@ -139,7 +155,25 @@ def read_mask(path: str | os.PathLike, expected_size: tuple[int, int] | None = N
     path = Path(path)
     data = _file_bytes(path)
     background = png_palette_background(data[:_PNG_HEADER_BYTES].tobytes())
-    binary = _foreground(path, _decode(path, data, READ_FLAGS, warnings), background)
+    return _checked_mask(path, _foreground(path, _decode(path, data, READ_FLAGS, warnings), background),
+                         expected_size)
+
+
+def mask_from_array(mask: np.ndarray, expected_size: tuple[int, int] | None = None,
+                    name: str = "mask") -> np.ndarray:
+    """An in-memory HxW mask (bool, or numbers with at most two values; > 0 is foreground) as HxW bool,
+    checked as `read_mask` checks files."""
+    mask = np.asarray(mask)
+    if mask.ndim == 3 and mask.shape[2] == 1:
+        mask = mask[..., 0]
+    if mask.ndim != 2 or mask.dtype.kind not in "biuf":
+        raise PersenseError(f"{name}: expected an HxW mask array of numbers, got shape {mask.shape} "
+                            f"dtype {mask.dtype}")
+    return _checked_mask(name, _foreground(name, mask, None), expected_size)
+
+
+def _checked_mask(path: str | os.PathLike, binary: np.ndarray, expected_size: tuple[int, int] | None) -> np.ndarray:
+    """A boolean mask refused when its size differs from the reference image's or it has no foreground."""
     if expected_size is not None and binary.shape != tuple(expected_size):
         raise PersenseError(
             f"{path}: mask is {binary.shape[1]}x{binary.shape[0]} but the reference image is "

@@ -7,6 +7,7 @@ import logging
 import numpy as np
 
 from persense.runtime.counters import Counter, CountRequest, Density
+from persense.runtime.exemplar_box import box_centre, check_box
 from persense.runtime.idm import candidate_points
 from persense.runtime.merge import rasterise
 from persense.runtime.ppsm import select_points
@@ -33,8 +34,13 @@ class PerSensePipeline:
         embedding, transform = self.sam.encode(image)
         return reference_target(embedding, mask, transform)
 
-    def segment(self, image: np.ndarray, target: Target) -> SegmentResult:
-        """Segment every instance of the target object in an RGB uint8 image."""
+    def segment(self, image: np.ndarray, target: Target, box: np.ndarray | None = None) -> SegmentResult:
+        """Segment every instance of the target object in an RGB uint8 image.
+
+        `box` (x0, y0, x1, y1), the first exemplar as a detector gives it: the cascade starts from its
+        centre instead of the similarity arg-max (see persense.runtime.exemplar_box).
+        """
+        start = None if box is None else box_centre(check_box(box, image.shape[:2]))
         timer, warnings = StageTimer(), []
         launches = self.sam.decoder_launches
         with timer.stage("image_encoding"):
@@ -42,7 +48,7 @@ class PerSensePipeline:
         with timer.stage("location_prior"):
             similarity = similarity_map(embedding, target, transform)
             guidance = Guidance(target.embedding.reshape(1, -1), attention_similarity(similarity))
-            first = best_point(similarity)
+            first = best_point(similarity) if start is None else start
         with timer.stage("exemplar_cascade"):
             exemplar = self._initial_exemplar(embedding, transform, first, guidance, warnings)
         request = CountRequest(image, exemplar[None], transform, embedding, similarity)
@@ -65,7 +71,8 @@ class PerSensePipeline:
             union=union, labels=instances.labels, points=points, boxes=instances.boxes, scores=final_scores,
             exemplars=request.exemplars, count=density.count, first_pass_points=len(first_pass),
             decoder_prompts=2 + 2 * len(first_pass) + len(points),
-            decoder_launches=self.sam.decoder_launches - launches, timings_ms=timer.ms, warnings=warnings)
+            decoder_launches=self.sam.decoder_launches - launches, timings_ms=timer.ms, warnings=warnings,
+            logits=logits, transform=transform)
 
     def _candidates(self, request: CountRequest, similarity: np.ndarray, timer: StageTimer, fallback: bool = False,
                     warnings: list[str] | None = None) -> tuple[np.ndarray, Density]:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from persense.runtime.transforms import SamTransform
 
 
 @dataclass
@@ -24,6 +27,20 @@ class SegmentResult:
     decoder_launches: int  # decoder engine/module calls made
     timings_ms: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    logits: np.ndarray | None = field(default=None, repr=False)  # [M, 256, 256] chosen low-res logits (runtime)
+    transform: SamTransform | None = field(default=None, repr=False)  # the image's geometry (runtime)
+
+    def instance_mask(self, index: int) -> np.ndarray:
+        """HxW bool mask of instance `index`, whole (where instances overlap, `labels` keeps only the later one)."""
+        if self.logits is None or self.transform is None:
+            raise ValueError("this result keeps no per-instance logits (only the runtime pipeline's results do)")
+        if not 0 <= index < len(self.logits):
+            raise IndexError(f"instance {index} out of range: the result has {len(self.logits)} instance(s)")
+        return self.transform.upsample_to_original(self.logits[index]) > 0
+
+    def instance_masks(self) -> Iterator[np.ndarray]:
+        """Each instance's HxW bool mask in turn, computed on demand (nothing is stored)."""
+        return (self.instance_mask(i) for i in range(len(self.points)))
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready description (without the pixel arrays)."""

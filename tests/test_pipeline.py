@@ -17,8 +17,11 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
 
 
-@pytest.fixture(scope="module")
-def results(tiny_sam, tiny_engines, scene, scene_files):
+@pytest.fixture(scope="module", params=["random", "trained"])
+def results(request, scene, scene_files):
+    """Runtime and reference results on the tiny SAM with random weights, then with the trained weights."""
+    prefix = "" if request.param == "random" else "trained_"
+    tiny_sam, tiny_engines = (request.getfixturevalue(f"{prefix}tiny_{kind}") for kind in ("sam", "engines"))
     counter = NpyDensityCounter(scene_files["density"])
     runtime = PerSensePipeline(SamEngines.from_manifest(load_manifest(tiny_engines), "ort-cpu", threads=2), counter)
     reference = ReferencePipeline(tiny_sam, counter)
@@ -32,7 +35,7 @@ def test_same_points_and_union_mask_as_the_reference(results, scene):
     assert len(expected.points) >= 12  # every disc yields a candidate
     np.testing.assert_array_equal(got.points, expected.points)
     assert got.first_pass_points == expected.first_pass_points
-    assert got.count == expected.count == np.ceil(np.sum(scene["density"], dtype=np.float64))
+    assert got.count == expected.count == np.ceil(np.sum(scene["density"], dtype=np.float32))
     assert _iou(got.union > 0, expected.union > 0) >= 0.99
     np.testing.assert_allclose(got.scores, expected.scores, atol=1e-4)
 
@@ -63,3 +66,22 @@ def test_zero_density_gives_an_empty_mask_with_a_warning(tiny_engines, scene, tm
     result = runtime.segment(scene["image"], runtime.reference(scene["image"], scene["reference"] > 0))
     assert len(result.points) == 0 and not result.union.any()
     assert any("no instance found" in w for w in result.warnings)
+
+
+def test_count_sums_in_float32_as_torch_sum_does():
+    from persense.runtime.counters import dsalvanet_count
+
+    tenths = np.full((2, 5), 0.1, np.float32)  # float64 sum 1.0000000149; float32 sum 1.0
+    assert np.sum(tenths, dtype=np.float64) > 1 and dsalvanet_count(tenths) == 1.0
+    assert dsalvanet_count(np.full((64, 64), 1 / 4096, np.float32)) == 1.0
+    assert dsalvanet_count(np.zeros((8, 8), np.float32)) == 0.0
+
+
+def test_thirty_instance_synthetic_map_counts_thirty():
+    from persense.runtime.counters import dsalvanet_count
+    from persense.runtime.synth import random_template, render_scene
+
+    rng = np.random.default_rng(10)  # a map whose float64 sum is 30.0000000001 (ceil 31, the issue's case)
+    density = render_scene(rng, random_template(rng), 30, (768, 576)).density
+    assert np.sum(density, dtype=np.float64) > 30
+    assert dsalvanet_count(density) == 30.0

@@ -1,0 +1,197 @@
+"""`persense.PerSense`: the one object an application needs (the CLIs, dataset runs and Ray use it too).
+
+    from persense import PerSense
+    ps = PerSense.open("engines")                       # verified engines, backend chosen
+    apple = ps.reference("ref.jpg", "ref_mask.png")     # arrays or paths; reusable, saveable
+    result = ps.segment("crowd.jpg", apple)             # union, labels, boxes, points, count, ...
+
+Thread-safety: one `PerSense` may be shared by worker threads. Each `segment`/`reference` call keeps
+its state to itself (its own pipeline over the shared engine sessions; per-call counters); ONNX
+Runtime sessions run concurrent calls; a TensorRT execution context cannot, so on `trt` calls take
+turns through a lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import io
+import json
+import os
+import threading
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+
+from persense.runtime.counters import Counter, NpyDensityCounter
+from persense.runtime.errors import PersenseError
+from persense.runtime.imageio import atomic_write_bytes, mask_from_array, read_mask, read_rgb, rgb_from_array
+from persense.runtime.manifest import Manifest
+from persense.runtime.pipeline import PerSensePipeline
+from persense.runtime.prior import Target
+from persense.runtime.result import SegmentResult
+from persense.runtime.sam import EMBED_DIM, SamEngines
+
+ImageLike = Union[np.ndarray, str, os.PathLike]
+REFERENCE_FORMAT = 1
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+@dataclass(frozen=True, eq=False)
+class Reference:
+    """A reference object encoded by one set of engines: reusable across images, saveable to .npz."""
+
+    target: Target
+    manifest: str  # digest of the engines folder's manifest that encoded it
+    precision: str  # precision of the SAM models that encoded it
+    backend: str  # backend that encoded it (informative: any backend may use it)
+    warnings: tuple[str, ...] = ()  # what reading the reference image or mask reported
+    encoding_ms: float = 0.0  # time the encoding took (0 for a loaded file)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the reference to an .npz file atomically (arrays, identity of the engines, a checksum)."""
+        path = Path(path)
+        meta = {"format": REFERENCE_FORMAT, "manifest": self.manifest, "precision": self.precision,
+                "backend": self.backend, "warnings": list(self.warnings),
+                "checksum": _checksum(self.target, self.manifest, self.precision)}
+        buffer = io.BytesIO()
+        np.savez(buffer, embedding=self.target.embedding, feature=self.target.feature, meta=np.array(json.dumps(meta)))
+        atomic_write_bytes(path, buffer.getvalue())
+        return path
+
+    @staticmethod
+    def load(path: str | os.PathLike) -> "Reference":
+        """A reference saved by `save`; a file that is not one, or was altered, is refused."""
+        path = Path(path)
+        if not path.is_file():
+            raise PersenseError(f"{path}: no such reference file")
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                arrays = {name: data[name] for name in ("embedding", "feature", "meta")}
+            meta = json.loads(str(arrays["meta"]))
+            target = Target(_vector(arrays["embedding"]), _vector(arrays["feature"]))
+            expected = _checksum(target, meta["manifest"], meta["precision"])
+            ok = meta["format"] == REFERENCE_FORMAT and meta["checksum"] == expected
+        except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as exc:
+            raise PersenseError(f"{path}: not a persense reference file ({type(exc).__name__}: {exc}); "
+                                f"write one with persense-infer --save-reference") from exc
+        if not ok:
+            raise PersenseError(f"{path}: reference file is corrupt or of another format version; "
+                                f"write it again with persense-infer --save-reference")
+        return Reference(target, meta["manifest"], meta["precision"], meta["backend"], tuple(meta["warnings"]))
+
+
+def _vector(array: np.ndarray) -> np.ndarray:
+    """A stored [256] float32 vector with finite values, else ValueError."""
+    if array.shape != (EMBED_DIM,) or array.dtype != np.float32 or not np.isfinite(array).all():
+        raise ValueError(f"expected {EMBED_DIM} finite float32 values, got {array.dtype} {array.shape}")
+    return array
+
+
+def _checksum(target: Target, manifest: str, precision: str) -> str:
+    """sha256 over the reference's numbers and the identity of the engines that made them."""
+    digest = hashlib.sha256(f"{manifest}|{precision}|".encode())
+    digest.update(target.embedding.tobytes())
+    digest.update(target.feature.tobytes())
+    return digest.hexdigest()
+
+
+class PerSense:
+    """Engines opened once; `reference` then `segment` as often as needed, from any thread."""
+
+    def __init__(self, sam: SamEngines, counter: Counter, manifest: Manifest, backend: str, precision: str) -> None:
+        self.sam = sam
+        self.counter = counter
+        self.manifest = manifest
+        self.backend = backend
+        self.precision = "fp16" if backend == "trt" else precision  # TensorRT engines are built in FP16
+        self._turns = threading.Lock() if backend == "trt" else contextlib.nullcontext()
+
+    @staticmethod
+    def open(engines: str | os.PathLike = "engines", backend: str = "auto", precision: str = "fp32",
+             counter: str = "auto", threads: int | None = None, decode_chunk: int | None = None,
+             density: str | os.PathLike | None = None) -> "PerSense":
+        """Open and verify the SAM engines and the counter of an engines folder (see persense-infer's flags)."""
+        from persense.runtime.counter_choice import make_counter
+        from persense.runtime.engine import resolve_backend
+        from persense.runtime.manifest import load_manifest
+
+        if precision not in PRECISIONS:
+            raise PersenseError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+        for value, name in ((threads, "threads"), (decode_chunk, "decode_chunk")):
+            if value is not None and value < 1:
+                raise PersenseError(f"{name} must be at least 1, got {value}")
+        manifest = load_manifest(engines)
+        resolved = resolve_backend(backend, manifest)
+        sam = SamEngines.from_manifest(manifest, resolved, threads, decode_chunk, precision)
+        density = Path(density) if density is not None else None
+        return PerSense(sam, make_counter(counter, manifest, resolved, threads, density), manifest, resolved,
+                        precision)
+
+    @property
+    def counter_name(self) -> str:
+        """Name of the default counter (`sam`, `npy`, `countr`, `dsalvanet`)."""
+        return self.counter.name
+
+    def reference(self, image: ImageLike, mask: ImageLike) -> Reference:
+        """Encode a reference image and its object mask (RGB array / HxW mask array, or file paths)."""
+        warnings: list[str] = []
+        rgb = _image(image, warnings)
+        binary = (read_mask(mask, rgb.shape[:2], warnings) if _is_path(mask)
+                  else mask_from_array(mask, rgb.shape[:2]))
+        start = time.perf_counter()
+        with self._turns:
+            target = self._pipeline(self.counter).reference(rgb, binary)
+        return Reference(target, self.manifest.digest(), self.precision, self.backend, tuple(warnings),
+                         (time.perf_counter() - start) * 1000)
+
+    def segment(self, image: ImageLike, reference: Reference, box: np.ndarray | list[float] | None = None,
+                density: np.ndarray | str | os.PathLike | None = None) -> SegmentResult:
+        """Every instance of the reference object in `image` (RGB array or path).
+
+        `box` (x0, y0, x1, y1): the first exemplar, as a detector would give it; `density`: a density
+        map (array or .npy path) to use instead of the counter, for this call only.
+        """
+        self._check_reference(reference)
+        warnings = list(reference.warnings)
+        rgb = _image(image, warnings)
+        counter = self.counter if density is None else _density_counter(density)
+        with self._turns:
+            result = self._pipeline(counter).segment(rgb, reference.target, box)
+        result.warnings[:0] = warnings
+        return result
+
+    def _pipeline(self, counter: Counter) -> PerSensePipeline:
+        """A pipeline for one call: the shared engine sessions, its own launch count and counter."""
+        return PerSensePipeline(copy.copy(self.sam), counter)
+
+    def _check_reference(self, reference: Reference) -> None:
+        """Refuse a reference encoded by other engines or another precision."""
+        if not isinstance(reference, Reference):
+            raise PersenseError(f"expected a Reference from PerSense.reference or Reference.load, "
+                                f"got {type(reference).__name__}")
+        if (reference.manifest, reference.precision) != (self.manifest.digest(), self.precision):
+            raise PersenseError(
+                f"the reference was encoded by other engines (manifest {reference.manifest}, {reference.precision}) "
+                f"than these ({self.manifest.folder}: manifest {self.manifest.digest()}, {self.precision}); "
+                f"encode it again with these engines")
+
+
+def _is_path(value: object) -> bool:
+    """Whether an image/mask argument names a file."""
+    return isinstance(value, (str, os.PathLike))
+
+
+def _image(image: ImageLike, warnings: list[str]) -> np.ndarray:
+    """An RGB uint8 image from a path (read as persense-infer reads it) or an array (checked the same way)."""
+    return read_rgb(image, warnings) if _is_path(image) else rgb_from_array(image)
+
+
+def _density_counter(density: np.ndarray | str | os.PathLike) -> Counter:
+    """The .npy counter for one call, from a path or an array."""
+    return NpyDensityCounter(density) if _is_path(density) else NpyDensityCounter.from_array(density)
