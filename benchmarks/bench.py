@@ -17,21 +17,23 @@ from typing import Any
 
 import numpy as np
 
-from persense.benchmarks import report
-from persense.benchmarks.variants import (REFERENCE, RUNTIME_VARIANTS, Variant, Worker, WorkerSpec, engines_reason,
-                                          export_engines, platform_reason)
+from persense.benchmarks import mask_stage, report
+from persense.benchmarks.variants import (REFERENCE_NAME, REFERENCES, RUNTIME_VARIANTS, Variant, Worker, WorkerSpec,
+                                          engines_reason, export_engines, platform_reason)
 from persense.benchmarks.workload import (DEFAULT_SIZE, Workload, parse_instances, parse_size, synthetic_workloads,
                                           user_workload)
 from persense.runtime.cli_common import add_common_flags, run_command
 from persense.runtime.engine import default_threads
 from persense.runtime.errors import PersenseError
 from persense.runtime.manifest import load_manifest
+from persense.runtime.ort_check import check_onnxruntime
 from persense.runtime.timing import STAGES
 
 SCHEMA = "persense-bench/1"
 MODELS = ("tiny", "vit_b", "vit_l", "vit_h")  # persense.export.sam_build.SAM_CONFIGS (not imported: it needs torch)
 DEFAULTS = {"model": "vit_h", "instances": "10,50,200,400", "warmup": 1, "repeat": 5}
 QUICK = {"model": "tiny", "instances": "10", "warmup": 1, "repeat": 2}
+MASK_STAGE_MIN_REPEAT = 5  # timed runs of the mask stage on ground-truth extents (milliseconds each)
 SETTLE_S = 0.25  # pause between queries, so the previous worker's thread pool stops spinning
 MEMORY_METHOD = ("peak resident set size (getrusage ru_maxrss) of the worker process that ran only this pipeline "
                  "on only this workload: loading the model or engines, warm-up and the timed queries; it includes "
@@ -50,6 +52,7 @@ class Settings:
     decode_chunk: int | None
     counter: str
     variants: tuple[str, ...]
+    reference_device: str
     out: Path
     engines: Path
     quiet: bool
@@ -58,7 +61,8 @@ class Settings:
         """JSON form."""
         return {"model_type": self.model_type, "weights": "random", "seed": self.seed, "warmup": self.warmup,
                 "repeat": self.repeat, "threads": self.threads, "decode_chunk": self.decode_chunk,
-                "counter": self.counter, "variants": list(self.variants), "inputs": inputs,
+                "counter": self.counter, "variants": list(self.variants),
+                "reference_device": self.reference_device, "inputs": inputs,
                 "engines": str(self.engines)}
 
 
@@ -82,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="fixed: the scene's ground-truth density (or --density); sam: the SAM-only counter")
     parser.add_argument("--variants", default=",".join(RUNTIME_VARIANTS),
                         help="runtime variants to try (default: all of %(default)s)")
+    parser.add_argument("--reference-device", choices=tuple(REFERENCES), default="cpu",
+                        help="where the PyTorch reference runs: cpu, or cuda to compare with torch on the same GPU "
+                             "(default %(default)s)")
     parser.add_argument("--warmup", type=int,
                         help=f"untimed queries per pipeline and workload (default {DEFAULTS['warmup']})")
     parser.add_argument("--repeat", type=int,
@@ -108,7 +115,7 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
     if unknown:
         raise PersenseError(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(RUNTIME_VARIANTS)}")
     return Settings(model, args.seed, warmup, repeat, args.threads or default_threads(), args.decode_chunk,
-                    args.counter, variants, args.out,
+                    args.counter, variants, args.reference_device, args.out,
                     args.engines_cache or args.out / f"engines-{model}-seed{args.seed}", args.quiet)
 
 
@@ -179,9 +186,7 @@ def _stage_stats(samples: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
     """IoU of two packed-bit masks of the same image."""
-    a, b = np.unpackbits(a).astype(bool), np.unpackbits(b).astype(bool)
-    union = np.logical_or(a, b).sum()
-    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
+    return mask_stage.mask_iou(np.unpackbits(a).astype(bool), np.unpackbits(b).astype(bool))
 
 
 def summarise(workload: Workload, variant: Variant, worker: Worker, samples: list[dict[str, Any]],
@@ -205,13 +210,13 @@ def summarise(workload: Workload, variant: Variant, worker: Worker, samples: lis
 
 def _compare_with_reference(records: list[dict[str, Any]], unions: dict[str, np.ndarray]) -> None:
     """Fill each runtime record's union IoU and total-p50 speed-up against the reference on the same workload."""
-    reference = next((r for r in records if r["pipeline"] == REFERENCE.name and r["status"] == "measured"), None)
+    reference = next((r for r in records if r["pipeline"] == REFERENCE_NAME and r["status"] == "measured"), None)
     if reference is None:
         return
     for record in records:
         if record is reference or record["status"] != "measured":
             continue
-        record["union_iou_vs_reference"] = round(_iou(unions[record["pipeline"]], unions[REFERENCE.name]), 6)
+        record["union_iou_vs_reference"] = round(_iou(unions[record["pipeline"]], unions[REFERENCE_NAME]), 6)
         record["speedup_vs_reference"] = round(
             reference["stages_ms"]["total"]["p50"] / record["stages_ms"]["total"]["p50"], 3)
 
@@ -254,8 +259,20 @@ def _pipelines(requested: list[Variant], skipped: dict[str, str], records: list[
     return entries
 
 
+def measure_mask_stages(workloads: list[Workload], repeat: int) -> list[dict[str, Any]]:
+    """The mask stage on each synthetic workload's ground-truth masks (realistic extents), timed in this process."""
+    entries = []
+    for workload in workloads:
+        entry = mask_stage.measure(workload, max(repeat, MASK_STAGE_MIN_REPEAT))
+        if entry is not None:
+            samples = entry.pop("samples_ms")
+            entries.append({**entry, "rasterise_ms": _stats(samples)})
+    return entries
+
+
 def _document(args: argparse.Namespace, argv: list[str], settings: Settings, workloads: list[Workload],
-              pipelines: list[dict[str, Any]], records: list[dict[str, Any]]) -> dict[str, Any]:
+              pipelines: list[dict[str, Any]], records: list[dict[str, Any]],
+              mask_stages: list[dict[str, Any]]) -> dict[str, Any]:
     """The bench.json document (schema in benchmarks/README.md)."""
     manifest = load_manifest(settings.engines)
     return {"schema": SCHEMA, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -265,13 +282,13 @@ def _document(args: argparse.Namespace, argv: list[str], settings: Settings, wor
             "engines": {"folder": str(settings.engines), "model_type": manifest.model_type,
                         "manifest_digest": manifest.digest()},
             "memory_method": MEMORY_METHOD, "stages": [*STAGES, "total"], "pipelines": pipelines,
-            "workloads": [w.describe() for w in workloads], "runs": records}
+            "workloads": [w.describe() for w in workloads], "runs": records, "mask_stage": mask_stages}
 
 
 def prepare_variants(settings: Settings) -> tuple[list[Variant], dict[str, str]]:
     """Export the engines; the pipelines asked for, and why those that cannot run here are skipped."""
-    requested = [REFERENCE, *(RUNTIME_VARIANTS[name] for name in settings.variants)]
-    skipped = {v.name: reason for v in requested[1:] if (reason := platform_reason(v)) is not None}
+    requested = [REFERENCES[settings.reference_device], *(RUNTIME_VARIANTS[name] for name in settings.variants)]
+    skipped = {v.name: reason for v in requested if (reason := platform_reason(v)) is not None}
     flags = sorted({v.export_flag for v in requested if v.export_flag is not None and v.name not in skipped})
     note(f"engines: persense-export SAM {settings.model_type} (seed {settings.seed}{', ' if flags else ''}"
          f"{' '.join(flags)}) into {settings.engines}, reusing unchanged artefacts", settings.quiet)
@@ -285,6 +302,7 @@ def prepare_variants(settings: Settings) -> tuple[list[Variant], dict[str, str]]
 
 def _bench(args: argparse.Namespace, argv: list[str]) -> int:
     """Prepare inputs and engines, measure every pipeline, write the reports."""
+    check_onnxruntime()
     settings = resolve_settings(args)
     workloads = make_workloads(args, settings)
     requested, skipped = prepare_variants(settings)
@@ -292,7 +310,8 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
     progress = Progress(len(workloads) * len(variants) * (settings.warmup + settings.repeat), settings.quiet)
     records = [r for w in workloads for r in measure_workload(settings, w, variants, progress)]
     progress.close()
-    doc = _document(args, argv, settings, workloads, _pipelines(requested, skipped, records), records)
+    mask_stages = measure_mask_stages(workloads, settings.repeat)
+    doc = _document(args, argv, settings, workloads, _pipelines(requested, skipped, records), records, mask_stages)
     return _write_reports(settings.out, doc)
 
 

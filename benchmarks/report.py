@@ -86,12 +86,16 @@ def _ms(value: float | None) -> str:
     return f"{value:,.0f}" if value >= 100 else f"{value:.1f}" if value >= 1 else f"{value:.2f}"
 
 
+def _stats_cell(stats: dict[str, Any]) -> str:
+    """'p50 / p90' of one statistics object."""
+    return f"{_ms(stats['p50'])} / {_ms(stats['p90'])}"
+
+
 def _cell(run: dict[str, Any] | None, stage: str) -> str:
     """'p50 / p90' of one stage of one run."""
     if run is None or run["stages_ms"] is None or run["stages_ms"].get(stage) is None:
         return "-"
-    stats = run["stages_ms"][stage]
-    return f"{_ms(stats['p50'])} / {_ms(stats['p90'])}"
+    return _stats_cell(run["stages_ms"][stage])
 
 
 def _row(cells: list[str]) -> str:
@@ -162,6 +166,29 @@ def _stage_lines(doc: dict[str, Any], pipelines: list[str], workload: dict[str, 
     return [f"## Per stage: {title}", "", *_table(["stage", *pipelines], rows)]
 
 
+def _mask_stage_lines(doc: dict[str, Any]) -> list[str]:
+    """The merge stage on ground-truth mask extents next to the pipelines' merge stage on random-weight masks."""
+    entries = doc.get("mask_stage") or []
+    if not entries:
+        return []
+    runtimes = [p["name"] for p in doc["pipelines"] if p["kind"] == "runtime" and p["name"] in _measured(doc)]
+    rows = []
+    for entry in entries:
+        cells = [str(entry["instances"]), str(entry["masks"]), f"{100 * entry['mean_mask_area']:.2f} %",
+                 f"{entry['union_iou_vs_ground_truth']:.4f}", _stats_cell(entry["rasterise_ms"])]
+        for name in runtimes:
+            run = _run(doc, entry["workload"], name)
+            cells.append("-" if run is None or run["stages_ms"] is None else
+                         f"{_cell(run, 'merge')} ({run['points']} masks)")
+        rows.append(cells)
+    return ["## Mask stage on realistic extents", "",
+            f"`merge.rasterise` with the label map, as the runtime's merge/output stage runs it, on "
+            f"{entries[0]['label']}, timed in the benchmark's own process; next to it the merge/output stage of each runtime pipeline, "
+            "whose masks come from random weights and cover most of the image (the stage's worst case).", "",
+            *_table(["instances", "masks", "mean mask area", "union IoU vs ground truth",
+                     "ground-truth extents", *(f"{name}, random weights" for name in runtimes)], rows)]
+
+
 def markdown(doc: dict[str, Any]) -> str:
     """The human-readable report: settings, pipelines (with skip reasons), scaling and per-stage tables."""
     pipelines = _measured(doc)
@@ -173,6 +200,7 @@ def markdown(doc: dict[str, Any]) -> str:
         lines += _scaling_lines(doc, pipelines)
         for workload in doc["workloads"]:
             lines += _stage_lines(doc, pipelines, workload)
+    lines += _mask_stage_lines(doc)
     warnings = sorted({f"{r['pipeline']} on {r['workload']}: {w}" for r in doc["runs"] for w in r["warnings"]})
     if warnings:
         lines += ["## Pipeline warnings", "", *(f"- {w}" for w in warnings), ""]

@@ -66,7 +66,7 @@ def _postprocess(low_res: torch.Tensor) -> torch.Tensor:
 def measure(model_type: str, prompts: int, repeat: int, device: torch.device) -> dict[str, object]:
     """All timings as a JSON-ready dict."""
     sam = random_sam(model_type, 0).to(device)
-    literal, fast = PerSamDecoder(sam).eval(), FastPerSamDecoder(sam).eval()
+    literal, fast = PerSamDecoder(sam).eval(), FastPerSamDecoder(sam, best_only=True).eval()
     inputs = _inputs(prompts, device, torch.float32)
 
     def sequential() -> None:
@@ -78,10 +78,8 @@ def measure(model_type: str, prompts: int, repeat: int, device: torch.device) ->
 
     def batched(module: torch.nn.Module, feeds: tuple[torch.Tensor, ...]) -> Callable[[], None]:
         def run() -> None:
-            low, iou = module(*feeds)
-            best = 1 + iou[:, 1:].argmax(dim=1)
-            chosen = low[torch.arange(prompts, device=device), best][:, None]
-            _postprocess(chosen.float()).cpu()
+            chosen, _ = module(*feeds)  # the best multimask output, chosen in the module as in the graph
+            _postprocess(chosen[:, None].float()).cpu()
         return run
 
     result: dict[str, object] = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -91,7 +89,7 @@ def measure(model_type: str, prompts: int, repeat: int, device: torch.device) ->
     result["decoder_module_only_fp32_ms"] = statistics.median(_timed(lambda: fast(*inputs), device, repeat))
     result["literal_decoder_module_only_fp32_ms"] = statistics.median(
         _timed(lambda: literal(*inputs), device, repeat))
-    half = FastPerSamDecoder(sam).eval().half() if device.type == "cuda" else None
+    half = FastPerSamDecoder(sam, best_only=True).eval().half() if device.type == "cuda" else None
     if half is not None:
         result["decoder_batched_fp16_ms"] = statistics.median(
             _timed(batched(half, _inputs(prompts, device, torch.float16)), device, repeat))

@@ -33,14 +33,14 @@ class Variant:
     """One pipeline: the PyTorch reference, or the engine runtime on one backend and precision."""
 
     name: str
-    backend: str  # torch-cpu (reference), ort-cpu, ort-cuda or trt
+    backend: str  # torch-cpu or torch-cuda (the reference), ort-cpu, ort-cuda or trt
     precision: str  # fp32, fp16 or int8 (SamEngines.from_manifest's `precision`; TensorRT engines are fp16)
     export_flag: str | None = None  # the persense-export flag that writes this variant's models
 
     @property
     def is_reference(self) -> bool:
         """True for the PyTorch reference."""
-        return self.backend == "torch-cpu"
+        return self.backend.startswith("torch")
 
     def describe(self) -> dict[str, str]:
         """JSON form."""
@@ -48,12 +48,14 @@ class Variant:
                 "backend": self.backend, "precision": self.precision}
 
 
-REFERENCE = Variant("reference", "torch-cpu", "fp32")
+REFERENCE_NAME = "reference"
+REFERENCES = {device: Variant(REFERENCE_NAME, f"torch-{device}", "fp32") for device in ("cpu", "cuda")}
 RUNTIME_VARIANTS = {v.name: v for v in (
     Variant("ort-cpu-fp32", "ort-cpu", "fp32"),
     Variant("ort-cpu-fp16", "ort-cpu", "fp16", "--fp16"),
     Variant("ort-cpu-int8", "ort-cpu", "int8", "--int8"),
     Variant("ort-cuda-fp32", "ort-cuda", "fp32"),
+    Variant("ort-cuda-fp16", "ort-cuda", "fp16", "--fp16"),
     Variant("trt-fp16", "trt", "fp16", "--fp16"),
 )}
 
@@ -92,8 +94,20 @@ def _ort_cuda_reason() -> str | None:
             "install the `gpu` extra (onnxruntime-gpu) on a machine with an NVIDIA GPU")
 
 
+def _torch_cuda_reason() -> str | None:
+    """None when torch sees a CUDA GPU here, else why not (asked in a child process: the parent stays torch-free)."""
+    done = subprocess.run([sys.executable, "-c", "import torch; print(torch.__version__, torch.cuda.is_available())"],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        return "torch cannot be imported here: install the `export` extra"
+    version, available = done.stdout.split()
+    return None if available == "True" else f"torch {version} sees no CUDA GPU here"
+
+
 def platform_reason(variant: Variant) -> str | None:
-    """Why this machine cannot run `variant` at all (no CUDA provider, no TensorRT or GPU), or None."""
+    """Why this machine cannot run `variant` at all (no CUDA provider or GPU for torch, no TensorRT), or None."""
+    if variant.backend == "torch-cuda":
+        return _torch_cuda_reason()
     if variant.backend == "ort-cuda":
         return _ort_cuda_reason()
     if variant.backend == "trt":
@@ -155,7 +169,8 @@ def _build_pipeline(spec: WorkerSpec) -> Any:
         from persense.export.sam_build import random_sam
 
         torch.set_num_threads(spec.threads)
-        return ReferencePipeline(random_sam(spec.model_type, spec.seed), _counter(spec))
+        device = spec.variant.backend.removeprefix("torch-")
+        return ReferencePipeline(random_sam(spec.model_type, spec.seed).to(device), _counter(spec))
     from persense.runtime.pipeline import PerSensePipeline
     from persense.runtime.sam import SamEngines
 

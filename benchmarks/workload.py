@@ -37,6 +37,7 @@ class Workload:
     reference: Path
     reference_mask: Path
     density: Path | None
+    labels: Path | None = None  # .npy uint16 ground-truth label map of a synthetic scene (0 = background)
 
     def load(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(target RGB, reference RGB, reference mask as bool), read as persense-infer reads them."""
@@ -48,7 +49,8 @@ class Workload:
         return {"name": self.name, "instances": self.instances, "ground_truth_count": self.ground_truth_count,
                 "width": self.size[0], "height": self.size[1], "image": str(self.image),
                 "reference": str(self.reference), "reference_mask": str(self.reference_mask),
-                "density": None if self.density is None else str(self.density)}
+                "density": None if self.density is None else str(self.density),
+                "labels": None if self.labels is None else str(self.labels)}
 
 
 def parse_instances(text: str) -> tuple[int, ...]:
@@ -90,10 +92,12 @@ def synthetic_workloads(folder: Path, instances: tuple[int, ...], size: tuple[in
     workloads = []
     for count in instances:
         scene = render_scene(np.random.default_rng([seed, 1, count]), template, count, size)
-        image, density = folder / f"n{count:03d}.png", folder / f"n{count:03d}_density.npy"
+        name = f"n{count:03d}"
+        image, density, labels = folder / f"{name}.png", folder / f"{name}_density.npy", folder / f"{name}_labels.npy"
         write_image(image, scene.image)
         _save_npy(density, scene.density)
-        workloads.append(Workload(f"n{count:03d}", count, scene.count, size, image, ref_image, ref_mask, density))
+        _save_npy(labels, scene.labels)
+        workloads.append(Workload(name, count, scene.count, size, image, ref_image, ref_mask, density, labels))
     return workloads
 
 

@@ -1,6 +1,7 @@
 """The PyTorch reference: PerSense as the original runs it, one SAM decoder call per prompt.
 
-Same algorithm as `persense.py` without text (first point = similarity argmax), on the same
+Same algorithm as `persense.py` without text (first point = similarity argmax, or the centre of a
+given detector box as with text), on the same
 weights as the exported engines: torch models, the original predictor's pre/post-processing
 (PIL resize, `postprocess_masks` of all three candidate masks), the 3-call exemplar cascade, and
 the sequential per-point loops. It is the oracle for parity tests and the baseline of persense-bench.
@@ -17,6 +18,7 @@ from persense.export.persam_decoder import PerSamDecoder
 from persense.export.reference_glue import idm_points, ppsm_points
 from persense.export.sam_modeling import Sam
 from persense.runtime.counters import Counter, CountRequest, Density
+from persense.runtime.exemplar_box import check_box
 from persense.runtime.result import SegmentResult
 from persense.runtime.timing import StageTimer
 from persense.runtime.transforms import SamTransform, preprocess_shape
@@ -35,6 +37,7 @@ class TorchPredictor:
     def __init__(self, sam: Sam) -> None:
         self.sam = sam.eval()
         self.decoder = PerSamDecoder(sam).eval()
+        self.device = next(sam.parameters()).device  # the reference runs where its model is (CPU or CUDA)
         self.calls = 0
 
     @torch.no_grad()
@@ -44,10 +47,13 @@ class TorchPredictor:
         self.input_size = preprocess_shape(*self.original_size, self.sam.image_encoder.img_size)
 
         def to_input(array: np.ndarray) -> torch.Tensor:
-            resized = torch.as_tensor(pil_resize(array, *self.input_size)).permute(2, 0, 1)[None].float()
+            resized = torch.as_tensor(pil_resize(array, *self.input_size), device=self.device)
+            resized = resized.permute(2, 0, 1)[None].float()
             return self.sam.preprocess(resized)
 
         self.features = self.sam.image_encoder(to_input(image))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # stage timings: the encoding ends here, not in the next stage
         return None if mask is None else to_input(mask)
 
     @torch.no_grad()
@@ -64,17 +70,17 @@ class TorchPredictor:
             coords = torch.cat([coords, torch.as_tensor(transform.boxes_to_input(box.reshape(1, 4))).reshape(2, 2)])
             labels = torch.tensor([1.0, 2.0, 3.0])
         guided = target_embedding is not None
-        low, iou = self.decoder(
+        low, iou = self.decoder(*(tensor.to(self.device) for tensor in (
             self.features, coords[None], labels[None],
             torch.zeros(1, 1, 256, 256) if mask_input is None else torch.as_tensor(mask_input).reshape(1, 1, 256, 256),
             torch.tensor([0.0 if mask_input is None else 1.0]),
             target_embedding.reshape(1, -1) if guided else torch.zeros(1, 256),
             attn_sim.reshape(1, -1) if guided else torch.zeros(1, 4096),
-            torch.tensor([1.0 if guided else 0.0]))
+            torch.tensor([1.0 if guided else 0.0]))))
         self.calls += 1
         low, iou = low[:, 1:], iou[:, 1:]
         masks = self.sam.postprocess_masks(low, self.input_size, self.original_size) > 0
-        return masks[0].numpy(), iou[0].numpy(), low[0].numpy()
+        return masks[0].cpu().numpy(), iou[0].cpu().numpy(), low[0].cpu().numpy()
 
 
 def _mask_box(mask: np.ndarray) -> np.ndarray | None:
@@ -104,9 +110,16 @@ class ReferencePipeline:
         return target_embedding.unsqueeze(0), target_feat
 
     @torch.no_grad()
-    def segment(self, image: np.ndarray, target: tuple[torch.Tensor, torch.Tensor]) -> SegmentResult:
-        """Segment every instance, one decoder call per prompt, stage by stage as the original."""
+    def segment(self, image: np.ndarray, target: tuple[torch.Tensor, torch.Tensor],
+                box: np.ndarray | None = None) -> SegmentResult:
+        """Segment every instance, one decoder call per prompt, stage by stage as the original.
+
+        `box`: the detector's box of the first exemplar; as persense.py's `filtered_similarity`, the
+        cascade then starts from the centre of the int32-cast box instead of the similarity arg-max.
+        """
         target_embedding, target_feat = target
+        if box is not None:
+            box = check_box(box, image.shape[:2])
         predictor, timer, warnings = self.predictor, StageTimer(), []
         calls = predictor.calls
         with timer.stage("image_encoding"):
@@ -115,6 +128,9 @@ class ReferencePipeline:
             sim, attn_sim = self._location_prior(target_feat)
             flat = int(sim.flatten().topk(1)[1])
             first = np.array([flat % sim.shape[1], flat // sim.shape[1]], dtype=np.int64)
+            if box is not None:
+                corners = np.int32(box)
+                first = np.int32(((corners[0] + corners[2]) // 2, (corners[1] + corners[3]) // 2)).astype(np.int64)
         with timer.stage("exemplar_cascade"):
             masks, scores, logits, best = self._guided_then_refined(first, attn_sim, target_embedding)
             box = _mask_box(masks[best])
@@ -123,7 +139,7 @@ class ReferencePipeline:
                 box = np.array([first[0], first[1], first[0], first[1]], dtype=np.float64)
             predictor.predict(first, box=box, mask_input=logits[best:best + 1])
         transform = SamTransform(predictor.original_size)
-        request = CountRequest(image, box[None], transform, predictor.features.numpy(), sim.numpy())
+        request = CountRequest(image, box[None], transform, predictor.features.cpu().numpy(), sim.cpu().numpy())
         _, first_pass, _ = self._candidates(request, sim, timer)
         with timer.stage("feedback"):
             lines = []

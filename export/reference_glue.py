@@ -61,5 +61,5 @@ def ppsm_points(similarity: torch.Tensor, points: np.ndarray, count: float) -> l
     if count == 0:
         return []  # the original divides by zero here: threshold inf, nothing passes
     divisor = math.sqrt(4) if count == 1 else count / math.sqrt(2)
-    threshold = max_conf / torch.tensor([divisor], dtype=torch.float32)
+    threshold = max_conf / torch.tensor([divisor], dtype=torch.float32, device=similarity.device)
     return [(int(x), int(y)) for x, y in points if bool(similarity[int(y), int(x)] >= threshold)]

@@ -11,20 +11,26 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
-from persense.benchmarks.bench import SCHEMA, main
+from persense.benchmarks.bench import MASK_STAGE_MIN_REPEAT, SCHEMA, main
+from persense.benchmarks.mask_stage import logits_from_labels
+from persense.runtime.merge import rasterise
 from persense.runtime.timing import STAGES
+from persense.runtime.transforms import SamTransform
 
 README = Path(__file__).resolve().parents[1] / "benchmarks" / "README.md"
 TOP_KEYS = {"schema", "created", "command", "settings", "environment", "engines", "memory_method", "stages",
-            "pipelines", "workloads", "runs"}
+            "pipelines", "workloads", "runs", "mask_stage"}
 RUN_KEYS = {"workload", "instances", "ground_truth_count", "pipeline", "backend", "precision", "status", "error",
             "repetitions", "stages_ms", "decoder_launches", "decoder_prompts", "points", "count_estimate",
             "peak_rss_mb", "load_s", "torch_in_process", "union_iou_vs_reference", "speedup_vs_reference",
             "warnings"}
+MASK_STAGE_KEYS = {"workload", "instances", "extent", "label", "masks", "mean_mask_area", "union_iou_vs_ground_truth",
+                   "rasterise_ms"}
 QUICK_REPEAT = 2
-VARIANTS = ("ort-cpu-fp32", "ort-cuda-fp32", "trt-fp16")  # no --fp16/--int8 conversion (time); GPU ones skip here
+VARIANTS = ("ort-cpu-fp32", "ort-cuda-fp32", "ort-cuda-fp16", "trt-fp16")  # the GPU ones skip here, unconverted
 
 
 @pytest.fixture(scope="module")
@@ -94,9 +100,61 @@ def test_markdown_and_png_are_written(out: Path, doc: dict[str, Any]) -> None:
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_cuda_variants_are_skipped_here_with_the_reason(doc: dict[str, Any]) -> None:
+    if "CUDAExecutionProvider" in doc["environment"]["onnxruntime_providers"]:
+        pytest.skip("this machine has ONNX Runtime's CUDA provider")
+    pipelines = {p["name"]: p for p in doc["pipelines"]}
+    for name in ("ort-cuda-fp32", "ort-cuda-fp16"):
+        assert pipelines[name]["status"] == "skipped" and "no CUDAExecutionProvider" in pipelines[name]["reason"]
+    assert not any(r["pipeline"].startswith("ort-cuda") for r in doc["runs"])
+
+
+def test_mask_stage_on_ground_truth_extents_is_reported_and_labelled(out: Path, doc: dict[str, Any]) -> None:
+    (entry,) = doc["mask_stage"]
+    workload = doc["workloads"][0]
+    assert set(entry) == MASK_STAGE_KEYS and entry["extent"] == "ground_truth" and "ground-truth" in entry["label"]
+    assert entry["workload"] == workload["name"] and entry["masks"] == workload["ground_truth_count"]
+    assert 0 < entry["mean_mask_area"] < 0.05  # object-sized, unlike random-weight masks
+    assert entry["union_iou_vs_ground_truth"] >= 0.95
+    stats = entry["rasterise_ms"]
+    assert len(stats["samples"]) == MASK_STAGE_MIN_REPEAT and 0 < stats["min"] <= stats["p50"] <= stats["max"]
+    text = (out / "bench.md").read_text()
+    assert "## Mask stage on realistic extents" in text and "ort-cpu-fp32, random weights" in text
+
+
+def test_ground_truth_logits_rasterise_to_the_ground_truth_boxes() -> None:
+    labels = np.zeros((480, 640), np.uint16)
+    labels[100:140, 200:260] = 1
+    labels[120:200, 240:300] = 2  # drawn later: overlaps instance 1
+    labels[400:410, 10:30] = 3
+    transform = SamTransform(labels.shape)
+    instances = rasterise(logits_from_labels(labels, transform), transform, with_labels=True)
+    expected = np.array([[200, 100, 259, 139], [240, 120, 299, 199], [10, 400, 29, 409]])
+    assert instances.valid.all() and np.abs(instances.boxes - expected).max() <= 2
+    agree = (instances.labels == labels).mean()
+    assert agree > 0.998 and (instances.labels[150:190, 250:290] == 2).all()
+
+
+def test_a_cuda_reference_without_a_gpu_is_skipped_and_the_runtime_still_measured(
+        tiny_engines: Path, tmp_path: Path) -> None:
+    shutil.copytree(tiny_engines, tmp_path / "engines")
+    assert main(["--quick", "--instances", "10", "--variants", "ort-cpu-fp32", "--reference-device", "cuda",
+                 "--repeat", "1", "--threads", "1", "--out", str(tmp_path), "--engines-cache",
+                 str(tmp_path / "engines"), "-q"]) == 0
+    doc = json.loads((tmp_path / "bench.json").read_text())
+    reference, runtime = doc["pipelines"]
+    if reference["status"] == "measured":
+        pytest.skip("torch sees a CUDA GPU on this machine")
+    assert reference["backend"] == "torch-cuda" and reference["status"] == "skipped"
+    assert reference["reason"].endswith("sees no CUDA GPU here")
+    assert doc["settings"]["reference_device"] == "cuda" and runtime["status"] == "measured"
+    (run,) = doc["runs"]
+    assert run["pipeline"] == "ort-cpu-fp32" and run["union_iou_vs_reference"] is None
+
+
 def test_readme_documents_every_json_key(doc: dict[str, Any]) -> None:
     documented = set(re.findall(r"`([a-z_0-9]+)`", README.read_text()))
-    assert TOP_KEYS | RUN_KEYS <= documented
+    assert TOP_KEYS | RUN_KEYS | MASK_STAGE_KEYS <= documented
 
 
 @pytest.mark.parametrize("argv, message", [
