@@ -52,7 +52,8 @@ def test_builds_are_found_by_the_module_they_install(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(ort_check.metadata, "distributions", lambda: iter(dists))
     builds = ort_check.installed_builds()
     assert [(b.name, b.location) for b in builds] == [
-        ("onnxruntime", SITE.resolve()), ("onnxruntime-gpu", OTHER.resolve()), ("onnxruntime-openvino", OTHER.resolve())]
+        ("onnxruntime", SITE.resolve()), ("onnxruntime-gpu", OTHER.resolve()),
+        ("onnxruntime-openvino", OTHER.resolve())]
 
 
 def test_none_installed_names_both_extras() -> None:
