@@ -157,7 +157,7 @@ class PerSense:
         `box` (x0, y0, x1, y1): the first exemplar, as a detector would give it; `density`: a density
         map (array or .npy path) to use instead of the counter, for this call only.
         """
-        self._check_reference(reference)
+        self.check_reference(reference)
         warnings = list(reference.warnings)
         rgb = _image(image, warnings)
         counter = self.counter if density is None else _density_counter(density)
@@ -170,7 +170,7 @@ class PerSense:
         """A pipeline for one call: the shared engine sessions, its own launch count and counter."""
         return PerSensePipeline(copy.copy(self.sam), counter)
 
-    def _check_reference(self, reference: Reference) -> None:
+    def check_reference(self, reference: Reference) -> None:
         """Refuse a reference encoded by other engines or another precision."""
         if not isinstance(reference, Reference):
             raise PersenseError(f"expected a Reference from PerSense.reference or Reference.load, "

@@ -7,20 +7,19 @@ import json
 import logging
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
+from persense.runtime.api import PerSense, Reference
 from persense.runtime.cli_common import add_common_flags, run_command
-from persense.runtime.counter_choice import COUNTERS, make_counter
-from persense.runtime.engine import BACKENDS, resolve_backend
+from persense.runtime.counter_choice import COUNTERS
+from persense.runtime.engine import BACKENDS
 from persense.runtime.errors import PersenseError
-from persense.runtime.imageio import read_mask, read_rgb, write_image, write_json
-from persense.runtime.manifest import load_manifest
+from persense.runtime.exemplar_box import parse_box
+from persense.runtime.imageio import read_rgb, write_image, write_json
 from persense.runtime.overlay import overlay
-from persense.runtime.pipeline import PerSensePipeline
-from persense.runtime.sam import SamEngines
+from persense.runtime.result import SegmentResult
 
 log = logging.getLogger("persense.infer")
 
@@ -31,15 +30,23 @@ def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
     parser = argparse.ArgumentParser(
         prog="persense-infer", description=__doc__,
-        usage="persense-infer IMAGE [IMAGE|DIR ...] REF REF_MASK [options]")
+        usage="persense-infer IMAGE [IMAGE|DIR ...] (REF REF_MASK | --reference FILE.npz) [options]")
     parser.add_argument("paths", nargs="+", type=Path, metavar="IMAGE... REF REF_MASK",
-                        help="target image(s) or folder(s), then the reference image and its 0/255 mask")
+                        help="target image(s) or folder(s), then the reference image and its 0/255 mask "
+                             "(without them with --reference; targets may be left out with --save-reference)")
     parser.add_argument("--out", type=Path, default=Path("out"), help="output folder (default out/)")
     parser.add_argument("--engines", type=Path, default=Path("engines"), help="engines folder (default engines/)")
     parser.add_argument("--backend", choices=BACKENDS, default="auto", help="execution backend (default auto)")
     parser.add_argument("--counter", choices=COUNTERS, default="auto",
                         help="density counter (auto: --density if given, else the SAM-only counter)")
     parser.add_argument("--density", type=Path, help=".npy density map to use as the counter's output")
+    parser.add_argument("--box", metavar="x0,y0,x1,y1",
+                        help="the first exemplar as a box in the target image (as a detector gives it): the "
+                             "cascade starts from its centre instead of the best-matching point")
+    parser.add_argument("--reference", type=Path, metavar="FILE.npz",
+                        help="a reference saved with --save-reference, instead of REF REF_MASK")
+    parser.add_argument("--save-reference", type=Path, metavar="FILE.npz",
+                        help="save the encoded reference for later runs with --reference (same engines)")
     parser.add_argument("--threads", type=int, help="CPU threads per engine (default: all cores)")
     parser.add_argument("--decode-chunk", type=int, help="prompts per decoder launch (default: per backend)")
     parser.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32",
@@ -98,8 +105,8 @@ def _check_count(value: int | None, flag: str) -> None:
         raise PersenseError(f"{flag} must be at least 1, got {value}")
 
 
-def _write_outputs(folder: Path, image: np.ndarray, result, summary: dict, with_overlay: bool) -> None:
-    """mask.png, instances.png, optional overlay.jpg, then result.json last (it marks a finished image).
+def _write_outputs(folder: Path, image: np.ndarray | None, result: SegmentResult, summary: dict) -> None:
+    """mask.png, instances.png, overlay.jpg when the image is given, then result.json last (it marks a finished image).
 
     The previous result.json goes first, so a run killed half-way never leaves a result.json beside
     images of another run; a stale overlay.jpg is removed when this run writes none.
@@ -107,50 +114,83 @@ def _write_outputs(folder: Path, image: np.ndarray, result, summary: dict, with_
     (folder / "result.json").unlink(missing_ok=True)
     write_image(folder / "mask.png", result.union)
     write_image(folder / "instances.png", result.labels)
-    if with_overlay:
+    if image is not None:
         write_image(folder / "overlay.jpg", overlay(image, result.labels, result.points))
     else:
         (folder / "overlay.jpg").unlink(missing_ok=True)
     write_json(folder / "result.json", summary)
 
 
+def _split_paths(args: argparse.Namespace) -> tuple[list[Path], tuple[Path, Path] | None]:
+    """(target paths, (REF, REF_MASK) or None with --reference), refusing a count that fits neither form."""
+    if args.reference is not None:
+        if args.save_reference is not None:
+            raise PersenseError("--save-reference saves a reference encoded from REF REF_MASK; "
+                                "--reference already names a saved one")
+        return list(args.paths), None
+    least = 2 if args.save_reference is not None else 3
+    if len(args.paths) < least:
+        raise PersenseError("expected at least three paths: IMAGE REF REF_MASK (or IMAGE --reference FILE.npz)")
+    *targets, ref_path, mask_path = args.paths
+    return targets, (ref_path, mask_path)
+
+
 def _infer(args: argparse.Namespace) -> int:
-    """Validate every input, load engines once, encode the reference once, segment each target."""
-    if len(args.paths) < 3:
-        raise PersenseError("expected at least three paths: IMAGE REF REF_MASK")
+    """Validate the inputs, open the engines once, encode (or load) the reference once, try every target."""
     _check_count(args.threads, "--threads")
     _check_count(args.decode_chunk, "--decode-chunk")
-    *target_paths, ref_path, mask_path = args.paths
-    targets = _targets(target_paths)
+    box = parse_box(args.box) if args.box is not None else None
+    target_paths, pair = _split_paths(args)
+    targets = _targets(target_paths) if target_paths else []
     folders = _output_folders(targets, args.out)
-    input_warnings: list[str] = []
-    ref_image = read_rgb(ref_path, input_warnings)
-    ref_mask = read_mask(mask_path, ref_image.shape[:2], input_warnings)
-    _check_writable(args.out)
-    manifest = load_manifest(args.engines)
-    backend = resolve_backend(args.backend, manifest)
-    sam = SamEngines.from_manifest(manifest, backend, args.threads, args.decode_chunk, args.precision)
-    pipeline = PerSensePipeline(sam, make_counter(args.counter, manifest, backend, args.threads, args.density))
-    start = time.perf_counter()
-    target = pipeline.reference(ref_image, ref_mask)
-    reference_ms = (time.perf_counter() - start) * 1000
+    saved = Reference.load(args.reference) if args.reference is not None else None
+    if targets:
+        _check_writable(args.out)
+    ps = PerSense.open(args.engines, args.backend, args.precision, args.counter, args.threads, args.decode_chunk,
+                       args.density)
+    reference = ps.reference(*pair) if saved is None else saved
+    ps.check_reference(reference)
+    if args.save_reference is not None:
+        reference.save(args.save_reference)
+        print(f"reference saved to {args.save_reference}")
+    failed: dict[Path, str] = {}
     for index, (path, folder) in enumerate(zip(targets, folders, strict=True)):
-        warnings = list(input_warnings)
-        image = read_rgb(path, warnings)
-        result = pipeline.segment(image, target)
-        summary = {"image": str(path), "reference": str(ref_path), "reference_mask": str(mask_path),
-                   "backend": backend, "precision": "fp16" if backend == "trt" else args.precision,
-                   "model_type": manifest.model_type, "counter": pipeline.counter.name,
-                   "manifest": manifest.digest(), "reference_encoding_ms": round(reference_ms, 3),
-                   **result.summary()}
-        summary["warnings"] = warnings + summary["warnings"]
-        _write_outputs(folder, image, result, summary, args.overlay)
+        try:
+            result = ps.segment(path, reference, box)
+        except PersenseError as exc:
+            if len(targets) == 1:
+                raise
+            failed[path] = message = str(exc) if str(exc).startswith(str(path)) else f"{path}: {exc}"
+            print(f"persense-infer: error: {message}", file=sys.stderr)
+            continue
+        summary = _summary(args, ps, reference, path, box, result)
+        _write_outputs(folder, read_rgb(path) if args.overlay else None, result, summary)
         log.info("[%d/%d] %s: %d instances in %.0f ms", index + 1, len(targets), path.name, len(result.points),
-                 result.timings_ms and sum(result.timings_ms.values()))
-        if args.json:
-            print(json.dumps(summary))
-        else:
-            print(f"{path}: {len(result.points)} instances -> {folder}")
+                 sum(result.timings_ms.values()))
+        print(json.dumps(summary) if args.json else f"{path}: {len(result.points)} instances -> {folder}")
+    return _report(len(targets), failed, args.json)
+
+
+def _summary(args: argparse.Namespace, ps: PerSense, reference: Reference, path: Path, box: np.ndarray | None,
+             result: SegmentResult) -> dict:
+    """The content of result.json for one target."""
+    source = {"reference_file": str(args.reference)} if args.reference is not None else {
+        "reference": str(args.paths[-2]), "reference_mask": str(args.paths[-1])}
+    return {"image": str(path), **source, "box": None if box is None else box.tolist(),
+            "backend": ps.backend, "precision": ps.precision, "model_type": ps.manifest.model_type,
+            "counter": ps.counter_name, "manifest": ps.manifest.digest(),
+            "reference_encoding_ms": round(reference.encoding_ms, 3), **result.summary()}
+
+
+def _report(total: int, failed: dict[Path, str], quiet_stdout: bool) -> int:
+    """The summary line of a run over several targets; exit code 1 when any of them failed."""
+    if total > 1 and failed:
+        names = ", ".join(str(path) for path in failed)
+        print(f"persense-infer: {total - len(failed)} of {total} targets segmented; {len(failed)} failed: {names}",
+              file=sys.stderr)
+        return 1
+    if total > 1 and not quiet_stdout:
+        print(f"{total} of {total} targets segmented")
     return 0
 
 

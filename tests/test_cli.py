@@ -125,3 +125,64 @@ def test_export_fp16_then_infer_with_the_fp16_models(tiny_engines, scene_files, 
     assert code == 0 and json.loads(stdout.strip().splitlines()[-1])["precision"] == "fp16"
     assert export(["--model", "tiny", "--seed", "0", "--out", str(folder), "-q"]) == 0  # a plain re-export
     assert "sam_decoder_fp16" in json.loads((folder / "manifest.json").read_text())["artefacts"]  # keeps them
+
+
+def test_folder_run_survives_an_unreadable_file(tiny_engines, scene_files, tmp_path, capsys):
+    folder = tmp_path / "targets"
+    folder.mkdir()
+    for name in ("a.jpg", "c.jpg"):
+        (folder / name).write_bytes(scene_files["image"].read_bytes())
+    (folder / "b.jpg").write_text("a text file renamed .jpg\n")
+    out = tmp_path / "out"
+    code, stdout, err = _run([str(folder), str(scene_files["image"]), str(scene_files["mask"]), "--engines",
+                              str(tiny_engines), "--density", str(scene_files["density"]), "--out", str(out)], capsys)
+    assert code == 1
+    lines = err.splitlines()
+    assert len(lines) == 2 and "Traceback" not in err
+    assert lines[0].startswith(f"persense-infer: error: {folder / 'b.jpg'}: not a readable image")
+    assert lines[1] == f"persense-infer: 2 of 3 targets segmented; 1 failed: {folder / 'b.jpg'}"
+    for stem in ("a", "c"):
+        assert {p.name for p in (out / stem).iterdir()} == {"mask.png", "instances.png", "result.json"}
+    assert not (out / "b").exists() and stdout.count("instances ->") == 2
+
+
+def test_box_starts_the_cascade_and_is_recorded(tiny_engines, scene_files, scene, tmp_path, capsys):
+    x, y = scene["centres"][5]
+    box = f"{x - 18},{y - 18},{x + 18},{y + 18}"
+    code, stdout, _ = _run([str(scene_files["image"]), str(scene_files["image"]), str(scene_files["mask"]),
+                            "--engines", str(tiny_engines), "--density", str(scene_files["density"]),
+                            "--out", str(tmp_path / "out"), "--json", "--box", box], capsys)
+    assert code == 0
+    assert json.loads(stdout.strip().splitlines()[-1])["box"] == [x - 18, y - 18, x + 18, y + 18]
+
+
+@pytest.mark.parametrize("box,message", [
+    ("1,2,3", "four numbers"), ("a,b,c,d", "four numbers"), ("50,50,40,60", "inverted or empty"),
+    ("10,10,10,40", "inverted or empty"), ("-5,10,40,40", "not inside"), ("10,10,40,289", "not inside"),
+])
+def test_bad_box_is_one_clear_line(box, message, tiny_engines, scene_files, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, _, err = _run([str(scene_files["image"]), str(scene_files["image"]), str(scene_files["mask"]),
+                         "--engines", str(tiny_engines), "--density", str(scene_files["density"]),
+                         "--out", str(out), f"--box={box}"], capsys)
+    assert code == 2 and err.count("\n") == 1 and err.startswith("persense-infer: error: ") and message in err
+    assert not out.exists() or not any(out.rglob("*.*"))
+
+
+def test_saved_reference_gives_the_same_results(tiny_engines, scene_files, tmp_path, capsys):
+    saved = tmp_path / "apple.npz"
+    common = ["--engines", str(tiny_engines), "--density", str(scene_files["density"]), "--json"]
+    code, stdout, _ = _run([str(scene_files["image"]), str(scene_files["mask"]), "--save-reference", str(saved),
+                            *common], capsys)  # no target: only encode and save
+    assert code == 0 and saved.is_file() and not (tmp_path / "out").exists()
+    code, stdout, _ = _run([str(scene_files["image"]), "--reference", str(saved), "--out", str(tmp_path / "a"),
+                            *common], capsys)
+    loaded = json.loads(stdout.strip().splitlines()[-1])
+    code_b, stdout_b, _ = _run([str(scene_files["image"]), str(scene_files["image"]), str(scene_files["mask"]),
+                                "--out", str(tmp_path / "b"), *common], capsys)
+    direct = json.loads(stdout_b.strip().splitlines()[-1])
+    assert code == code_b == 0 and loaded["points"] == direct["points"] and loaded["reference_file"] == str(saved)
+    saved.write_bytes(saved.read_bytes()[:100])
+    code, _, err = _run([str(scene_files["image"]), "--reference", str(saved), "--out", str(tmp_path / "c"),
+                         *common], capsys)
+    assert code == 2 and err.count("\n") == 1 and "not a persense reference file" in err
