@@ -2,6 +2,8 @@
 
 Thresholds (tiny random SAM, seeded sample inputs): encoder embedding cosine >= 0.9999 and max abs error
 <= 1% of the largest FP32 value; decoder mean mask IoU (logits > 0) >= 0.99 and IoU-score cosine >= 0.9999.
+Structure: every MatMul/Gemm/Conv computes in FP16; casts sit only at the borders of FP32 islands, one per
+tensor that crosses a border, with no FP16 element-wise node left between two islands (cast ping-pong).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import pytest
 
 from persense.export.artefacts import FP16_SUFFIX, fp16_name, reusable_variant
 from persense.export.fp16 import main
-from persense.export.fp16_islands import SENSITIVE_OPS
+from persense.export.fp16_islands import GROWABLE_OPS, SENSITIVE_OPS, value_types
 from persense.export.parity import compare_outputs, sample_feeds
 from persense.runtime.engine import OrtEngine
 from persense.runtime.manifest import Manifest, load_manifest
@@ -25,6 +27,8 @@ MIN_EMBEDDING_COSINE = 0.9999
 MAX_EMBEDDING_ABS_FRACTION = 0.01
 MIN_MASK_IOU = 0.99
 NAMES = ("sam_encoder", "sam_decoder")
+HEAVY_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
+FLOAT, FLOAT16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
 
 
 @pytest.fixture(scope="module")
@@ -101,3 +105,94 @@ def test_fp16_entry_is_reused_only_for_the_same_fp32_file(manifest: Manifest) ->
     changed = replace(fp32, sha256="0" * 64)
     assert reusable_variant(manifest, "sam_decoder", changed, FP16_SUFFIX) is None
     assert reusable_variant(None, "sam_decoder", fp32, FP16_SUFFIX) is None
+
+
+class Fp16Graph:
+    """An FP16 graph's FP32 islands (non-Cast nodes writing float32) and its FP32<->FP16 casts."""
+
+    def __init__(self, path: Path) -> None:
+        self.graph = onnx.shape_inference.infer_shapes(onnx.load(str(path))).graph
+        self.types = value_types(self.graph)
+        self.producer = {t: n for n in self.graph.node for t in n.output}
+        self.consumers: dict[str, list[onnx.NodeProto]] = {}
+        for node in self.graph.node:
+            for t in node.input:
+                self.consumers.setdefault(t, []).append(node)
+        self.island = {n.name for n in self.graph.node
+                       if n.op_type != "Cast" and any(self.types.get(o) == FLOAT for o in n.output)}
+        self.casts = [n for n in self.graph.node if n.op_type == "Cast" and {self.types.get(n.input[0]), self.to(n)}
+                      == {FLOAT, FLOAT16}]
+
+    @staticmethod
+    def to(cast: onnx.NodeProto) -> int:
+        """The type a Cast node casts to."""
+        return next(a.i for a in cast.attribute if a.name == "to")
+
+    def island_count(self) -> int:
+        """Connected components of island nodes."""
+        parent = {name: name for name in self.island}
+
+        def root(name: str) -> str:
+            while parent[name] != name:
+                name = parent[name]
+            return name
+
+        for node in self.graph.node:
+            for t in node.input:
+                source = self.producer.get(t)
+                if node.name in self.island and source is not None and source.name in self.island:
+                    parent[root(source.name)] = root(node.name)
+        return len({root(name) for name in self.island})
+
+    def from_island(self, cast: onnx.NodeProto) -> bool:
+        """Whether an FP32->FP16 cast reads an island's output or a graph input."""
+        source = self.producer.get(cast.input[0])
+        return source is None or source.name in self.island
+
+    def into_island(self, cast: onnx.NodeProto) -> bool:
+        """Whether an FP16->FP32 cast feeds only islands or a graph output."""
+        outputs = {o.name for o in self.graph.output}
+        return cast.output[0] in outputs or all(n.name in self.island for n in self.consumers[cast.output[0]])
+
+    def sandwiched(self) -> list[str]:
+        """FP16 element-wise nodes whose inputs all come out of islands and whose outputs all go into islands."""
+        found = []
+        for node in self.graph.node:
+            if node.name in self.island or node.op_type not in GROWABLE_OPS:
+                continue
+            inputs = [self.producer[t] for t in node.input if t in self.producer]
+            users = [u for t in node.output for u in self.consumers.get(t, [])]
+            if inputs and users and all(n.op_type == "Cast" and self.from_island(n) for n in inputs) and all(
+                    u.op_type == "Cast" and self.to(u) == FLOAT for u in users):
+                found.append(node.name)
+        return found
+
+
+@pytest.fixture(scope="module")
+def fp16_graphs(manifest: Manifest) -> dict[str, Fp16Graph]:
+    """The FP16 encoder and decoder graphs, shape-inferred."""
+    return {name: Fp16Graph(manifest.folder / manifest.artefact(fp16_name(name)).file) for name in NAMES}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_matmul_conv_and_gemm_compute_in_fp16(fp16_graphs: dict[str, Fp16Graph], name: str) -> None:
+    g = fp16_graphs[name]
+    heavy = [n for n in g.graph.node if n.op_type in HEAVY_OPS]
+    assert heavy
+    assert all(g.types[t] == FLOAT16 for n in heavy for t in n.input[:2]), [n.name for n in heavy]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_casts_sit_only_at_island_borders_once_per_tensor(fp16_graphs: dict[str, Fp16Graph], name: str) -> None:
+    g = fp16_graphs[name]
+    assert g.casts and g.island_count() > 1
+    assert all(g.from_island(c) if g.to(c) == FLOAT16 else g.into_island(c) for c in g.casts)
+    assert len({(c.input[0], g.to(c)) for c in g.casts}) == len(g.casts)  # one cast per crossing tensor
+    assert not [c.name for c in g.casts if g.producer.get(c.input[0]) in g.casts]  # no round trips
+    assert g.sandwiched() == []
+
+
+def test_encoder_islands_are_entered_and_left_once(fp16_graphs: dict[str, Fp16Graph]) -> None:
+    g = fp16_graphs["sam_encoder"]  # LayerNorms, softmaxes and the neck's two LayerNorm2d, one after another
+    graph_io = len(g.graph.input) + len(g.graph.output)
+    assert len(g.casts) <= 2 * g.island_count() + graph_io
