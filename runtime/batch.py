@@ -11,12 +11,10 @@ from typing import Callable, Iterable
 import numpy as np
 from tqdm import tqdm
 
-from persense.runtime.counters import Counter, NpyDensityCounter
+from persense.runtime.api import PerSense, Reference
 from persense.runtime.errors import PersenseError
 from persense.runtime.evaluate import class_names
-from persense.runtime.imageio import read_mask, read_rgb, write_image
-from persense.runtime.pipeline import PerSensePipeline
-from persense.runtime.prior import Target
+from persense.runtime.imageio import write_image
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +23,7 @@ DensityFor = Callable[[str, str], Path]  # (class, image stem) -> .npy density m
 
 @dataclass(frozen=True)
 class PipelineSpec:
-    """Everything needed to open a pipeline anywhere (a Ray worker included): plain, picklable values."""
+    """Everything needed to open a `PerSense` anywhere (a Ray worker included): plain, picklable values."""
 
     engines: Path
     backend: str = "auto"
@@ -33,17 +31,9 @@ class PipelineSpec:
     threads: int | None = None
     precision: str = "fp32"
 
-    def open(self) -> PerSensePipeline:
+    def open(self) -> PerSense:
         """Open and verify the engines and the counter."""
-        from persense.runtime.counter_choice import make_counter
-        from persense.runtime.engine import resolve_backend
-        from persense.runtime.manifest import load_manifest
-        from persense.runtime.sam import SamEngines
-
-        manifest = load_manifest(self.engines)
-        backend = resolve_backend(self.backend, manifest)
-        sam = SamEngines.from_manifest(manifest, backend, self.threads, precision=self.precision)
-        return PerSensePipeline(sam, make_counter(self.counter, manifest, backend, self.threads))
+        return PerSense.open(self.engines, self.backend, self.precision, self.counter, self.threads)
 
 
 @dataclass
@@ -101,21 +91,9 @@ def remove_stale_temporaries(pred_dir: Path, job: ClassJob) -> None:
             stale.unlink(missing_ok=True)
 
 
-def reference_of(pipeline: PerSensePipeline, reference: Path, mask: Path) -> Target:
-    """The target of a class, from its reference image and mask files."""
-    image = read_rgb(reference)
-    return pipeline.reference(image, read_mask(mask, expected_size=image.shape[:2]))
-
-
-def segment_file(pipeline: PerSensePipeline, image: Path, target: Target, density: Path | None) -> np.ndarray:
+def segment_file(ps: PerSense, image: Path, reference: Reference, density: Path | None) -> np.ndarray:
     """The union mask of one image file, with the .npy density map `density` when given."""
-    own_counter: Counter = pipeline.counter
-    try:
-        if density is not None:
-            pipeline.counter = NpyDensityCounter(density)
-        return pipeline.segment(read_rgb(image), target).union
-    finally:
-        pipeline.counter = own_counter
+    return ps.segment(image, reference, density=density).union
 
 
 def progress_bar(total: int, progress: bool) -> tqdm:
@@ -123,23 +101,23 @@ def progress_bar(total: int, progress: bool) -> tqdm:
     return tqdm(total=total, unit="image", disable=not progress, file=sys.stderr)
 
 
-def run_dataset(data_dir: Path, pred_dir: Path, pipeline: PerSensePipeline, ref_idx: str = "00",
+def run_dataset(data_dir: Path, pred_dir: Path, ps: PerSense, ref_idx: str = "00",
                 density_for: DensityFor | None = None, progress: bool = True) -> BatchReport:
     """Segment every image without a prediction yet; each prediction is written atomically when complete.
 
     `density_for(class, stem)` gives a .npy density map per image (the npy counter); otherwise the
-    pipeline's own counter is used. An interrupted run (even kill -9) resumes where it stopped.
+    engines' own counter is used. An interrupted run (even kill -9) resumes where it stopped; an image
+    that failed has no prediction, so the next run tries it again.
     """
     jobs, skipped = plan(data_dir, pred_dir, ref_idx)
     report = BatchReport(skipped=skipped)
     with progress_bar(sum(len(job.todo) for job in jobs), progress) as bar:
         for job in jobs:
-            target = reference_of(pipeline, job.reference, job.mask)
+            reference = ps.reference(job.reference, job.mask)
             for path in job.todo:
                 density = density_for(job.name, path.stem) if density_for else None
                 try:
-                    write_image(prediction_path(pred_dir, job.name, path),
-                                segment_file(pipeline, path, target, density))
+                    write_image(prediction_path(pred_dir, job.name, path), segment_file(ps, path, reference, density))
                     report.segmented += 1
                 except PersenseError as exc:
                     record_failure(report, path, str(exc))
@@ -148,9 +126,9 @@ def run_dataset(data_dir: Path, pred_dir: Path, pipeline: PerSensePipeline, ref_
 
 
 def record_failure(report: BatchReport, path: Path, message: str) -> None:
-    """Note and log one image that could not be segmented."""
+    """Note one image that could not be segmented (persense-eval lists them at the end of the run)."""
     report.failed[str(path)] = message
-    log.error("%s: %s", path, message)
+    log.info("%s: %s", path, message)
 
 
 def count_images(data_dir: Path) -> int:

@@ -9,6 +9,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from persense.runtime.cli_common import add_common_flags, run_command
 from persense.runtime.counter_choice import COUNTERS
@@ -16,6 +17,9 @@ from persense.runtime.engine import BACKENDS
 from persense.runtime.errors import PersenseError
 from persense.runtime.evaluate import EvalResult, miou
 from persense.runtime.imageio import write_json
+
+if TYPE_CHECKING:
+    from persense.runtime.batch import BatchReport
 
 PROG = "persense-eval"
 
@@ -67,7 +71,7 @@ def evaluate(data_dir: Path, pred_dir: Path, ref_idx: str = "00", json_out: Path
     return result
 
 
-def run_pipeline(args: argparse.Namespace) -> None:
+def run_pipeline(args: argparse.Namespace) -> BatchReport:
     """Segment the dataset into `args.pred` with the engines in `args.engines`, in-process or over Ray."""
     from persense.runtime.batch import PipelineSpec, run_dataset
 
@@ -86,20 +90,23 @@ def run_pipeline(args: argparse.Namespace) -> None:
                                  progress=not args.quiet, log_level=logging.getLogger("persense").level)
     else:
         report = run_dataset(args.data, args.pred, spec.open(), args.ref_idx, density_for, progress=not args.quiet)
-    print(f"segmented {report.segmented} image(s), {report.skipped} already done, {len(report.failed)} failed",
+    for path, message in report.failed.items():
+        print(f"{PROG}: error: {message if message.startswith(path) else f'{path}: {message}'}", file=sys.stderr)
+    retry = " (no prediction written: the next --run tries them again)" if report.failed else ""
+    print(f"segmented {report.segmented} image(s), {report.skipped} already done, {len(report.failed)} failed{retry}",
           file=sys.stderr)
+    return report
 
 
 def _main(args: argparse.Namespace) -> int:
-    """Optionally run the pipeline, then score."""
-    if args.run:
-        run_pipeline(args)
+    """Optionally run the pipeline, then score; 1 when some images could not be segmented."""
+    failed = run_pipeline(args).failed if args.run else {}
     evaluate(args.data, args.pred, ref_idx=args.ref_idx, json_out=args.json)
-    return 0
+    return 1 if failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: 0 on success, 2 on a user error (one line on stderr) or bad arguments, 1 on a crash."""
+    """Entry point: 0 on success, 1 when --run left images unsegmented (listed) or on a crash, 2 on a user error."""
     return run_command(PROG, _main, _parser().parse_args(argv))
 
 

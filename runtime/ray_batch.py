@@ -2,7 +2,7 @@
 
 Ray is an optional extra (`pip install 'persense[ray]'`), imported only when a run asks for it. The
 driver plans the run with the resume rule of `run_dataset` (only images without a prediction), has
-one actor encode each class's reference once (the small `Target` stays in Ray's object store and
+one actor encode each class's reference once (the small `Reference` stays in Ray's object store and
 every task gets it by reference), hands image paths to the pool, and writes each returned union mask
 atomically itself. One writer: the prediction folder needs no shared filesystem, a worker lost
 mid-image leaves nothing behind, and the PNG bytes come from the same code as a single-process run.
@@ -18,12 +18,11 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from persense.runtime.api import PerSense, Reference
 from persense.runtime.batch import (BatchReport, ClassJob, DensityFor, PipelineSpec, plan, prediction_path,
-                                    progress_bar, record_failure, reference_of, segment_file)
+                                    progress_bar, record_failure, segment_file)
 from persense.runtime.errors import PersenseError
 from persense.runtime.imageio import write_image
-from persense.runtime.pipeline import PerSensePipeline
-from persense.runtime.prior import Target
 
 LOCAL = "local"  # --ray without an address: start a private local Ray instance
 GPU_BACKENDS = ("ort-cuda", "trt")  # actors on these reserve one GPU each, so Ray gives each its own
@@ -46,15 +45,15 @@ class Outcome(NamedTuple):
 
 
 class SegmentActor:
-    """One pipeline per Ray actor: engines opened once, then images segmented by path."""
+    """One `PerSense` per Ray actor: engines opened once, then images segmented by path."""
 
     def __init__(self, spec: PipelineSpec, log_level: int) -> None:
         logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
         logging.getLogger("persense").setLevel(log_level)
-        self.pipeline: PerSensePipeline | None = None
+        self.ps: PerSense | None = None
         self.error: str | None = None
         try:
-            self.pipeline = spec.open()
+            self.ps = spec.open()
         except PersenseError as exc:  # kept for ready(): a creation error would come back as a long traceback
             self.error = str(exc)
 
@@ -62,14 +61,14 @@ class SegmentActor:
         """None once the engines are open, else the user error that stopped them."""
         return self.error
 
-    def reference(self, reference: Path, mask: Path) -> Target:
-        """The target of one class."""
-        return reference_of(self.pipeline, reference, mask)
+    def reference(self, reference: Path, mask: Path) -> Reference:
+        """The encoded reference of one class."""
+        return self.ps.reference(reference, mask)
 
-    def segment(self, task: ImageTask, target: Target) -> Outcome:
+    def segment(self, task: ImageTask, reference: Reference) -> Outcome:
         """The union mask of one image (user errors are returned, not raised)."""
         try:
-            return Outcome(task, segment_file(self.pipeline, task.image, target, task.density), None)
+            return Outcome(task, segment_file(self.ps, task.image, reference, task.density), None)
         except PersenseError as exc:
             return Outcome(task, None, str(exc))
 
@@ -104,7 +103,7 @@ def start_actors(ray: ModuleType, spec: PipelineSpec, workers: int, log_level: i
 
 
 def share_references(ray: ModuleType, actors: list[Any], jobs: list[ClassJob]) -> dict[str, Any]:
-    """Per class, an object-store reference to its target, computed once by one actor (spread over them)."""
+    """Per class, an object-store reference to its encoded `Reference`, computed once by one actor (spread over them)."""
     refs = {job.name: actors[i % len(actors)].reference.remote(job.reference, job.mask) for i, job in enumerate(jobs)}
     get(ray, list(refs.values()))  # surfaces a bad reference pair before any image
     return refs
@@ -134,8 +133,8 @@ def run_dataset_ray(data_dir: Path, pred_dir: Path, spec: PipelineSpec, address:
     connect(ray, address, workers, spec.threads)
     try:
         actors = start_actors(ray, spec, workers, log_level)
-        targets = share_references(ray, actors, jobs)
-        tasks = [(task_of(job.name, path, density_for), targets[job.name]) for job in jobs for path in job.todo]
+        references = share_references(ray, actors, jobs)
+        tasks = [(task_of(job.name, path, density_for), references[job.name]) for job in jobs for path in job.todo]
         pool = ray.util.ActorPool(actors)
         with progress_bar(len(tasks), progress) as bar:
             for outcome in pool.map_unordered(lambda actor, args: actor.segment.remote(*args), tasks):

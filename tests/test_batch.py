@@ -46,3 +46,23 @@ def test_killed_run_resumes_to_identical_outputs(dataset: Path, tiny_engines: Pa
     assert predictions(resumed) == predictions(whole)  # byte-identical, and no temp file left
     assert {p: p.stat().st_mtime_ns for p in survivors} == survivors  # finished images were not redone
     assert run_eval(dataset, resumed, tiny_engines) == (0, IMAGES + 1)
+
+
+def test_unreadable_image_is_listed_and_retried_by_the_next_run(dataset: Path, tiny_engines: Path,
+                                                               tmp_path: Path) -> None:
+    import shutil
+
+    data, pred = tmp_path / "data", tmp_path / "pred"
+    shutil.copytree(dataset, data)
+    bad = sorted(data.glob("Images/*/02.jpg"))[0]
+    good_bytes = bad.read_bytes()
+    bad.write_text("a text file renamed .jpg\n")
+    done = subprocess.run(eval_command(data, pred, tiny_engines), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert f"persense-eval: error: {bad}: not a readable image" in done.stderr
+    assert f"segmented {IMAGES} image(s), 0 already done, 1 failed" in done.stderr
+    assert len(list(pred.glob("*/*.png"))) == IMAGES and not (pred / bad.parent.name / "02.png").exists()
+
+    bad.write_bytes(good_bytes)  # the user repairs the file; the next run does only that image
+    assert run_eval(data, pred, tiny_engines) == (1, IMAGES)
+    assert (pred / bad.parent.name / "02.png").is_file()
