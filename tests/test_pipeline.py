@@ -85,3 +85,55 @@ def test_thirty_instance_synthetic_map_counts_thirty():
     density = render_scene(rng, random_template(rng), 30, (768, 576)).density
     assert np.sum(density, dtype=np.float64) > 30
     assert dsalvanet_count(density) == 30.0
+
+
+@pytest.fixture(scope="module")
+def box_results(tiny_sam, tiny_engines, scene, scene_files):
+    """Runtime and reference given the same first-exemplar box around a disc other than the reference's,
+    and the first prompt the runtime's decoder received."""
+    counter = NpyDensityCounter(scene_files["density"])
+    runtime = PerSensePipeline(SamEngines.from_manifest(load_manifest(tiny_engines), "ort-cpu", threads=2), counter)
+    prompts = []
+    decode_best = runtime.sam.decode_best
+    runtime.sam.decode_best = lambda embedding, batch, *rest: prompts.append(batch) or decode_best(embedding, batch,
+                                                                                                    *rest)
+    reference = ReferencePipeline(tiny_sam, counter)
+    x, y = scene["centres"][5]
+    box = np.array([x - 18.7, y - 18.2, x + 18.9, y + 18.4])  # fractional, as a detector's boxes are
+    got = runtime.segment(scene["image"], runtime.reference(scene["image"], scene["reference"] > 0), box)
+    expected = reference.segment(scene["image"], reference.reference(scene["image"], scene["reference"] > 0), box)
+    return got, expected, box, prompts[0]
+
+
+def test_box_start_matches_the_reference(box_results, scene):
+    from persense.runtime.sam import transform_for
+
+    got, expected, box, first_prompt = box_results
+    centre = np.array([[(int(box[0]) + int(box[2])) // 2, (int(box[1]) + int(box[3])) // 2]], np.float64)
+    np.testing.assert_allclose(first_prompt.coords[0, :1], transform_for(scene["image"].shape[:2]).coords_to_input(
+        centre), rtol=0, atol=1e-4)  # the cascade started at the box centre
+    np.testing.assert_array_equal(got.points, expected.points)
+    np.testing.assert_array_equal(got.exemplars, expected.exemplars)
+    assert got.first_pass_points == expected.first_pass_points and got.count == expected.count
+    assert _iou(got.union > 0, expected.union > 0) >= 0.99
+
+
+def test_box_centre_is_the_originals():
+    from persense.runtime.exemplar_box import box_centre
+
+    np.testing.assert_array_equal(box_centre(np.array([10.9, 3.2, 21.7, 8.99])), [15, 5])  # int32 cast, then //2
+    np.testing.assert_array_equal(box_centre(np.array([0.0, 0.0, 1.0, 1.0])), [0, 0])
+
+
+@pytest.mark.parametrize("box,message", [
+    ([10, 10, 5, 40], "inverted or empty"), ([10, 40, 50, 40], "inverted or empty"),
+    ([-1, 0, 20, 20], "not inside"), ([0, 0, 385, 20], "not inside"), ([0, 0, 20, np.nan], "finite"),
+    ([1, 2, 3], "four finite numbers"),
+])
+def test_bad_boxes_are_refused(box, message, tiny_engines, scene):
+    from persense.runtime.errors import PersenseError
+
+    runtime = PerSensePipeline(SamEngines.from_manifest(load_manifest(tiny_engines), "ort-cpu", threads=2),
+                               NpyDensityCounter.from_array(scene["density"]))
+    with pytest.raises(PersenseError, match=message):
+        runtime.segment(scene["image"], None, np.array(box, dtype=float))
