@@ -39,7 +39,7 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _gpu_names() -> list[str]:
+def gpu_names() -> list[str]:
     """NVIDIA GPU names from nvidia-smi (empty without it)."""
     if shutil.which("nvidia-smi") is None:
         return []
@@ -69,7 +69,7 @@ def environment() -> dict[str, Any]:
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return {"platform": platform.platform(), "cpu": _cpu_name(), "cpu_cores": os.cpu_count(),
             "cpu_cores_usable": len(os.sched_getaffinity(0)), "memory_gb": round(memory / 2**30, 1),
-            "gpus": _gpu_names(), "onnxruntime_providers": ort.get_available_providers(), "versions": _versions()}
+            "gpus": gpu_names(), "onnxruntime_providers": ort.get_available_providers(), "versions": _versions()}
 
 
 # ---------------------------------------------------------------------------------------------- writers
@@ -103,7 +103,7 @@ def _row(cells: list[str]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
-def _table(header: list[str], rows: list[list[str]], numeric: bool = True) -> list[str]:
+def table(header: list[str], rows: list[list[str]], numeric: bool = True) -> list[str]:
     """A Markdown table; with `numeric`, all columns but the first are right-aligned."""
     rule = ["---"] + ["---:" if numeric else "---"] * (len(header) - 1)
     return [_row(header), _row(rule), *(_row(r) for r in rows), ""]
@@ -145,7 +145,7 @@ def _scaling_lines(doc: dict[str, Any], pipelines: list[str]) -> list[str]:
             cells.append(_cell(run, "total") + (f" (x{speedup:.2f})" if speedup else ""))
         rows.append(cells)
     return ["## Total latency (speed-up over the reference at p50)", "",
-            *_table(["instances", *pipelines], rows)]
+            *table(["instances", *pipelines], rows)]
 
 
 def _stage_lines(doc: dict[str, Any], pipelines: list[str], workload: dict[str, Any]) -> list[str]:
@@ -163,7 +163,7 @@ def _stage_lines(doc: dict[str, Any], pipelines: list[str], workload: dict[str, 
              field("union IoU vs reference", "union_iou_vs_reference", "{:.4f}")]
     title = workload["name"] if workload["instances"] is None else (
         f"{workload['instances']} instances ({workload['ground_truth_count']} visible)")
-    return [f"## Per stage: {title}", "", *_table(["stage", *pipelines], rows)]
+    return [f"## Per stage: {title}", "", *table(["stage", *pipelines], rows)]
 
 
 def _mask_stage_lines(doc: dict[str, Any]) -> list[str]:
@@ -183,17 +183,18 @@ def _mask_stage_lines(doc: dict[str, Any]) -> list[str]:
         rows.append(cells)
     return ["## Mask stage on realistic extents", "",
             f"`merge.rasterise` with the label map, as the runtime's merge/output stage runs it, on "
-            f"{entries[0]['label']}, timed in the benchmark's own process; next to it the merge/output stage of each runtime pipeline, "
-            "whose masks come from random weights and cover most of the image (the stage's worst case).", "",
-            *_table(["instances", "masks", "mean mask area", "union IoU vs ground truth",
-                     "ground-truth extents", *(f"{name}, random weights" for name in runtimes)], rows)]
+            f"{entries[0]['label']}, timed in the benchmark's own process; next to it the merge/output stage of "
+            "each runtime pipeline, whose masks come from random weights and cover most of the image (the stage's "
+            "worst case).", "",
+            *table(["instances", "masks", "mean mask area", "union IoU vs ground truth",
+                    "ground-truth extents", *(f"{name}, random weights" for name in runtimes)], rows)]
 
 
 def markdown(doc: dict[str, Any]) -> str:
     """The human-readable report: settings, pipelines (with skip reasons), scaling and per-stage tables."""
     pipelines = _measured(doc)
     lines = _header_lines(doc)
-    lines += ["## Pipelines", "", *_table(["pipeline", "backend", "precision", "status"], [
+    lines += ["## Pipelines", "", *table(["pipeline", "backend", "precision", "status"], [
         [p["name"], p["backend"], p["precision"], p["status"] + (f": {p['reason']}" if p["reason"] else "")]
         for p in doc["pipelines"]], numeric=False)]
     if pipelines:

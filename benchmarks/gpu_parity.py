@@ -1,0 +1,123 @@
+"""ORT-CUDA against ORT-CPU on one exported engines folder: embeddings, decoder masks, and the encoders' latency.
+
+The reference is ONNX Runtime on the CPU running the FP32 `sam_encoder` and `sam_decoder` (itself checked
+against torch by the CPU test suite). Every encoder artefact the manifest has (`sam_encoder`,
+`sam_encoder_fp16`, `sam_encoder_gpu`, `sam_encoder_gpu_fp16`) runs on CUDA on the same image; the
+runtime's own CUDA engine pair per precision (`engine_names`: the GPU encoder where present) then decodes
+a grid of one-point prompts, and its chosen masks are compared with the CPU's by IoU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from persense.benchmarks.mask_stage import mask_iou
+from persense.runtime.engine import OrtEngine
+from persense.runtime.imageio import atomic_write_bytes, read_rgb
+from persense.runtime.manifest import Manifest, load_manifest
+from persense.runtime.sam import DECODER, ENCODER, GPU_ENCODER, Prompts, SamEngines, engine_names
+from persense.runtime.transforms import SamTransform
+
+# Tolerances against the CPU FP32 reference. FP32 on CUDA runs its GEMMs on TF32 tensor cores by default.
+TOLERANCES = {"fp32": {"cosine": 0.9999, "max_abs_fraction": 0.02},
+              "fp16": {"cosine": 0.999, "max_abs_fraction": 0.05},
+              "mask_iou_mean": 0.99}
+ENCODERS = (ENCODER, f"{ENCODER}_fp16", GPU_ENCODER, f"{GPU_ENCODER}_fp16")
+PROMPT_GRID = 8  # 8 x 8 one-point prompts spread over the image
+WARMUP, REPEAT = 3, 10
+
+
+def timed_ms(run: Callable[[], object], warmup: int, repeat: int) -> dict[str, float]:
+    """p50/p90/min of `repeat` runs after `warmup` untimed ones, in ms (each run ends with host outputs)."""
+    for _ in range(warmup):
+        run()
+    samples = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        run()
+        samples.append((time.perf_counter() - start) * 1000.0)
+    return {"p50": round(statistics.median(samples), 3), "p90": round(float(np.percentile(samples, 90)), 3),
+            "min": round(min(samples), 3)}
+
+
+def embedding_agreement(test: np.ndarray, reference: np.ndarray, precision: str) -> dict[str, Any]:
+    """Max abs difference, cosine similarity and the verdict against TOLERANCES[precision]."""
+    a, b = test.astype(np.float64).ravel(), reference.astype(np.float64).ravel()
+    cosine = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+    max_abs, scale = float(np.abs(a - b).max()), float(np.abs(b).max())
+    tolerance = TOLERANCES[precision]
+    passed = cosine >= tolerance["cosine"] and max_abs <= tolerance["max_abs_fraction"] * scale
+    return {"max_abs": round(max_abs, 6), "reference_max_abs": round(scale, 6), "cosine": round(cosine, 7),
+            "passed": passed}
+
+
+def grid_prompts(transform: SamTransform) -> Prompts:
+    """PROMPT_GRID^2 one-point prompts at the centres of a grid over the image, in SAM's input frame."""
+    height, width = transform.original_size
+    ys, xs = np.meshgrid((np.arange(PROMPT_GRID) + 0.5) * height / PROMPT_GRID,
+                         (np.arange(PROMPT_GRID) + 0.5) * width / PROMPT_GRID, indexing="ij")
+    return Prompts.points(transform.coords_to_input(np.stack([xs.ravel(), ys.ravel()], axis=1)))
+
+
+def mask_agreement(test: np.ndarray, reference: np.ndarray) -> dict[str, Any]:
+    """Per-prompt IoU of the chosen low-res masks (logits > 0): mean, min and the verdict."""
+    ious = [mask_iou(t > 0, r > 0) for t, r in zip(test, reference)]
+    return {"prompts": len(ious), "mean_iou": round(float(np.mean(ious)), 6), "min_iou": round(float(np.min(ious)), 6),
+            "passed": float(np.mean(ious)) >= TOLERANCES["mask_iou_mean"]}
+
+
+def check(manifest: Manifest, image: np.ndarray, threads: int | None = None, device: str = "cuda") -> dict[str, Any]:
+    """Encoder agreement and latency per encoder artefact on `device` (CUDA; "cpu" tests this code), and decoder
+    mask IoU per precision."""
+    cpu = SamEngines(OrtEngine(manifest.verified_path(ENCODER), "cpu", threads, arena=False),
+                     OrtEngine(manifest.verified_path(DECODER), "cpu", threads), decode_chunk=PROMPT_GRID ** 2)
+    reference, transform = cpu.encode(image)
+    prompts = grid_prompts(transform)
+    reference_logits, _ = cpu.decode_best(reference, prompts)
+    feed = {"image": transform.image_tensor(image)}
+    encoders, engines = [], {}
+    for name in (n for n in ENCODERS if n in manifest.artefacts):
+        engine = engines[name] = OrtEngine(manifest.verified_path(name), device, threads, arena=False)
+        embedding = engine.run(feed)["image_embeddings"]
+        precision = "fp16" if name.endswith("_fp16") else "fp32"
+        encoders.append({"artefact": name, "precision": precision,
+                         **embedding_agreement(embedding, reference, precision),
+                         "latency_ms": timed_ms(lambda: engine.run(feed), WARMUP, REPEAT)})
+    decoders = []
+    for precision in ("fp32", "fp16"):
+        names = engine_names(manifest, f"ort-{device}", precision)
+        if not all(name in manifest.artefacts for name in names.values()):
+            continue
+        test = SamEngines(engines[names[ENCODER]], OrtEngine(manifest.verified_path(names[DECODER]), device, threads),
+                          decode_chunk=PROMPT_GRID ** 2)
+        logits, _ = test.decode_best(test.encode(image)[0], prompts)
+        decoders.append({"precision": precision, "encoder": names[ENCODER], "decoder": names[DECODER],
+                         **mask_agreement(logits, reference_logits)})
+    return {"reference": "ONNX Runtime CPU, sam_encoder + sam_decoder (FP32)", "tolerances": TOLERANCES,
+            "encoders": encoders, "decoders": decoders,
+            "passed": all(e["passed"] for e in encoders) and all(d["passed"] for d in decoders)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m persense.benchmarks.gpu_parity ENGINES IMAGE OUT.json`: run `check` and write its JSON."""
+    parser = argparse.ArgumentParser(prog="python -m persense.benchmarks.gpu_parity", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("engines", type=Path, help="engines folder (persense-export --fp16 [--gpu-encoder])")
+    parser.add_argument("image", type=Path, help="RGB image to encode")
+    parser.add_argument("out", type=Path, help="JSON file to write")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="device under test")
+    args = parser.parse_args(argv)
+    result = check(load_manifest(args.engines), read_rgb(args.image), device=args.device)
+    atomic_write_bytes(args.out, (json.dumps(result, indent=2) + "\n").encode())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
