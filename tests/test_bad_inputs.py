@@ -486,6 +486,60 @@ def zero_threads(kit: Kit) -> None:
                                 "--out", kit.out, "--threads", "0"])
     expect_error(outcome, "infer", "--threads must be at least 1, got 0")
 
+@row
+def box_outside_image(kit: Kit) -> None:
+    expect_error(kit.infer(extra=("--box", "300,200,400,280")), "infer", "is not inside the 384x288 target image")
+
+
+@row
+def box_inverted(kit: Kit) -> None:
+    expect_error(kit.infer(extra=("--box", "50,50,40,60")), "infer", "is inverted or empty")
+
+
+@row
+def box_degenerate(kit: Kit) -> None:
+    expect_error(kit.infer(extra=("--box", "10,10,10,40")), "infer", "is inverted or empty")
+
+
+@row
+def box_not_four_numbers(kit: Kit) -> None:
+    expect_error(kit.infer(extra=("--box", "10,10,40")), "infer", "--box expects four numbers x0,y0,x1,y1")
+
+
+@row
+def folder_with_unreadable_file(kit: Kit) -> None:
+    folder = kit.path("targets")
+    folder.mkdir()
+    for name in ("a.jpg", "c.jpg"):
+        shutil.copy(kit.files["image"], folder / name)
+    (folder / "b.jpg").write_text("a text file named .jpg\n")
+    outcome = kit.infer(folder, kit.files["image"], kit.files["mask"], extra=("-q",))  # -q: no warning lines
+    lines = outcome.stderr.splitlines()
+    assert outcome.code == 1 and len(lines) == 2 and "Traceback" not in outcome.stderr, outcome.stderr
+    assert lines[0].startswith(f"persense-infer: error: {folder / 'b.jpg'}: not a readable image")
+    assert lines[1] == f"persense-infer: 2 of 3 targets segmented; 1 failed: {folder / 'b.jpg'}"
+    for stem in ("a", "c"):
+        kit.same_as_baseline(Outcome(0, outcome.stdout, "", kit.out / stem))
+    assert not (kit.out / "b").exists()
+
+
+@row
+def reference_file_corrupt(kit: Kit) -> None:
+    saved = kit.path("apple.npz")
+    saved.write_text("not a reference")
+    expect_error(kit.infer(kit.files["image"], extra=("--reference", saved)), "infer", "not a persense reference file")
+
+
+@row
+def reference_file_other_engines(kit: Kit) -> None:
+    from persense.runtime.api import Reference
+    from persense.runtime.prior import Target
+
+    unit = np.full(256, 1 / 16, np.float32)
+    saved = Reference(Target(unit, unit), "0123456789abcdef", "fp32", "ort-cpu").save(kit.path("apple.npz"))
+    expect_error(kit.infer(kit.files["image"], extra=("--reference", saved)), "infer",
+                 "the reference was encoded by other engines")
+
 
 # --- engines ----------------------------------------------------------------------------------------------
 
@@ -720,6 +774,21 @@ def eval_run_without_engines(kit: Kit) -> None:
     dataset = build_dataset(kit)
     expect_error(eval_run(kit, dataset / "data", dataset / "pred", "--run", "--engines", str(kit.path("nowhere"))),
                  "eval", "engines folder not found")
+
+@row
+def eval_run_unreadable_image(kit: Kit) -> None:
+    dataset = build_dataset(kit)
+    image = next((dataset / "data" / "Images").glob("*/01.jpg"))
+    image.write_text("a text file named .jpg")
+    prediction = dataset / "pred" / image.parent.name / "01.png"
+    prediction.unlink()
+    outcome = eval_run(kit, dataset / "data", dataset / "pred", "--run", "--engines", str(kit.engines),
+                       "--density-dir", str(dataset / "data" / "meta"))
+    assert outcome.code == 1 and "Traceback" not in outcome.stderr, outcome.stderr
+    assert f"persense-eval: error: {image}: not a readable image" in outcome.stderr
+    assert "segmented 0 image(s), 1 already done, 1 failed (no prediction written: the next --run tries them again)" \
+        in outcome.stderr
+    assert not prediction.exists() and (kit.out / "report.json").is_file()
 
 
 def build_dataset(kit: Kit) -> Path:
