@@ -11,6 +11,9 @@ from persense.runtime.cli_common import add_common_flags, run_command
 from persense.runtime.synth import generate_dataset
 
 PROG = "persense-synth"
+DEFAULT_CLASSES = 3
+DEFAULT_IMAGES = 4
+DEFAULT_INSTANCES = (20, 60)  # a dense scene, as PerSense-D's ~39 objects per image
 
 
 def _instances(text: str) -> tuple[int, int]:
@@ -34,9 +37,12 @@ def _parser() -> argparse.ArgumentParser:
     """The command-line parser."""
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__)
     parser.add_argument("--out", type=Path, required=True, help="output folder (gets Images/ and meta/)")
-    parser.add_argument("--classes", type=int, required=True, help="number of object classes")
-    parser.add_argument("--images", type=int, required=True, help="test images per class (1..99), besides 00")
-    parser.add_argument("--instances", type=_instances, required=True, help="instances per image, A..B")
+    parser.add_argument("--classes", type=int, default=DEFAULT_CLASSES,
+                        help=f"number of object classes (default {DEFAULT_CLASSES})")
+    parser.add_argument("--images", type=int, default=DEFAULT_IMAGES,
+                        help=f"test images per class (1..99), besides 00 (default {DEFAULT_IMAGES})")
+    parser.add_argument("--instances", type=_instances, default=DEFAULT_INSTANCES,
+                        help="instances per image, A..B (default {}..{})".format(*DEFAULT_INSTANCES))
     parser.add_argument("--size", type=_size, default=(768, 576), help="image size WxH (default 768x576)")
     parser.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes (default 0)")
     add_common_flags(parser)

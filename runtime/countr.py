@@ -21,7 +21,7 @@ Procedure (`load_image` + `run_one_image`), and how it is matched here:
   if `e > 1.8` the count is divided by e. The count stays a float.
 - Map for IDM: the padding columns cropped, `cv2.resize` to (W, H) bilinear, min-max normalised.
 
-Quirks of the original kept because they change results ([Q] in SPEC-DETAILS §5.2):
+Quirks of the original kept because they change results (docs/ALGORITHM.md §4):
 - exemplar crops and calibration rects ignore the side padding (they index the padded image/map with
   unpadded coordinates);
 - the calibration divides by 3 for any number of exemplars and uses all of them (even beyond 5);

@@ -1,6 +1,6 @@
 """mIoU over a PerSense-D style dataset, computed exactly as the original `eval_miou.py`.
 
-What is reproduced (SPEC-DETAILS §9):
+What is reproduced (docs/ALGORITHM.md §8):
 - classes are the sorted sub-folders of `data/Images` whose names do not contain ".DS"
   (plain files there are ignored; the original would have counted them as empty classes);
 - ground truth = sorted `rglob("*.png")` of the class folder (the reference mask included),

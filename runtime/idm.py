@@ -1,4 +1,4 @@
-"""IDM, the Instance Detection Module: candidate point prompts from a density map (SPEC-DETAILS §6)."""
+"""IDM, the Instance Detection Module: candidate point prompts from a density map (docs/ALGORITHM.md §5)."""
 
 from __future__ import annotations
 

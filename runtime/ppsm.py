@@ -1,4 +1,4 @@
-"""PPSM, Point Prompt Selection: keep IDM points whose similarity clears a count-adaptive threshold (SPEC-DETAILS §7)."""
+"""PPSM, Point Prompt Selection: keep IDM points whose similarity clears a count-adaptive threshold (docs/ALGORITHM.md §6)."""
 
 from __future__ import annotations
 

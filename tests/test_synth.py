@@ -135,3 +135,10 @@ def test_python_m_writes_dataset(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stderr
     assert "wrote 1 classes x 2 images (10 files)" in run.stdout
     assert len(list((tmp_path / "ds" / "Images").glob("*/*.png"))) == 2
+
+
+def test_defaults_need_only_out(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--out", str(tmp_path / "ds"), "-q"]) == 0
+    assert "wrote 3 classes x 5 images (75 files)" in capsys.readouterr().out
+    for labels in (tmp_path / "ds" / "meta").glob("*/0[1-4]_instances.png"):
+        assert 20 <= len(np.unique(cv2.imread(str(labels), cv2.IMREAD_UNCHANGED))) - 1 <= 60
