@@ -11,6 +11,7 @@ from functools import cached_property
 
 import numpy as np
 
+from persense.runtime.positive_tiles import PositiveTiles
 from persense.runtime.resize import resize_bilinear_pil
 
 PIXEL_MEAN = np.array([123.675, 116.28, 103.53], dtype=np.float32)
@@ -115,17 +116,28 @@ def resize_bilinear(image: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 class AxisTaps:
-    """A resize along one axis as K (index, weight) taps per output; K is small for bilinear compositions."""
+    """A resize along one axis as K (index, weight) taps per output; K is small for bilinear compositions.
+
+    Outputs with fewer than K non-zero weights repeat their first tap with weight 0, so every tap of an
+    output lies within the span of its non-zero taps.
+    """
 
     def __init__(self, matrix: np.ndarray) -> None:
         nonzero = matrix != 0
         taps = max(1, int(nonzero.sum(axis=1).max(initial=0)))
         order = np.argsort(~nonzero, axis=1, kind="stable")[:, :taps]  # non-zero columns first, in order
-        self.index = order
-        self.weight = np.take_along_axis(matrix, order, axis=1).astype(np.float32)
+        weight = np.take_along_axis(matrix, order, axis=1)
+        self.index = np.where(weight != 0, order, order[:, :1])
+        self.weight = weight.astype(np.float32)
         self.out_size, self.in_size = matrix.shape
         self.first = np.where(nonzero.any(axis=0), np.argmax(nonzero, axis=0), self.out_size)
         self.last = np.where(nonzero.any(axis=0), self.out_size - np.argmax(nonzero[::-1], axis=0), 0)
+        self.used = int(self.index.max(initial=-1)) + 1  # inputs 0..used-1 are the only ones any output draws on
+        # inputs [low[t], high[u]) cover every tap of outputs t..u (suffix minima and prefix maxima of the taps)
+        self.low = np.minimum.accumulate(self.index.min(axis=1, initial=self.in_size)[::-1])[::-1]
+        self.high = np.maximum.accumulate(self.index.max(axis=1, initial=-1)) + 1
+        self.dense = np.zeros(matrix.shape, np.float32)  # exactly the taps' float32 weights
+        np.add.at(self.dense, (np.arange(self.out_size)[:, None], self.index), self.weight)
 
     def rows(self, image: np.ndarray, start: int, stop: int) -> np.ndarray:
         """Output rows start..stop-1 of resizing axis 0 of a 2-D float32 array."""
@@ -176,22 +188,24 @@ class Upsampler:
         """The whole map at the original size."""
         return self._window(low_res.astype(np.float32), 0, self.rows.out_size, 0, self.cols.out_size, None)
 
-    def positive_window(self, low_res: np.ndarray) -> tuple[int, int, np.ndarray] | None:
-        """(y0, x0, mask) of the original-size pixels whose upsampled logit is > 0, or None if there are none.
+    @cached_property
+    def tiles(self) -> PositiveTiles:
+        """Thresholded upsampling of logit stacks, in tiles (see persense.runtime.positive_tiles)."""
+        return PositiveTiles(self.rows, self.cols)
 
-        Each output pixel is a convex combination of low-res logits, so it can be positive only where
-        some low-res logit it draws on is; only that window is computed.
-        """
-        positive = low_res > 0
-        row_hit = np.flatnonzero(positive.any(axis=1))
-        if row_hit.size == 0:
-            return None
-        col_hit = np.flatnonzero(positive.any(axis=0))
-        y0, y1 = self.rows.first[row_hit].min(), self.rows.last[row_hit].max()
-        x0, x1 = self.cols.first[col_hit].min(), self.cols.last[col_hit].max()
+    def positive_window(self, low_res: np.ndarray) -> tuple[int, int, np.ndarray] | None:
+        """(y0, x0, mask) with `mask` exactly `full(low_res) > 0` over a window outside which no pixel is
+        positive (each output pixel is a convex combination of the low-res logits it draws on, so it can be
+        positive only where one of those is), or None if no pixel can be."""
+        stack = low_res.astype(np.float32)[None]
+        (y0,), (y1,), (x0,), (x1,) = self.tiles.windows(stack)
         if y1 <= y0 or x1 <= x0:
             return None
-        return y0, x0, self._window(low_res.astype(np.float32), y0, y1, x0, x1, 0.0)
+        return int(y0), int(x0), self.positive_in(stack[0], int(y0), int(y1), int(x0), int(x1))
+
+    def positive_in(self, low_res: np.ndarray, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """`full(low_res)[y0:y1, x0:x1] > 0` for a float32 map, computed for that window only."""
+        return self._window(low_res, y0, y1, x0, x1, 0.0)
 
     def _window(self, low_res: np.ndarray, y0: int, y1: int, x0: int, x1: int,
                 threshold: float | None) -> np.ndarray:
