@@ -9,6 +9,9 @@ Thread-safety: one `PerSense` may be shared by worker threads. Each `segment`/`r
 its state to itself (its own pipeline over the shared engine sessions; per-call counters); ONNX
 Runtime sessions run concurrent calls; a TensorRT execution context cannot, so on `trt` calls take
 turns through a lock.
+
+`PerSense.reference` is the one place a reference is encoded: a reference cache
+(persense.runtime.reference_cache) wraps that call, keyed by the files' bytes and these engines.
 """
 
 from __future__ import annotations
@@ -24,7 +27,6 @@ import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 
@@ -37,7 +39,7 @@ from persense.runtime.prior import Target
 from persense.runtime.result import SegmentResult
 from persense.runtime.sam import EMBED_DIM, SamEngines
 
-ImageLike = Union[np.ndarray, str, os.PathLike]
+ImageLike = np.ndarray | str | os.PathLike
 REFERENCE_FORMAT = 1
 PRECISIONS = ("fp32", "fp16", "int8")
 

@@ -139,8 +139,8 @@ def test_open_refuses_bad_options(tiny_engines, tmp_path):
 def test_one_persense_shared_by_four_threads_gives_the_sequential_results(ps, apple, scene, scene_files):
     from conftest import draw_scene
 
-    images = [draw_scene(seed=seed)["image"] for seed in range(4)]
-    jobs = [(image, density) for image in images for density in (scene["density"], None)]
+    images = [draw_scene(seed=seed)["image"] for seed in (1, 2)]
+    jobs = [(image, density) for image in images for density in (scene["density"], None)]  # 4 concurrent calls
 
     def run(job):
         image, density = job
