@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -39,20 +40,30 @@ def default_threads() -> int:
 
 
 class OrtEngine:
-    """An ONNX model run by ONNX Runtime on the CPU or CUDA execution provider."""
+    """An ONNX model run by ONNX Runtime on the CPU or CUDA execution provider.
 
-    def __init__(self, path: str | Path, device: str = "cpu", threads: int | None = None, arena: bool = True) -> None:
+    With `io_binding` (the default on CUDA) every run binds device buffers: inputs given as host arrays are
+    copied into per-input buffers on the session's device, inputs given as device values (`upload`) are bound
+    as they are (the decoder binds one image embedding to all launches of an image), outputs go to per-output
+    device buffers; buffers are reused while shapes stay the same. `uploads` counts host-to-device copies per
+    input name. `cuda_graph` (CUDA only, off by default, not measured on our CPU machines) captures the graph
+    on the first run and replays it: only for models with fixed shapes, such as the encoder.
+    """
+
+    def __init__(self, path: str | Path, device: str = "cpu", threads: int | None = None, arena: bool = True,
+                 io_binding: bool | None = None, cuda_graph: bool = False) -> None:
         check_onnxruntime()
         import onnxruntime as ort
 
         if device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', not {device!r}")
-        providers = ["CPUExecutionProvider"]
+        self.cuda_graph = cuda_graph and device == "cuda"
+        providers: list[Any] = ["CPUExecutionProvider"]
         if device == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise PersenseError("ONNX Runtime has no CUDA provider here: install the `gpu` extra "
                                     "(onnxruntime-gpu) on a machine with an NVIDIA GPU, or use --backend ort-cpu")
-            providers.insert(0, "CUDAExecutionProvider")
+            providers.insert(0, ("CUDAExecutionProvider", {"enable_cuda_graph": "1" if self.cuda_graph else "0"}))
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or default_threads()
         options.inter_op_num_threads = 1
@@ -69,11 +80,56 @@ class OrtEngine:
         self.device = device
         self.inputs = [_spec(i) for i in self.session.get_inputs()]
         self.outputs = [_spec(o) for o in self.session.get_outputs()]
+        self.io_binding = self.cuda_graph or (device == "cuda" if io_binding is None else io_binding)
+        self.uploads: Counter[str] = Counter()
+        self._binding = self.session.io_binding() if self.io_binding else None
+        self._buffers: dict[str, tuple[tuple, Any]] = {}  # "in:<name>"/"out:<name>" -> ((shape, dtype), OrtValue)
 
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run the session on host arrays."""
+    def upload(self, name: str, array: np.ndarray) -> Any:
+        """A copy of a host array for input `name` on the session's device (an OrtValue) that runs can bind."""
+        from onnxruntime import OrtValue
+
+        self.uploads[name] += 1
+        return OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device, 0)
+
+    def run(self, feeds: dict[str, Any]) -> dict[str, np.ndarray]:
+        """Run the session; inputs are host arrays, or device values from `upload` with `io_binding`."""
         names = [o.name for o in self.outputs]
-        return dict(zip(names, self.session.run(names, feeds)))
+        if self._binding is None:
+            return dict(zip(names, self.session.run(names, feeds)))
+        binding = self._binding
+        dims: dict[str, int] = {}
+        for spec in self.inputs:
+            value = feeds[spec.name]
+            if isinstance(value, np.ndarray):
+                value = self._staged(spec.name, np.ascontiguousarray(value, spec.dtype))
+            binding.bind_ortvalue_input(spec.name, value)
+            dims.update((d, n) for d, n in zip(spec.shape, value.shape()) if isinstance(d, str))
+        for spec in self.outputs:
+            shape = [dims.get(d) if isinstance(d, str) else d for d in spec.shape]
+            if None in shape:  # a dimension no input names: ONNX Runtime allocates the output
+                binding.bind_output(spec.name, self.device, 0)
+            else:
+                binding.bind_ortvalue_output(spec.name, self._buffer(f"out:{spec.name}", shape, spec.dtype))
+        self.session.run_with_iobinding(binding)
+        return dict(zip(names, binding.copy_outputs_to_cpu()))
+
+    def _staged(self, name: str, array: np.ndarray) -> Any:
+        """The device buffer of input `name` holding a copy of `array` (one upload)."""
+        buffer = self._buffer(f"in:{name}", list(array.shape), array.dtype)
+        buffer.update_inplace(array)
+        self.uploads[name] += 1
+        return buffer
+
+    def _buffer(self, key: str, shape: list[int], dtype: Any) -> Any:
+        """The device buffer for `key`, reallocated only when its shape or dtype changes (fixed addresses
+        for fixed shapes, as CUDA graphs require)."""
+        from onnxruntime import OrtValue
+
+        layout = (tuple(shape), np.dtype(dtype))
+        if key not in self._buffers or self._buffers[key][0] != layout:
+            self._buffers[key] = (layout, OrtValue.ortvalue_from_shape_and_type(shape, layout[1], self.device, 0))
+        return self._buffers[key][1]
 
 
 def _spec(node) -> TensorSpec:
@@ -110,11 +166,13 @@ def resolve_backend(requested: str, manifest: Manifest | None = None) -> str:
 
 
 def open_engine(manifest: Manifest, name: str, backend: str = "ort-cpu", threads: int | None = None,
-                arena: bool = True) -> Engine:
-    """Verify artefact `name` of a manifest (hash, existence) and open it on a resolved backend."""
+                arena: bool = True, cuda_graph: bool = False) -> Engine:
+    """Verify artefact `name` of a manifest (hash, existence) and open it on a resolved backend
+    (`cuda_graph` applies to ORT-CUDA only)."""
     if backend == "trt":
         from persense.runtime.trt_engine import open_trt_engine
 
         return open_trt_engine(manifest, name)
     path = manifest.verified_path(name)
-    return OrtEngine(path, device="cuda" if backend == "ort-cuda" else "cpu", threads=threads, arena=arena)
+    return OrtEngine(path, device="cuda" if backend == "ort-cuda" else "cpu", threads=threads, arena=arena,
+                     cuda_graph=cuda_graph)
