@@ -69,7 +69,7 @@ def image_to_tokens(module: nn.Module, q: Tensor, k: Tensor, v: Tensor) -> Tenso
 
 
 class FastPerSamDecoder(PerSamDecoder):
-    """PerSamDecoder with the re-associated attentions (same inputs, outputs and weights)."""
+    """PerSamDecoder with the re-associated attentions (same inputs, outputs, weights and `best_only` forms)."""
 
     tokens_to_image = staticmethod(tokens_to_image)
     image_to_tokens = staticmethod(image_to_tokens)

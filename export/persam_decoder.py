@@ -7,8 +7,12 @@ One module serves every decoder call PerSense makes. Per prompt b:
   attention of each block (a second softmax). `0` gives stock SAM.
 - `has_mask_input[b] = 1` uses `mask_input[b]` (low-res logits) as SAM's dense prompt.
 - a box is two points labelled 2 and 3; label -1 is SAM's padding point.
-Outputs are low-res logits and IoU predictions for all 4 mask tokens (0 = single-mask output,
-1..3 = multimask outputs).
+With `best_only=False` (the literal form the PyTorch reference runs, as the original) the outputs are
+low-res logits [B,4,256,256] and IoU predictions [B,4] for all 4 mask tokens (0 = single-mask output,
+1..3 = multimask outputs). With `best_only=True` (the exported `sam_decoder`) SAM's best multimask output
+is chosen inside the graph (index 1..3 by predicted IoU, the first maximum on ties, as np.argmax): the
+chosen token's hypernetwork row is gathered before the mask projection, so only one mask is projected,
+and the outputs are `low_res_masks` [B,256,256] and `iou_predictions` [B].
 """
 
 from __future__ import annotations
@@ -37,6 +41,14 @@ def attention(module: nn.Module, q: Tensor, k: Tensor, v: Tensor,
     return module.out_proj(out)
 
 
+def select_best(hyper_in: Tensor, iou: Tensor) -> tuple[Tensor, Tensor]:
+    """Per prompt, SAM's best multimask output (index 1..3 by IoU, first maximum on ties): its hypernetwork
+    row (B,1,C) and its score (B,). Gathering the row before the mask projection is exact."""
+    best = 1 + torch.argmax(iou[:, 1:], dim=1)
+    rows = best.reshape(-1, 1, 1).expand(-1, 1, hyper_in.shape[-1])
+    return torch.gather(hyper_in, 1, rows), torch.gather(iou, 1, best.reshape(-1, 1)).reshape(-1)
+
+
 class PerSamDecoder(nn.Module):
     """Prompt encoder + PerSAM-guided mask decoder over a batch of prompts for one image embedding."""
 
@@ -44,8 +56,9 @@ class PerSamDecoder(nn.Module):
                    "target_embedding", "attn_sim", "persam_weight"]
     output_names = ["low_res_masks", "iou_predictions"]
 
-    def __init__(self, sam: Sam) -> None:
+    def __init__(self, sam: Sam, best_only: bool = False) -> None:
         super().__init__()
+        self.best_only = best_only
         self.prompt_encoder = sam.prompt_encoder
         self.mask_decoder = sam.mask_decoder
         self.register_buffer("image_pe", sam.prompt_encoder.get_dense_pe().detach(), persistent=False)
@@ -112,7 +125,8 @@ class PerSamDecoder(nn.Module):
     def forward(self, image_embeddings: Tensor, point_coords: Tensor, point_labels: Tensor, mask_input: Tensor,
                 has_mask_input: Tensor, target_embedding: Tensor, attn_sim: Tensor,
                 persam_weight: Tensor) -> tuple[Tensor, Tensor]:
-        """Decode B prompts against one image embedding; returns (B,4,256,256) logits and (B,4) IoU scores."""
+        """Decode B prompts against one image embedding: (B,4,256,256) logits and (B,4) IoU scores, or with
+        `best_only` the best multimask output's (B,256,256) logits and (B,) score."""
         md = self.mask_decoder
         batch = point_coords.shape[0]
         sparse = self.embed_points(point_coords, point_labels)
@@ -127,7 +141,11 @@ class PerSamDecoder(nn.Module):
         mask_tokens = hs[:, 1:1 + md.num_mask_tokens, :]
         hyper_in = torch.stack([mlp(mask_tokens[:, i, :]) for i, mlp in enumerate(md.output_hypernetworks_mlps)],
                                dim=1)
-        return self.masks(keys, hyper_in, src.shape[-1]), md.iou_prediction_head(hs[:, 0, :])
+        iou = md.iou_prediction_head(hs[:, 0, :])
+        if self.best_only:
+            hyper_in, iou = select_best(hyper_in, iou)
+            return self.masks(keys, hyper_in, src.shape[-1])[:, 0], iou
+        return self.masks(keys, hyper_in, src.shape[-1]), iou
 
     def masks(self, keys: Tensor, hyper_in: Tensor, grid: int) -> Tensor:
         """Low-res mask logits: upscale the image tokens (B,N,C) and project with the hypernetwork outputs."""

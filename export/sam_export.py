@@ -41,13 +41,19 @@ def export_encoder(sam: Sam, path: Path, model_type: str, source: str) -> Artefa
 
 
 def export_decoder(sam: Sam, path: Path, model_type: str, source: str) -> Artefact:
-    """The batched PerSAM decoder (re-associated form) with a dynamic prompt batch B and points per prompt N."""
+    """The batched PerSAM decoder (re-associated form, best multimask output chosen in the graph:
+    `low_res_masks` [B,256,256], `iou_predictions` [B]) with a dynamic prompt batch B and points per prompt N."""
+    with torch.no_grad():
+        seconds = export_decoder_graph(FastPerSamDecoder(sam, best_only=True).eval(), path)
+    return describe(path, "sam_decoder", "fp32", model_type, source, {"export_seconds": round(seconds, 2)})
+
+
+def export_decoder_graph(decoder: PerSamDecoder, path: Path) -> float:
+    """Export a PerSamDecoder module (either output form) with the decoder's names and dynamic axes; seconds taken."""
     batch = torch.export.Dim("B", min=1, max=MAX_PROMPTS)
     points = torch.export.Dim("N", min=1, max=MAX_POINTS)
     dynamic = {"image_embeddings": None, "point_coords": {0: batch, 1: points}, "point_labels": {0: batch, 1: points},
                "mask_input": {0: batch}, "has_mask_input": {0: batch}, "target_embedding": None, "attn_sim": None,
                "persam_weight": {0: batch}}
-    with torch.no_grad():
-        seconds = export_onnx(FastPerSamDecoder(sam).eval(), decoder_example_inputs(), path,
-                              PerSamDecoder.input_names, PerSamDecoder.output_names, dynamic)
-    return describe(path, "sam_decoder", "fp32", model_type, source, {"export_seconds": round(seconds, 2)})
+    return export_onnx(decoder, decoder_example_inputs(), path, PerSamDecoder.input_names,
+                       PerSamDecoder.output_names, dynamic)

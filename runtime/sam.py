@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
-from persense.runtime.engine import Engine, open_engine
+from persense.runtime.engine import Engine, OrtEngine, open_engine
 from persense.runtime.manifest import REEXPORT_HINT, Manifest, TensorSpec, check_io
 from persense.runtime.transforms import SamTransform
 
@@ -21,6 +20,8 @@ LOW_RES = 256
 PAD_LABEL = -1.0
 ENCODER_IO = ([TensorSpec("image", (1, 3, 1024, 1024), "float32")],
               [TensorSpec("image_embeddings", (1, EMBED_DIM, GRID, GRID), "float32")])
+# The decoder returns, per prompt, SAM's best multimask output chosen inside the graph (index 1..3 by
+# predicted IoU, the first maximum on ties): its low-res logits [B,256,256] and its predicted IoU [B].
 DECODER_IO = ([TensorSpec("image_embeddings", (1, EMBED_DIM, GRID, GRID), "float32"),
                TensorSpec("point_coords", ("B", "N", 2), "float32"),
                TensorSpec("point_labels", ("B", "N"), "float32"),
@@ -29,8 +30,8 @@ DECODER_IO = ([TensorSpec("image_embeddings", (1, EMBED_DIM, GRID, GRID), "float
                TensorSpec("target_embedding", (1, EMBED_DIM), "float32"),
                TensorSpec("attn_sim", (1, GRID * GRID), "float32"),
                TensorSpec("persam_weight", ("B",), "float32")],
-              [TensorSpec("low_res_masks", ("B", 4, LOW_RES, LOW_RES), "float32"),
-               TensorSpec("iou_predictions", ("B", 4), "float32")])
+              [TensorSpec("low_res_masks", ("B", LOW_RES, LOW_RES), "float32"),
+               TensorSpec("iou_predictions", ("B",), "float32")])
 
 
 @dataclass
@@ -80,20 +81,6 @@ class Prompts:
         return Prompts(self.coords[start:stop], self.labels[start:stop], mask)
 
 
-@dataclass
-class Decoded:
-    """Decoder outputs for B prompts: low-res logits [B,4,256,256] and IoU predictions [B,4]."""
-
-    low_res: np.ndarray
-    iou: np.ndarray
-
-    def best_multimask(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Per prompt, SAM's best multimask output: (index 1..3, its logits [B,256,256], its score [B])."""
-        best = 1 + np.argmax(self.iou[:, 1:], axis=1)
-        rows = np.arange(len(best))
-        return best, self.low_res[rows, best], self.iou[rows, best]
-
-
 class SamEngines:
     """The encoder and decoder engines of one manifest, used with SAM's geometry."""
 
@@ -102,6 +89,7 @@ class SamEngines:
         self.decoder = decoder
         self.decode_chunk = max(1, decode_chunk)
         self.decoder_launches = 0
+        self._resident: tuple[np.ndarray, object] | None = None  # (host embedding, its copy on the decoder's device)
 
     @staticmethod
     def from_manifest(manifest: Manifest, backend: str = "ort-cpu", threads: int | None = None,
@@ -123,39 +111,27 @@ class SamEngines:
         embedding = self.encoder.run({"image": transform.image_tensor(image_rgb)})["image_embeddings"]
         return embedding, transform
 
-    def decode(self, embedding: np.ndarray, prompts: Prompts, guidance: Guidance | None = None) -> Decoded:
-        """All four outputs of every prompt, decoded in chunks of `decode_chunk` (guidance applies to all)."""
-        parts = list(self._chunks(embedding, prompts, guidance))
-        if not parts:
-            return Decoded(np.zeros((0, 4, LOW_RES, LOW_RES), np.float32), np.zeros((0, 4), np.float32))
-        return Decoded(np.concatenate([p.low_res for p in parts]), np.concatenate([p.iou for p in parts]))
-
     def decode_best(self, embedding: np.ndarray, prompts: Prompts,
                     guidance: Guidance | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Per prompt, SAM's best multimask output only: logits [B,256,256] and score [B] (chunk by chunk)."""
+        """Per prompt, SAM's best multimask output (chosen in the graph): logits [B,256,256] and score [B],
+        in launches of `decode_chunk` prompts; PerSAM guidance applies to every prompt when given."""
         logits = np.empty((len(prompts), LOW_RES, LOW_RES), np.float32)
         scores = np.empty(len(prompts), np.float32)
-        start = 0
-        for part in self._chunks(embedding, prompts, guidance):
-            _, best_logits, best_scores = part.best_multimask()
-            logits[start:start + len(best_scores)] = best_logits
-            scores[start:start + len(best_scores)] = best_scores
-            start += len(best_scores)
-        return logits, scores
-
-    def _chunks(self, embedding: np.ndarray, prompts: Prompts, guidance: Guidance | None) -> Iterator[Decoded]:
-        """One decoder launch per `decode_chunk` prompts; PerSAM guidance applies to every prompt when given."""
         guide = guidance or Guidance.none()
         weight = 1.0 if guidance is not None else 0.0
         for start in range(0, len(prompts), self.decode_chunk):
-            yield self._decode_chunk(embedding, prompts.chunk(start, start + self.decode_chunk), guide, weight)
+            stop = min(start + self.decode_chunk, len(prompts))
+            out = self._launch(embedding, prompts.chunk(start, stop), guide, weight)
+            logits[start:stop] = out["low_res_masks"]
+            scores[start:stop] = out["iou_predictions"]
+        return logits, scores
 
-    def _decode_chunk(self, embedding: np.ndarray, prompts: Prompts, guide: Guidance, weight: float) -> Decoded:
+    def _launch(self, embedding: np.ndarray, prompts: Prompts, guide: Guidance, weight: float) -> dict[str, np.ndarray]:
         """One decoder launch."""
         batch = len(prompts)
         has_mask = prompts.mask_input is not None
         feeds = {
-            "image_embeddings": embedding,
+            "image_embeddings": self._embedding_feed(embedding),
             "point_coords": prompts.coords.astype(np.float32),
             "point_labels": prompts.labels.astype(np.float32),
             "mask_input": (prompts.mask_input.reshape(batch, 1, LOW_RES, LOW_RES).astype(np.float32) if has_mask
@@ -167,7 +143,16 @@ class SamEngines:
         }
         out = self.decoder.run(feeds)
         self.decoder_launches += 1
-        return Decoded(out["low_res_masks"], out["iou_predictions"])
+        return out
+
+    def _embedding_feed(self, embedding: np.ndarray) -> np.ndarray:
+        """The image embedding as a decoder launch takes it: where the decoder binds device values (ORT IO
+        binding), one copy on its device per image (per embedding array; never mutate it in place), else as is."""
+        if not (isinstance(self.decoder, OrtEngine) and self.decoder.io_binding):
+            return embedding
+        if self._resident is None or self._resident[0] is not embedding:
+            self._resident = (embedding, self.decoder.upload("image_embeddings", embedding))
+        return self._resident[1]
 
 
 def engine_names(manifest: Manifest, backend: str, precision: str) -> dict[str, str]:

@@ -193,8 +193,8 @@ def stub_decoder_engines(kit: Kit) -> Path:
         return helper.make_tensor_value_info(tensor["name"], TensorProto.FLOAT, tensor["shape"])
 
     constants = {"zero": np.array([0], np.int64), "one": np.array([1], np.int64),
-                 "mask_dims": np.array([4, 256, 256], np.int64), "iou_dims": np.array([4], np.int64), "logit": np.full((1, 1, 1, 1), -1.0, np.float32),
-                 "scores": np.array([[0.1, 0.4, 0.3, 0.2]], np.float32)}
+                 "mask_dims": np.array([256, 256], np.int64), "iou_dims": np.zeros(0, np.int64), "logit": np.full((1, 1, 1), -1.0, np.float32),
+                 "scores": np.array([0.4], np.float32)}
     nodes = [helper.make_node("Shape", ["point_coords"], ["coords_shape"]),
              helper.make_node("Slice", ["coords_shape", "zero", "one"], ["batch"]),
              helper.make_node("Concat", ["batch", "mask_dims"], ["mask_shape"], axis=0),

@@ -138,9 +138,37 @@ def _iou(a, b):
     return 1.0 if union == 0 else np.logical_and(a, b).sum() / union
 
 
+def host_best(low_res: np.ndarray, iou: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """SAM's best multimask output chosen on the host from all four: (index 1..3, logits [B,256,256], score [B])."""
+    best = 1 + np.argmax(iou[:, 1:], axis=1)
+    rows = np.arange(len(best))
+    return best, low_res[rows, best], iou[rows, best]
+
+
+def _feeds(args) -> dict[str, np.ndarray]:
+    return {name: t.numpy() for name, t in zip(PerSamDecoder.input_names, args)}
+
+
 @pytest.fixture(scope="module")
 def onnx_decoder(tiny_engines):
     return OrtEngine(tiny_engines / "sam_decoder.onnx", threads=2)
+
+
+@pytest.fixture(scope="module")
+def all_outputs_decoder(tiny_sam, tmp_path_factory):
+    """The same re-associated decoder exported with all four outputs (the graph before in-graph selection)."""
+    from persense.export.fast_decoder import FastPerSamDecoder
+    from persense.export.sam_export import export_decoder_graph
+
+    path = tmp_path_factory.mktemp("all_outputs") / "sam_decoder_all.onnx"
+    with torch.no_grad():
+        export_decoder_graph(FastPerSamDecoder(tiny_sam).eval(), path)
+    return OrtEngine(path, threads=2)
+
+
+def test_exported_decoder_returns_only_the_chosen_mask(onnx_decoder):
+    assert [(o.name, o.shape) for o in onnx_decoder.outputs] == [("low_res_masks", ("B", 256, 256)),
+                                                                  ("iou_predictions", ("B",))]
 
 
 @pytest.mark.parametrize("batch,points,guided,with_mask", [(1, 2, False, False), (1, 2, True, False),
@@ -150,12 +178,58 @@ def test_onnx_decoder_matches_torch(decoder, onnx_decoder, batch, points, guided
     args = _inputs(batch, points, guided, with_mask)
     with torch.no_grad():
         expected, expected_iou = decoder(*args)
-    out = onnx_decoder.run({name: t.numpy() for name, t in zip(PerSamDecoder.input_names, args)})
-    np.testing.assert_allclose(out["low_res_masks"], expected.numpy(), atol=MASK_LOGIT_ATOL)
-    np.testing.assert_allclose(out["iou_predictions"], expected_iou.numpy(), atol=1e-5)
-    ious = [_iou(a > 0, b > 0) for a, b in zip(out["low_res_masks"].reshape(batch * 4, -1),
-                                                 expected.numpy().reshape(batch * 4, -1))]
+    _, expected_best, expected_score = host_best(expected.numpy(), expected_iou.numpy())
+    out = onnx_decoder.run(_feeds(args))
+    np.testing.assert_allclose(out["low_res_masks"], expected_best, atol=MASK_LOGIT_ATOL)
+    np.testing.assert_allclose(out["iou_predictions"], expected_score, atol=1e-5)
+    ious = [_iou(a > 0, b > 0) for a, b in zip(out["low_res_masks"].reshape(batch, -1), expected_best.reshape(batch, -1))]
     assert min(ious) >= 0.99
+
+
+@pytest.mark.parametrize("batch,points,guided,with_mask", [(1, 2, False, False), (1, 2, True, False),
+                                                           (64, 2, True, False), (64, 2, False, False),
+                                                           (64, 3, False, True)])
+def test_in_graph_selection_equals_all_outputs_graph_and_host_selection(onnx_decoder, all_outputs_decoder, batch,
+                                                                        points, guided, with_mask):
+    feeds = _feeds(_inputs(batch, points, guided, with_mask, seed=batch + 10))
+    everything = all_outputs_decoder.run(feeds)
+    assert everything["low_res_masks"].shape == (batch, 4, 256, 256)
+    best, logits, scores = host_best(everything["low_res_masks"], everything["iou_predictions"])
+    chosen = onnx_decoder.run(feeds)
+    # the same index: the chosen score is that index's score, and no other candidate's logits are as close
+    np.testing.assert_array_equal(chosen["iou_predictions"], scores)
+    np.testing.assert_allclose(chosen["low_res_masks"], logits, atol=1e-4)
+    distance = np.abs(everything["low_res_masks"][:, 1:] - chosen["low_res_masks"][:, None]).max(axis=(2, 3))
+    np.testing.assert_array_equal(1 + np.argmin(distance, axis=1), best)
+
+
+@torch.no_grad()
+def test_in_graph_selection_breaks_ties_as_numpy_argmax(tiny_sam, tmp_path):
+    """Tokens 2 and 3 always predict IoU 0 (a tie), token 1 a prompt-dependent IoU centred on 0: the graph picks
+    1 where that is positive and 2 (the first maximum of the tie) elsewhere, as np.argmax does."""
+    import copy
+
+    from persense.export.fast_decoder import FastPerSamDecoder
+    from persense.export.sam_export import export_decoder_graph
+
+    tied = copy.deepcopy(tiny_sam)
+    head = tied.mask_decoder.iou_prediction_head.layers[-1]
+    head.weight[2:].zero_()
+    head.bias[1:].zero_()
+    args = _inputs(64, 2, False, False, seed=3)
+    middle = PerSamDecoder(tied).eval()(*args)[1][:, 1].sort().values[31:33]
+    head.bias[1] = -middle.mean()  # half the prompts above 0, half below, none near it
+    path = tmp_path / "tied.onnx"
+    export_decoder_graph(FastPerSamDecoder(tied, best_only=True).eval(), path)
+    low, iou = PerSamDecoder(tied).eval()(*args)
+    assert (iou[:, 2] == 0).all() and (iou[:, 3] == 0).all()
+    best, logits, scores = host_best(low.numpy(), iou.numpy())
+    assert set(best.tolist()) == {1, 2}
+    out = OrtEngine(path, threads=2).run(_feeds(args))
+    np.testing.assert_allclose(out["iou_predictions"], scores, atol=1e-5)
+    np.testing.assert_allclose(out["low_res_masks"], logits, atol=MASK_LOGIT_ATOL)
+    other = np.where(best == 2, 3, 2)  # the tied token not chosen (or, where 1 won, the first tied one)
+    assert (np.abs(out["low_res_masks"] - low.numpy()[np.arange(64), other]).max(axis=(1, 2)) > 1e-2).all()
 
 
 def test_one_batched_call_equals_single_calls(tiny_engines):
@@ -168,11 +242,8 @@ def test_one_batched_call_equals_single_calls(tiny_engines):
     embedding = rng.normal(size=(1, 256, 64, 64)).astype(np.float32)
     prompts = Prompts.points(rng.uniform(0, 1024, (64, 2)))
     guidance = Guidance(rng.normal(size=(1, 256)).astype(np.float32), rng.random((1, 4096)).astype(np.float32))
-    one_call = batched.decode(embedding, prompts, guidance)
-    many = single.decode(embedding, prompts, guidance)
+    one_call = batched.decode_best(embedding, prompts, guidance)
+    many = single.decode_best(embedding, prompts, guidance)
     assert batched.decoder_launches == 1 and single.decoder_launches == 64
-    np.testing.assert_allclose(one_call.low_res, many.low_res, atol=1e-4)
-    np.testing.assert_allclose(one_call.iou, many.iou, atol=1e-5)
-    best_batched, _, _ = one_call.best_multimask()
-    best_single, _, _ = many.best_multimask()
-    assert np.array_equal(best_batched, best_single)
+    np.testing.assert_allclose(one_call[0], many[0], atol=1e-4)
+    np.testing.assert_allclose(one_call[1], many[1], atol=1e-5)
