@@ -3,8 +3,8 @@
 `python -m persense.benchmarks.gpu_check [--models vit_b,vit_h] [--budget-s 540] [--out benchmarks/results]`
 (usually through scripts/gpu_check.sh). Where ONNX Runtime lists its CUDA provider and nvidia-smi names a
 GPU, for each model in turn (vit_b first), each part a child process:
-1. export: `persense-export --random-weights --seed 0 --fp16 [--gpu-encoder]` (FP32 and FP16 ONNX models,
-   and sam_encoder_gpu where this exporter has it);
+1. export, export_fp16: `persense-export --random-weights --seed 0 [--gpu-encoder]`, then again with `--fp16`
+   (FP32, then FP16 ONNX models; sam_encoder_gpu where this exporter has it, and without it when that fails);
 2. parity: `gpu_parity` (ORT-CUDA against ORT-CPU FP32 within its stated tolerances, latency of every
    encoder artefact on CUDA);
 3. bench: `persense-bench` at 1024x768 (vit_b: 50 and 200 instances, vit_h: 50) with ort-cuda-fp32,
@@ -38,7 +38,8 @@ from persense.runtime.ort_check import check_onnxruntime
 PLAN = {"vit_b": (50, 200), "vit_h": (50,)}  # instance counts of the pipeline benchmark per model
 SIZE = (1024, 768)
 SEED = 0
-PART_MIN_S = {"export": {"vit_b": 45, "vit_h": 150}, "parity": 30, "bench": 60, "torch": 30}
+PART_MIN_S = {"export": {"vit_b": 45, "vit_h": 150}, "export_fp16": {"vit_b": 20, "vit_h": 60}, "parity": 30,
+              "bench": 60, "torch": 30}
 REPORT_RESERVE_S = 10  # kept back from every part's deadline for writing the report
 BENCH_ARGS = ["--variants", "ort-cuda-fp32,ort-cuda-fp16", "--reference-device", "cuda", "--warmup", "1",
               "--repeat", "3"]
@@ -82,6 +83,7 @@ def run_part(command: list[str], timeout: float, log: Path, stdout: Path | None 
     with log.open("a") as sink:
         sink.write(f"$ {' '.join(command)}\n")
         sink.flush()
+        offset = sink.tell()
         out = stdout.open("w") if stdout else sink
         process = subprocess.Popen(command, stdout=out, stderr=sink, start_new_session=True)
         try:
@@ -98,7 +100,7 @@ def run_part(command: list[str], timeout: float, log: Path, stdout: Path | None 
         return {"status": "timeout", "seconds": seconds, "error": f"stopped at the deadline after {seconds:.0f} s"}
     if code == 0:
         return {"status": "ok", "seconds": seconds, "error": None}
-    lines = [line for line in log.read_text().splitlines() if line.strip() and not line.startswith("$ ")]
+    lines = [line for line in log.read_bytes()[offset:].decode(errors="replace").splitlines() if line.strip()]
     return {"status": "failed", "seconds": seconds, "error": lines[-1] if lines else f"exit code {code}"}
 
 
@@ -120,15 +122,21 @@ def check_model(model: str, budget: Budget, work: Path, out: Path, slug: str) ->
                               "parity": None, "bench": None, "torch": None}
     image = synthetic_workloads(work / "workloads", (PLAN[model][0],), SIZE, SEED)[0].image
     bench_out = work / f"bench-{model}"
-    commands = {
-        "export": (_module("export.cli", "--model", model, "--random-weights", "--seed", str(SEED), "--out",
-                           str(engines), "--fp16", *_gpu_encoder_flags(), "-q"), None),
-        "parity": (_module("benchmarks.gpu_parity", str(engines), str(image), str(work / f"parity-{model}.json"),
-                           *PARITY_ARGS), None),
+    outputs = {"parity": work / f"parity-{model}.json", "bench": bench_out / "bench.json",
+               "torch": work / f"torch-{model}.json"}
+    for stale in outputs.values():  # an earlier run's results must not pass for this run's
+        stale.unlink(missing_ok=True)
+    export = _module("export.cli", "--model", model, "--random-weights", "--seed", str(SEED), "--out", str(engines),
+                     "-q")
+    commands = {  # FP32 first, so that a failed FP16 conversion leaves the FP32 parts something to measure
+        "export": ([*export, *_gpu_encoder_flags()], None),
+        "export_fp16": ([*export, "--fp16", *_gpu_encoder_flags()], None),
+        "parity": (_module("benchmarks.gpu_parity", str(engines), str(image), str(outputs["parity"]), *PARITY_ARGS),
+                   None),
         "bench": (_module("benchmarks.bench", "--model", model, "--instances", ",".join(map(str, PLAN[model])),
                           "--size", "x".join(map(str, SIZE)), "--seed", str(SEED), *BENCH_ARGS,
                           "--out", str(bench_out), "--engines-cache", str(engines), "-q"), None),
-        "torch": (_module("benchmarks.torch_cuda", "--model", model, *TORCH_ARGS), work / f"torch-{model}.json"),
+        "torch": (_module("benchmarks.torch_cuda", "--model", model, *TORCH_ARGS), outputs["torch"]),
     }
     for name, (command, stdout) in commands.items():
         needed = PART_MIN_S[name][model] if isinstance(PART_MIN_S[name], dict) else PART_MIN_S[name]
@@ -139,13 +147,23 @@ def check_model(model: str, budget: Budget, work: Path, out: Path, slug: str) ->
                            "error": f"out of time: {max(budget.left(), 0):.0f} s left, the part needs {needed} s"}
         else:
             parts[name] = run_part(command, budget.left(), log, stdout)
-    result["parity"] = _read_json(work / f"parity-{model}.json")
-    result["bench"] = _read_json(bench_out / "bench.json")
-    result["torch"] = _read_json(work / f"torch-{model}.json")
+            if name == "export" and parts[name]["status"] == "failed" and _gpu_encoder_flags():
+                parts[name] = _export_without_gpu_encoder(command, parts[name], budget, log)
+                commands["export_fp16"] = ([*export, "--fp16"], None)
+    result.update({name: _read_json(path) for name, path in outputs.items()})
     for suffix in ("json", "md"):
         if (bench_out / f"bench.{suffix}").is_file():
             shutil.copyfile(bench_out / f"bench.{suffix}", out / f"bench_{slug}_{model}.{suffix}")
     return result
+
+
+def _export_without_gpu_encoder(command: list[str], failed: dict[str, Any], budget: Budget,
+                                log: Path) -> dict[str, Any]:
+    """Export again without --gpu-encoder after a failure with it, so that the other parts still run."""
+    retry = run_part([c for c in command if c != "--gpu-encoder"], budget.left(), log)
+    note = f"with --gpu-encoder: {failed['error']}; again without it"
+    return {**retry, "seconds": round(failed["seconds"] + retry["seconds"], 1),
+            "error": note if retry["error"] is None else f"{note}: {retry['error']}"}
 
 
 def _read_json(path: Path) -> Any:

@@ -73,6 +73,38 @@ def mask_agreement(test: np.ndarray, reference: np.ndarray) -> dict[str, Any]:
             "passed": float(np.mean(ious)) >= TOLERANCES["mask_iou_mean"]}
 
 
+def _failure(exc: Exception) -> str:
+    """One line for an artefact that could not be opened or run (recorded; the other artefacts go on)."""
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
+def _encoder(manifest: Manifest, name: str, device: str, threads: int | None, feed: dict[str, np.ndarray],
+             reference: np.ndarray) -> tuple[dict[str, Any], OrtEngine | None]:
+    """One encoder artefact on `device`: agreement with the reference embedding and latency; and its engine."""
+    precision = "fp16" if name.endswith("_fp16") else "fp32"
+    try:
+        engine = OrtEngine(manifest.verified_path(name), device, threads, arena=False)
+        embedding = engine.run(feed)["image_embeddings"]
+        latency = timed_ms(lambda: engine.run(feed), WARMUP, REPEAT)
+    except Exception as exc:  # noqa: BLE001 - a diagnostic run reports each artefact's failure and goes on
+        return {"artefact": name, "precision": precision, "passed": False, "error": _failure(exc)}, None
+    return {"artefact": name, "precision": precision, **embedding_agreement(embedding, reference, precision),
+            "latency_ms": latency, "error": None}, engine
+
+
+def _decoder(manifest: Manifest, names: dict[str, str], encoder: OrtEngine, device: str, threads: int | None,
+             image: np.ndarray, prompts: Prompts, reference_logits: np.ndarray) -> dict[str, Any]:
+    """The runtime's engine pair on `device` end to end: its chosen masks against the reference's."""
+    entry = {"encoder": names[ENCODER], "decoder": names[DECODER]}
+    try:
+        engines = SamEngines(encoder, OrtEngine(manifest.verified_path(names[DECODER]), device, threads),
+                             decode_chunk=PROMPT_GRID ** 2)
+        logits, _ = engines.decode_best(engines.encode(image)[0], prompts)
+    except Exception as exc:  # noqa: BLE001 - as in _encoder
+        return {**entry, "passed": False, "error": _failure(exc)}
+    return {**entry, **mask_agreement(logits, reference_logits), "error": None}
+
+
 def check(manifest: Manifest, image: np.ndarray, threads: int | None = None, device: str = "cuda") -> dict[str, Any]:
     """Encoder agreement and latency per encoder artefact on `device` (CUDA; "cpu" tests this code), and decoder
     mask IoU per precision."""
@@ -84,22 +116,14 @@ def check(manifest: Manifest, image: np.ndarray, threads: int | None = None, dev
     feed = {"image": transform.image_tensor(image)}
     encoders, engines = [], {}
     for name in (n for n in ENCODERS if n in manifest.artefacts):
-        engine = engines[name] = OrtEngine(manifest.verified_path(name), device, threads, arena=False)
-        embedding = engine.run(feed)["image_embeddings"]
-        precision = "fp16" if name.endswith("_fp16") else "fp32"
-        encoders.append({"artefact": name, "precision": precision,
-                         **embedding_agreement(embedding, reference, precision),
-                         "latency_ms": timed_ms(lambda: engine.run(feed), WARMUP, REPEAT)})
+        entry, engines[name] = _encoder(manifest, name, device, threads, feed, reference)
+        encoders.append(entry)
     decoders = []
     for precision in ("fp32", "fp16"):
         names = engine_names(manifest, f"ort-{device}", precision)
-        if not all(name in manifest.artefacts for name in names.values()):
-            continue
-        test = SamEngines(engines[names[ENCODER]], OrtEngine(manifest.verified_path(names[DECODER]), device, threads),
-                          decode_chunk=PROMPT_GRID ** 2)
-        logits, _ = test.decode_best(test.encode(image)[0], prompts)
-        decoders.append({"precision": precision, "encoder": names[ENCODER], "decoder": names[DECODER],
-                         **mask_agreement(logits, reference_logits)})
+        if all(name in manifest.artefacts for name in names.values()) and engines[names[ENCODER]] is not None:
+            decoders.append({"precision": precision, **_decoder(manifest, names, engines[names[ENCODER]], device,
+                                                                 threads, image, prompts, reference_logits)})
     return {"reference": "ONNX Runtime CPU, sam_encoder + sam_decoder (FP32)", "tolerances": TOLERANCES,
             "encoders": encoders, "decoders": decoders,
             "passed": all(e["passed"] for e in encoders) and all(d["passed"] for d in decoders)}

@@ -41,7 +41,7 @@ def _best_cuda_query(model: dict[str, Any] | None, instances: int) -> float | No
 
 def _encoder_ms(model: dict[str, Any] | None, precision: str) -> float | None:
     """p50 of the encoder the runtime uses on ORT-CUDA at this precision (sam_encoder_gpu where exported)."""
-    encoders = {e["artefact"]: e for e in ((model or {}).get("parity") or {}).get("encoders", [])}
+    encoders = {e["artefact"]: e for e in ((model or {}).get("parity") or {}).get("encoders", []) if not e["error"]}
     suffix = "" if precision == "fp32" else f"_{precision}"
     chosen = encoders.get(f"sam_encoder_gpu{suffix}") or encoders.get(f"sam_encoder{suffix}")
     return None if chosen is None else chosen["latency_ms"]["p50"]
@@ -103,11 +103,14 @@ def _verdict(met: bool | None) -> str:
 
 def _parity_lines(parity: dict[str, Any]) -> list[str]:
     """Encoder agreement and latency, decoder mask IoU."""
-    encoders = [[e["artefact"], e["precision"], _num(e["latency_ms"]["p50"]), _num(e["latency_ms"]["p90"]),
-                 f"{e['max_abs']:.2e} (of {e['reference_max_abs']:.2f})", f"{e['cosine']:.6f}", _verdict(e["passed"])]
-                for e in parity["encoders"]]
-    decoders = [[d["precision"], f"{d['encoder']} + {d['decoder']}", str(d["prompts"]), f"{d['mean_iou']:.4f}",
-                 f"{d['min_iou']:.4f}", _verdict(d["passed"])] for d in parity["decoders"]]
+    encoders = [[e["artefact"], e["precision"], "failed: " + e["error"], "-", "-", "-", _verdict(False)] if e["error"]
+                else [e["artefact"], e["precision"], _num(e["latency_ms"]["p50"]), _num(e["latency_ms"]["p90"]),
+                      f"{e['max_abs']:.2e} (of {e['reference_max_abs']:.2f})", f"{e['cosine']:.6f}",
+                      _verdict(e["passed"])] for e in parity["encoders"]]
+    decoders = [[d["precision"], f"{d['encoder']} + {d['decoder']}", "failed: " + d["error"], "-", "-", _verdict(False)]
+                if d["error"] else [d["precision"], f"{d['encoder']} + {d['decoder']}", str(d["prompts"]),
+                                    f"{d['mean_iou']:.4f}", f"{d['min_iou']:.4f}", _verdict(d["passed"])]
+                for d in parity["decoders"]]
     return [f"Against {parity['reference']}; tolerances {json.dumps(parity['tolerances'])}.", "",
             *table(["encoder on ORT-CUDA", "precision", "p50 ms", "p90 ms", "embedding max abs diff", "cosine",
                     "within tolerance"], encoders),

@@ -83,7 +83,8 @@ def test_parity_code_on_the_cpu_agrees_exactly(tiny_engines: Path, tmp_path: Pat
     result = gpu_parity.check(load_manifest(tiny_engines), image, threads=1, device="cpu")
     (encoder,) = result["encoders"]
     assert encoder["artefact"] == "sam_encoder" and encoder["cosine"] > 0.999999 and encoder["max_abs"] < 1e-5
-    assert encoder["passed"] and 0 < encoder["latency_ms"]["min"] <= encoder["latency_ms"]["p50"]
+    assert encoder["passed"] and encoder["error"] is None
+    assert 0 < encoder["latency_ms"]["min"] <= encoder["latency_ms"]["p50"]
     (decoder,) = result["decoders"]  # the session's engines have no FP16 models
     assert decoder["precision"] == "fp32" and decoder["prompts"] == gpu_parity.PROMPT_GRID ** 2
     assert decoder["mean_iou"] == decoder["min_iou"] == 1.0 and result["passed"]
@@ -110,13 +111,14 @@ def test_the_parts_run_end_to_end_when_pointed_at_the_cpu(tiny_engines: Path, tm
     monkeypatch.setattr(gpu_check, "PLAN", {"tiny": (10,)})
     monkeypatch.setattr(gpu_check, "SIZE", (320, 240))
     monkeypatch.setitem(gpu_check.PART_MIN_S, "export", {"tiny": 1})
+    monkeypatch.setitem(gpu_check.PART_MIN_S, "export_fp16", {"tiny": 1})
     monkeypatch.setattr(gpu_check, "BENCH_ARGS", ["--variants", "ort-cpu-fp32,ort-cpu-fp16", "--warmup", "0",
                                                   "--repeat", "1", "--threads", "1"])
     monkeypatch.setattr(gpu_check, "PARITY_ARGS", ["--device", "cpu"])
     monkeypatch.setattr(gpu_check, "TORCH_ARGS", ["--device", "cpu", "--prompts", "2", "--repeat", "1"])
     shutil.copytree(tiny_engines, tmp_path / "work" / "engines-tiny")
     result = gpu_check.check_model("tiny", gpu_check.Budget(900), tmp_path / "work", tmp_path, "cpu")
-    assert list(result["parts"]) == ["export", "parity", "bench", "torch"]
+    assert list(result["parts"]) == ["export", "export_fp16", "parity", "bench", "torch"]
     assert all(part["status"] == "ok" for part in result["parts"].values()), result["parts"]
     names = [e["artefact"] for e in result["parity"]["encoders"]]
     assert names[:2] == ["sam_encoder", "sam_encoder_fp16"] and result["parity"]["decoders"][1]["precision"] == "fp16"
@@ -142,9 +144,12 @@ def _stages(scale: float) -> dict[str, float]:
 def _faked_document() -> dict[str, Any]:
     """A report document as gpu_check.run builds it, with hand-made timings for vit_b; vit_h out of time."""
     encoders = [{"artefact": name, "precision": "fp16" if name.endswith("fp16") else "fp32", "max_abs": 0.01,
-                 "reference_max_abs": 4.7, "cosine": 0.99999, "passed": True, "latency_ms": {"p50": ms, "p90": ms}}
+                 "reference_max_abs": 4.7, "cosine": 0.99999, "passed": True, "latency_ms": {"p50": ms, "p90": ms},
+                 "error": None}
                 for name, ms in (("sam_encoder", 22.0), ("sam_encoder_fp16", 21.0), ("sam_encoder_gpu", 12.0),
                                  ("sam_encoder_gpu_fp16", 6.0))]
+    encoders[1] = {"artefact": "sam_encoder_fp16", "precision": "fp16", "passed": False,
+                   "error": "Fail: CUDA out of memory"}
     bench = {"settings": {"repeat": 3}, "pipelines": [
         {"name": "reference", "status": "measured", "reason": None},
         {"name": "ort-cuda-fp16", "status": "failed", "reason": "worker process died"}],
@@ -157,7 +162,8 @@ def _faked_document() -> dict[str, Any]:
              "parts": {"export": {"status": "ok", "seconds": 50.0, "error": None}},
              "parity": {"reference": "ORT CPU", "tolerances": gpu_parity.TOLERANCES, "encoders": encoders,
                         "decoders": [{"precision": "fp32", "encoder": "sam_encoder_gpu", "decoder": "sam_decoder",
-                                      "prompts": 64, "mean_iou": 0.995, "min_iou": 0.9, "passed": True}]}}
+                                      "prompts": 64, "mean_iou": 0.995, "min_iou": 0.9, "passed": True,
+                                      "error": None}]}}
     vit_h = {"model": "vit_h", "instances": [50], "parity": None, "bench": None, "torch": None,
              "parts": {"export": {"status": "skipped", "seconds": 0.0, "error": "out of time: 90 s left"}}}
     environment = {"cpu": "Intel Xeon", "cpu_cores_usable": 16, "onnxruntime_providers": ["CUDAExecutionProvider"],
@@ -185,3 +191,4 @@ def test_report_targets_and_files_from_a_faked_timing_document(tmp_path: Path) -
     assert "export skipped (0 s): out of time: 90 s left" in text
     assert "ort-cuda-fp16: failed (worker process died)" in text
     assert "| sam_encoder_gpu_fp16 | fp16 | 6.0 | 6.0 |" in text
+    assert "| sam_encoder_fp16 | fp16 | failed: Fail: CUDA out of memory |" in text
