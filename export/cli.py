@@ -41,8 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also write sam_encoder_gpu, the encoder persense-infer uses on ort-cuda: every attention "
                              "one fused attention with the relative positions as an additive bias, no CPU row blocks "
                              "(with --fp16 also sam_encoder_gpu_fp16). FORM: attention (default; ONNX Attention, "
-                             "opset 23), mha (ONNX Runtime's com.microsoft.MultiHeadAttention) or decomposed "
-                             "(MatMul/Softmax, opset 18); not used by TensorRT, which keeps sam_encoder")
+                             "opset 23), mha (ONNX Runtime's com.microsoft.MultiHeadAttention), decomposed "
+                             "(MatMul/Softmax, opset 18) or folded (the bias folded into a mask-free ONNX Attention); "
+                             "not used by TensorRT, which keeps sam_encoder")
     parser.add_argument("--int8", action="store_true",
                         help="also write INT8 SAM models (<name>_int8, ONNX Runtime dynamic quantisation) for the CPU")
     parser.add_argument("--check", action="store_true",

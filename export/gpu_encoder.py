@@ -8,18 +8,19 @@ does (`rel_h[..., :, None] + rel_w[..., None, :]` -> [B, heads, Nq, Nk]), and ha
 bias to one attention call, so the logits, softmax and product can run in one fused kernel. Softmax is
 taken over the biased logits exactly as before, so the result is the original's up to rounding.
 
-Forms of that call in the exported graph (`ATTENTION_FORMS`; all three run on ONNX Runtime CPU here):
+Forms of that call in the exported graph (`ATTENTION_FORMS`; all four run on ONNX Runtime CPU here):
 - `attention` (default): `F.scaled_dot_product_attention` exported at opset 23, which torch 2.13's
   dynamo exporter writes as the standard ONNX `Attention` op with a float `attn_mask`; ONNX Runtime
   implements it on CPU and CUDA and can dispatch it to fused kernels. Standard op, FP16-convertible as is.
 - `mha`: ONNX Runtime's contrib `com.microsoft.MultiHeadAttention` with `attention_bias`, whose CUDA
   kernels (cutlass memory-efficient attention) take a bias; ONNX Runtime only: TensorRT cannot parse it.
 - `decomposed`: the same module exported at opset 18, where SDPA lowers to MatMul/Add/Softmax/MatMul:
-  no row blocks and no relative-position einsums on the logits, all standard ops (what TensorRT's own
-  attention fusion matches).
-Not done: folding the bias into the product (q' = [q*scale, q.Rh, q.Rw], k' = [k, onehot(row),
-onehot(col)], then attention without a mask and scale 1) would never write the N x N bias (0.8 GB per
-global block of vit_b in FP32) and let flash kernels run, at 3x the head width of the QK product.
+  no row blocks, all standard ops (the pattern TensorRT's own attention fusion matches).
+- `folded`: the bias folded into the product (`folded_attention`): q' = [q*scale, q.Rh, q.Rw] and
+  k' = [k, onehot(key row), onehot(key column)], then ONNX `Attention` (opset 23) without a mask at scale 1.
+  The [heads, S, S] bias (0.8 GB per global block of vit_b in FP32) is never written and mask-free fused
+  (flash) kernels become eligible, at a QK width of head_dim + h + w (vit_b global: 64 + 128).
+All forms are exact up to rounding; which is fastest on a GPU is for measurement to decide.
 """
 
 from __future__ import annotations
@@ -38,22 +39,47 @@ from persense.export.sam_modeling import modeling
 from persense.runtime.errors import PersenseError
 from persense.runtime.manifest import Artefact
 
-ATTENTION_FORMS = ("attention", "mha", "decomposed")
+ATTENTION_FORMS = ("attention", "mha", "decomposed", "folded")
 DEFAULT_FORM = "attention"
-OPSETS = {"attention": 23, "mha": 18, "decomposed": 18}
+OPSETS = {"attention": 23, "mha": 18, "decomposed": 18, "folded": 23}
 # manifest `extra["backends"]`: the runtime picks sam_encoder_gpu on ort-cuda only (TensorRT keeps sam_encoder)
 BACKENDS = ["ort-cuda"]
 
 
+def _heads(t: Tensor, num_heads: int) -> Tensor:
+    """[B,S,heads*C] -> [B,heads,S,C]."""
+    return t.reshape(t.shape[0], t.shape[1], num_heads, -1).transpose(1, 2)
+
+
+def _merge_heads(t: Tensor) -> Tensor:
+    """[B,heads,S,C] -> [B,S,heads*C]."""
+    return t.transpose(1, 2).flatten(2)
+
+
 def split_heads_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, num_heads: int, scale: float) -> Tensor:
     """Attention of [B,S,D] query/key/value with an additive bias [B,heads,S,S]; returns [B,S,D]."""
-    b, s, d = q.shape
+    out = F.scaled_dot_product_attention(_heads(q, num_heads), _heads(k, num_heads), _heads(v, num_heads),
+                                         attn_mask=bias, scale=scale)
+    return _merge_heads(out)
 
-    def heads(t: Tensor) -> Tensor:
-        return t.reshape(b, s, num_heads, -1).transpose(1, 2)
 
-    out = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=bias, scale=scale)
-    return out.transpose(1, 2).reshape(b, s, d)
+def folded_attention(q: Tensor, k: Tensor, v: Tensor, term_h: Tensor, term_w: Tensor, num_heads: int,
+                     scale: float) -> Tensor:
+    """Attention with the relative-position bias folded into the product, so no [S,S] bias is ever written.
+
+    q' = [q * scale, term_h, term_w] and k' = [k, onehot(key row), onehot(key column)] give
+    q'.k' = scale q.k + term_h[key row] + term_w[key column], the biased logits; softmax(q'k'^T) v at scale 1.
+    q/k/v [B,S,D], term_h [B,heads,h,w,h], term_w [B,heads,h,w,w]; returns [B,S,D].
+    """
+    b, s, _ = q.shape
+    rows, cols = term_w.shape[2], term_w.shape[3]
+    key_row = torch.eye(rows, dtype=q.dtype).repeat_interleave(cols, dim=0)  # [S, h]: one-hot row of each key
+    key_col = torch.eye(cols, dtype=q.dtype).repeat(rows, 1)  # [S, w]: one-hot column of each key
+    positions = torch.cat([key_row, key_col], dim=1).expand(b, num_heads, s, rows + cols)
+    query = torch.cat([_heads(q, num_heads) * scale, term_h.reshape(b, num_heads, s, rows),
+                       term_w.reshape(b, num_heads, s, cols)], dim=-1)
+    key = torch.cat([_heads(k, num_heads), positions], dim=-1)
+    return _merge_heads(F.scaled_dot_product_attention(query, key, _heads(v, num_heads), scale=1.0))
 
 
 @torch.library.custom_op("persense::multi_head_attention", mutates_args=())
@@ -95,7 +121,7 @@ class FusedAttention(nn.Module):
     def __init__(self, attention: nn.Module, form: str = DEFAULT_FORM) -> None:
         super().__init__()
         self.inner = attention
-        self.attend = multi_head_attention if form == "mha" else split_heads_attention
+        self.form = form
 
     def forward(self, x: Tensor) -> Tensor:
         """Same output as Attention.forward with use_rel_pos (global [1,64,64,C] or windows [W,14,14,C])."""
@@ -108,8 +134,12 @@ class FusedAttention(nn.Module):
         rel_w = modeling.image_encoder.get_rel_pos(w, w, inner.rel_pos_w)
         term_h = torch.einsum("bnhwc,hkc->bnhwk", grid_q, rel_h)
         term_w = torch.einsum("bnhwc,wkc->bnhwk", grid_q, rel_w)
-        bias = (term_h[..., :, None] + term_w[..., None, :]).reshape(b, heads, h * w, h * w)
-        out = self.attend(q, k, v, bias, heads, inner.scale)
+        if self.form == "folded":
+            out = folded_attention(q, k, v, term_h, term_w, heads, inner.scale)
+        else:
+            bias = (term_h[..., :, None] + term_w[..., None, :]).reshape(b, heads, h * w, h * w)
+            attend = multi_head_attention if self.form == "mha" else split_heads_attention
+            out = attend(q, k, v, bias, heads, inner.scale)
         return inner.proj(out.reshape(b, h, w, -1))
 
 

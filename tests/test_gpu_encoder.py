@@ -24,7 +24,7 @@ ORT_ATOL = 5e-4  # sam_encoder_gpu vs sam_encoder, both on ONNX Runtime CPU (emb
 FP16_COSINE = 0.999
 # The attention nodes each form must contain, one per encoder block (and no separate Softmax where fused).
 ATTENTION_NODES = {"attention": ("", "Attention"), "mha": ("com.microsoft", "MultiHeadAttention"),
-                   "decomposed": ("", "Softmax")}
+                   "decomposed": ("", "Softmax"), "folded": ("", "Attention")}
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +90,8 @@ def test_exported_gpu_encoder_matches_sam_encoder_on_ort_cpu(exported, image, fo
     assert sum(n.domain == domain and n.op_type == op for n in model.graph.node) == 2  # one per block
     if form != "decomposed":
         assert not any(n.op_type == "Softmax" for n in model.graph.node)
+    if form == "folded":  # query, key, value and no [S,S] mask
+        assert all([i for i in n.input if i] == list(n.input[:3]) for n in model.graph.node if n.op_type == op)
     feeds = {"image": image.numpy()}
     expected = OrtEngine(exported["sam_encoder"], threads=2).run(feeds)["image_embeddings"]
     got = OrtEngine(exported[form], threads=2).run(feeds)["image_embeddings"]
@@ -97,7 +99,7 @@ def test_exported_gpu_encoder_matches_sam_encoder_on_ort_cpu(exported, image, fo
     assert np.abs(got - expected).max() <= ORT_ATOL
 
 
-@pytest.mark.parametrize("form", ["attention", "mha"])
+@pytest.mark.parametrize("form", ["attention", "mha", "folded"])
 def test_fp16_gpu_encoder_keeps_attention_in_fp16_and_is_accurate(exported, image, form, tmp_path):
     from persense.export.fp16 import to_fp16
 
