@@ -53,10 +53,12 @@ class Job:
 def resolve_checkpoint(model_type: str, checkpoint: Path | None, random_weights: bool,
                        weights_dir: Path) -> Path | None:
     """The checkpoint to load: the given path, the official file in `weights_dir`, or None for random weights."""
-    from persense.export.sam_build import CHECKPOINT_NAMES
+    from persense.export.sam_build import BUNDLED_CHECKPOINTS, CHECKPOINT_NAMES
 
     if random_weights or model_type == "tiny":
         return None
+    if checkpoint is None and model_type in BUNDLED_CHECKPOINTS:
+        return BUNDLED_CHECKPOINTS[model_type]
     if checkpoint is not None:
         if not checkpoint.is_file():
             raise PersenseError(f"{checkpoint}: checkpoint not found (download it and pass its path)")

@@ -39,6 +39,10 @@ SAM_CONFIGS: dict[str, SamConfig] = {
     # Same I/O as the real models (1024 input, 256x64x64 embedding), a fraction of the compute: for tests.
     "tiny": SamConfig(32, 2, 2, (1,), decoder_mlp_dim=128, iou_head_hidden_dim=64),
 }
+# The tiny configuration with the project's own weights: trained on persense-synth scenes by
+# persense-train-tiny (export/train_tiny.py) and committed; it really segments synthetic objects.
+SAM_CONFIGS["tiny-trained"] = SAM_CONFIGS["tiny"]
+BUNDLED_CHECKPOINTS = {"tiny-trained": Path(__file__).resolve().parent.parent / "assets" / "tiny_sam.pt"}
 
 CHECKPOINT_NAMES = {"vit_h": "sam_vit_h_4b8939.pth", "vit_l": "sam_vit_l_0b3195.pth", "vit_b": "sam_vit_b_01ec64.pth"}
 
@@ -116,7 +120,7 @@ def load_sam(model_type: str, checkpoint: str | Path) -> Sam:
     if not isinstance(state_dict, dict) or "image_encoder.patch_embed.proj.weight" not in state_dict:
         raise PersenseError(f"{checkpoint}: not a SAM checkpoint (no image_encoder weights)")
     guessed = _guess_model_type(state_dict)
-    if guessed != model_type:
+    if guessed is None or SAM_CONFIGS[guessed] != SAM_CONFIGS[model_type]:
         raise PersenseError(f"{checkpoint}: this is a {guessed or 'unknown'} SAM checkpoint but --model is "
                             f"{model_type}; pass --model {guessed}" if guessed else
                             f"{checkpoint}: SAM checkpoint of unknown size; expected {model_type}")

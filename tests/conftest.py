@@ -69,3 +69,21 @@ def scene_files(tmp_path_factory: pytest.TempPathFactory, scene) -> dict[str, Pa
     cv2.imwrite(str(files["mask"]), scene["reference"])
     np.save(files["density"], scene["density"])
     return files
+
+
+@pytest.fixture(scope="session")
+def trained_tiny_sam():
+    """The tiny SAM with the project's own trained weights (assets/tiny_sam.pt, persense-train-tiny)."""
+    from persense.export.sam_build import BUNDLED_CHECKPOINTS, load_sam
+
+    return load_sam("tiny-trained", BUNDLED_CHECKPOINTS["tiny-trained"])
+
+
+@pytest.fixture(scope="session")
+def trained_tiny_engines(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An engines folder exported by persense-export from the trained tiny SAM (shared by the whole session)."""
+    from persense.export.cli import main
+
+    folder = tmp_path_factory.mktemp("engines_tiny_trained")
+    assert main(["--model", "tiny-trained", "--out", str(folder), "-q"]) == 0
+    return folder
