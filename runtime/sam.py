@@ -93,16 +93,18 @@ class SamEngines:
 
     @staticmethod
     def from_manifest(manifest: Manifest, backend: str = "ort-cpu", threads: int | None = None,
-                      decode_chunk: int | None = None, precision: str = "fp32") -> "SamEngines":
+                      decode_chunk: int | None = None, precision: str = "fp32",
+                      cuda_graph: bool = False) -> "SamEngines":
         """Open and verify both SAM engines; `precision` picks `<name>` (fp32) or `<name>_<precision>` ONNX
-        models (TensorRT uses its own engines); the decoder chunk size defaults per backend."""
+        models (TensorRT uses its own engines); the decoder chunk size defaults per backend; `cuda_graph` runs
+        the fixed-shape encoder as a captured CUDA graph on ort-cuda (off by default: not yet measured)."""
         names = engine_names(manifest, backend, precision)
         for base, (inputs, outputs) in ((ENCODER, ENCODER_IO), (DECODER, DECODER_IO)):
             if backend != "trt":
                 check_io(names[base], manifest.artefact(names[base]), inputs, outputs,
                          REEXPORT_HINT.format(folder=manifest.folder))
         chunk = decode_chunk or default_decode_chunk(backend)
-        return SamEngines(open_engine(manifest, names[ENCODER], backend, threads, arena=False),
+        return SamEngines(open_engine(manifest, names[ENCODER], backend, threads, arena=False, cuda_graph=cuda_graph),
                           open_engine(manifest, names[DECODER], backend, threads), chunk)
 
     def encode(self, image_rgb: np.ndarray) -> tuple[np.ndarray, SamTransform]:

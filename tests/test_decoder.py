@@ -182,7 +182,8 @@ def test_onnx_decoder_matches_torch(decoder, onnx_decoder, batch, points, guided
     out = onnx_decoder.run(_feeds(args))
     np.testing.assert_allclose(out["low_res_masks"], expected_best, atol=MASK_LOGIT_ATOL)
     np.testing.assert_allclose(out["iou_predictions"], expected_score, atol=1e-5)
-    ious = [_iou(a > 0, b > 0) for a, b in zip(out["low_res_masks"].reshape(batch, -1), expected_best.reshape(batch, -1))]
+    ious = [_iou(a > 0, b > 0) for a, b in zip(out["low_res_masks"].reshape(batch, -1),
+                                                 expected_best.reshape(batch, -1))]
     assert min(ious) >= 0.99
 
 
