@@ -102,7 +102,9 @@ class PositiveTiles:
             margin = MARGIN * np.abs(crops).max(axis=(1, 2))
             margin = np.where(margin < 2.0 ** 100, margin, np.inf)[:, None, None]  # non-finite (or huge): all exact
             positive = approx > margin
-            n, y, x = np.unravel_index(np.flatnonzero(~(np.abs(approx) > margin)), approx.shape)  # near 0, or NaN
+            near = np.abs(approx, out=approx) <= margin  # within rounding of 0
+            near[np.isinf(margin[:, 0, 0])] = True  # and every pixel of a tile drawing on a non-finite logit
+            n, y, x = np.unravel_index(np.flatnonzero(near), approx.shape)
             if n.size:
                 exact = exact_values(low_res, self.rows.taps, self.cols.taps, maps[n], top[n] + y, left[n] + x)
                 positive[n, y, x] = exact > 0

@@ -14,7 +14,8 @@ def oracle(logits: np.ndarray, transform: SamTransform, with_labels: bool):
     boxes = np.full((len(logits), 4), np.nan)
     labels = np.zeros(transform.original_size, np.uint16)
     for i, low in enumerate(logits):
-        mask = transform.upsample_to_original(low) > 0
+        with np.errstate(invalid="ignore"):  # 0 x inf in the non-finite cases, as in `rasterise`'s exact taps
+            mask = transform.upsample_to_original(low) > 0
         ys, xs = np.nonzero(mask)
         if len(ys):
             boxes[i] = (xs.min(), ys.min(), xs.max(), ys.max())
