@@ -4,6 +4,8 @@ A global-attention block of ViT-B/L/H attends 4096 tokens to 4096 tokens: its at
 relative-position terms added to it, and its softmax) is 4096 x 4096 per head, about 0.8 GB per copy for
 ViT-B's 12 heads. Softmax is per query row, so computing the rows in blocks is exact; with 1024 query
 rows per block the transient memory of the largest layer drops four-fold. Windowed blocks are unchanged.
+This is the CPU export (`sam_encoder`, also TensorRT's source); on ONNX Runtime CUDA the runtime uses
+`sam_encoder_gpu` (`gpu_encoder`: one fused attention per block, no row blocks) where it was exported.
 """
 
 from __future__ import annotations
