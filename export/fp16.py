@@ -1,4 +1,4 @@
-"""FP16 ONNX models (onnxconverter-common, float32 I/O kept, sensitive ops in FP32) and their measured error."""
+"""FP16 ONNX models (onnxconverter-common, float32 I/O kept, FP32 islands around sensitive ops) and their error."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any
 
 import onnx
 

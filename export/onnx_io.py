@@ -14,13 +14,15 @@ import logging
 import time
 import warnings
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import onnx
-import torch
 from onnx.external_data_helper import set_external_data
 
 from persense.export.artefacts import describe  # noqa: F401  (the model exporters import it from here)
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,8 @@ def export_onnx(module: torch.nn.Module, args: tuple[torch.Tensor, ...], path: P
                 options: dict[str, Any] | None = None) -> float:
     """Export with torch's dynamo exporter (extra torch.onnx.export `options`, e.g. opset_version), simplify with
     onnxslim, check, save; returns seconds taken."""
+    import torch
+
     start = time.perf_counter()
     path.parent.mkdir(parents=True, exist_ok=True)
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # e.g. "torchvision is not installed" notices
