@@ -8,9 +8,10 @@
   twice, identically). A tile draws on at most n_r x n_c low-res logits, and its values are two small
   float32 matrix products with the taps' own weights, batched over tiles.
 - Their rounding differs from `full`'s float32 taps by less than MARGIN x (the largest |logit| the tile
-  draws on): each is a sum of at most n <= 256 products whose weights sum to 1, erring by at most
-  n x 2^-24 of that (1.5e-5 for both together at n = 256; MARGIN is 2^-12 = 2.4e-4). So where a product is
-  further than that from 0 its sign is `full`'s, and the few pixels nearer 0 are recomputed with `full`'s
+  draws on): both compute, per pixel, sums of at most n products (n <= MAX_SPAN here, 256 at worst) with
+  non-negative weights summing to 1, each sum erring by at most about n x 2^-24 of that largest |logit|:
+  under 3.1e-5 for both together even at n = 256, against MARGIN = 2^-12 = 2.4e-4. So where a product is
+  further than MARGIN from 0 its sign is `full`'s, and the few pixels nearer 0 are recomputed with `full`'s
   own float32 operations (`exact_values`). Tiles that draw on a non-finite logit are all recomputed so.
 """
 
@@ -24,7 +25,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 if TYPE_CHECKING:
     from persense.runtime.transforms import AxisTaps
 
-MARGIN = 2.0 ** -12  # relative bound (with a reserve of 16) on the float32 rounding of an upsampled logit
+MARGIN = 2.0 ** -12  # relative bound (a reserve of 8 at worst) on the float32 rounding of an upsampled logit
 MAX_TILE = 96  # output pixels per tile side at most
 MAX_SPAN = 28  # low-res logits per tile side at most: keeps each product small (single-threaded BLAS calls)
 
