@@ -10,8 +10,9 @@ its state to itself (its own pipeline over the shared engine sessions; per-call 
 Runtime sessions run concurrent calls; a TensorRT execution context cannot, so on `trt` calls take
 turns through a lock.
 
-`PerSense.reference` is the one place a reference is encoded: a reference cache
-(persense.runtime.reference_cache) wraps that call, keyed by the files' bytes and these engines.
+`PerSense.reference` is the one place a reference is encoded: the reference cache
+(persense.runtime.reference_cache) wraps that call, keyed by the files' (or arrays') bytes, the encoder
+artefact, the precision and the backend; a hit skips the encoder. `PerSense.open(cache=False)` turns it off.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import copy
 import hashlib
 import io
 import json
+import logging
 import os
 import threading
 import time
@@ -36,12 +38,15 @@ from persense.runtime.imageio import atomic_write_bytes, mask_from_array, read_m
 from persense.runtime.manifest import Manifest
 from persense.runtime.pipeline import PerSensePipeline
 from persense.runtime.prior import Target
+from persense.runtime.reference_cache import ReferenceCache, array_bytes, cache_key, default_cache_dir, encoder_digest
 from persense.runtime.result import SegmentResult
-from persense.runtime.sam import EMBED_DIM, SamEngines
+from persense.runtime.sam import EMBED_DIM, ENCODER, SamEngines, engine_names
 
 ImageLike = np.ndarray | str | os.PathLike
 REFERENCE_FORMAT = 1
 PRECISIONS = ("fp32", "fp16", "int8")
+log = logging.getLogger(__name__)
+SOURCES = ("encoded", "cache", "file")  # where a Reference's numbers came from
 
 
 @dataclass(frozen=True, eq=False)
@@ -53,7 +58,9 @@ class Reference:
     precision: str  # precision of the SAM models that encoded it
     backend: str  # backend that encoded it (informative: any backend may use it)
     warnings: tuple[str, ...] = ()  # what reading the reference image or mask reported
-    encoding_ms: float = 0.0  # time the encoding took (0 for a loaded file)
+    encoding_ms: float = 0.0  # time the encoding took (0 from the cache or a file)
+    source: str = "encoded"  # one of SOURCES: encoded now, read from the reference cache, or loaded from a file
+    key: str | None = None  # its reference-cache key (None when the cache is off or for a loaded file)
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the reference to an .npz file atomically (arrays, identity of the engines, a checksum)."""
@@ -85,7 +92,8 @@ class Reference:
         if not ok:
             raise PersenseError(f"{path}: reference file is corrupt or of another format version; "
                                 f"write it again with persense-infer --save-reference")
-        return Reference(target, meta["manifest"], meta["precision"], meta["backend"], tuple(meta["warnings"]))
+        return Reference(target, meta["manifest"], meta["precision"], meta["backend"], tuple(meta["warnings"]),
+                         source="file")
 
 
 def _vector(array: np.ndarray) -> np.ndarray:
@@ -106,19 +114,27 @@ def _checksum(target: Target, manifest: str, precision: str) -> str:
 class PerSense:
     """Engines opened once; `reference` then `segment` as often as needed, from any thread."""
 
-    def __init__(self, sam: SamEngines, counter: Counter, manifest: Manifest, backend: str, precision: str) -> None:
+    def __init__(self, sam: SamEngines, counter: Counter, manifest: Manifest, backend: str, precision: str,
+                 cache: ReferenceCache | None = None) -> None:
         self.sam = sam
         self.counter = counter
         self.manifest = manifest
         self.backend = backend
+        self.cache = cache or ReferenceCache.disabled()
+        self._encoder = encoder_digest(manifest.artefact(engine_names(manifest, backend, precision)[ENCODER]))
         self.precision = "fp16" if backend == "trt" else precision  # TensorRT engines are built in FP16
         self._turns = threading.Lock() if backend == "trt" else contextlib.nullcontext()
 
     @staticmethod
     def open(engines: str | os.PathLike = "engines", backend: str = "auto", precision: str = "fp32",
              counter: str = "auto", threads: int | None = None, decode_chunk: int | None = None,
-             density: str | os.PathLike | None = None) -> "PerSense":
-        """Open and verify the SAM engines and the counter of an engines folder (see persense-infer's flags)."""
+             density: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None,
+             cache: bool = True) -> "PerSense":
+        """Open and verify the SAM engines and the counter of an engines folder (see persense-infer's flags).
+
+        `cache`: look encoded references up in (and add them to) the reference cache in `cache_dir`,
+        by default $PERSENSE_CACHE_DIR, else $XDG_CACHE_HOME/persense, else ~/.cache/persense.
+        """
         from persense.runtime.counter_choice import make_counter
         from persense.runtime.engine import resolve_backend
         from persense.runtime.manifest import load_manifest
@@ -132,8 +148,9 @@ class PerSense:
         resolved = resolve_backend(backend, manifest)
         sam = SamEngines.from_manifest(manifest, resolved, threads, decode_chunk, precision)
         density = Path(density) if density is not None else None
+        references = ReferenceCache(cache_dir or default_cache_dir()) if cache else ReferenceCache.disabled()
         return PerSense(sam, make_counter(counter, manifest, resolved, threads, density), manifest, resolved,
-                        precision)
+                        precision, references)
 
     @property
     def counter_name(self) -> str:
@@ -141,16 +158,41 @@ class PerSense:
         return self.counter.name
 
     def reference(self, image: ImageLike, mask: ImageLike) -> Reference:
-        """Encode a reference image and its object mask (RGB array / HxW mask array, or file paths)."""
+        """Encode a reference image and its object mask (RGB array / HxW mask array, or file paths).
+
+        The inputs are always read and checked; the encoder runs only when the reference cache has no
+        entry for them (then the result is stored), and `Reference.source` says which happened.
+        """
         warnings: list[str] = []
         rgb = _image(image, warnings)
         binary = (read_mask(mask, rgb.shape[:2], warnings) if _is_path(mask)
                   else mask_from_array(mask, rgb.shape[:2]))
+        identity = (self.manifest.digest(), self.precision, self.backend, tuple(warnings))
+        key = self._cache_key_or_none(image, mask)
+        cached = self.cache.get(key) if key is not None else None
+        if cached is not None:
+            return Reference(cached, *identity, source="cache", key=key)
         start = time.perf_counter()
         with self._turns:
             target = self._pipeline(self.counter).reference(rgb, binary)
-        return Reference(target, self.manifest.digest(), self.precision, self.backend, tuple(warnings),
-                         (time.perf_counter() - start) * 1000)
+        elapsed_ms = (time.perf_counter() - start) * 1000
+        if key is not None:
+            self.cache.put(key, target)
+        return Reference(target, *identity, elapsed_ms, source="encoded", key=key)
+
+    def _cache_key_or_none(self, image: ImageLike, mask: ImageLike) -> str | None:
+        """The cache key, or None when the cache is off or a file vanished since it was read (never an error)."""
+        if not self.cache.enabled:
+            return None
+        try:
+            return self.cache_key(image, mask)
+        except OSError as exc:
+            log.warning("reference cache skipped: cannot read the reference again (%s)", exc)
+            return None
+
+    def cache_key(self, image: ImageLike, mask: ImageLike) -> str:
+        """The reference-cache key of an image and mask (file bytes, or array bytes with shape and dtype)."""
+        return cache_key(_identity_bytes(image), _identity_bytes(mask), self._encoder, self.precision, self.backend)
 
     def segment(self, image: ImageLike, reference: Reference, box: np.ndarray | list[float] | None = None,
                 density: np.ndarray | str | os.PathLike | None = None) -> SegmentResult:
@@ -187,6 +229,11 @@ class PerSense:
 def _is_path(value: object) -> bool:
     """Whether an image/mask argument names a file."""
     return isinstance(value, (str, os.PathLike))
+
+
+def _identity_bytes(value: ImageLike) -> bytes:
+    """What identifies an image or mask argument: the file's bytes, or the array's dtype, shape and contents."""
+    return Path(value).read_bytes() if _is_path(value) else array_bytes(np.asarray(value))
 
 
 def _image(image: ImageLike, warnings: list[str]) -> np.ndarray:

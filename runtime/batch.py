@@ -30,10 +30,13 @@ class PipelineSpec:
     counter: str = "sam"
     threads: int | None = None
     precision: str = "fp32"
+    cache_dir: Path | None = None  # reference cache folder (None: the per-user default where it opens)
+    cache: bool = True  # False: --no-cache
 
     def open(self) -> PerSense:
-        """Open and verify the engines and the counter."""
-        return PerSense.open(self.engines, self.backend, self.precision, self.counter, self.threads)
+        """Open and verify the engines and the counter, with the reference cache asked for."""
+        return PerSense.open(self.engines, self.backend, self.precision, self.counter, self.threads,
+                             cache_dir=self.cache_dir, cache=self.cache)
 
 
 @dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 from typing import Callable
 
 from persense.runtime.errors import PersenseError
@@ -15,6 +16,14 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     parser.add_argument("-q", "--quiet", action="store_true", help="only errors")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
+
+
+def add_cache_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """--cache-dir and --no-cache: where encoded references are cached across runs, or not at all."""
+    parser.add_argument("--cache-dir", type=Path, help="reference cache folder (default $PERSENSE_CACHE_DIR, else "
+                        "$XDG_CACHE_HOME/persense, else ~/.cache/persense)")
+    parser.add_argument("--no-cache", action="store_true",
+                        help="encode the reference even if it is cached, and cache nothing")
 
 
 def configure_logging(args: argparse.Namespace) -> None:

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from persense.runtime.cli_common import add_common_flags, run_command
+from persense.runtime.cli_common import add_cache_flags, add_common_flags, run_command
 from persense.runtime.counter_choice import COUNTERS
 from persense.runtime.engine import BACKENDS
 from persense.runtime.errors import PersenseError
@@ -42,6 +42,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="per-image .npy density maps as <dir>/<class>/<NN>_density.npy (e.g. persense-synth's meta/)")
     run.add_argument("--threads", type=int, help="CPU threads per engine (default: all cores; with --ray 1)")
     run.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32", help="ONNX models to run")
+    add_cache_flags(run)
     run.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
                      help="distribute --run over Ray (pip install 'persense[ray]'): alone, a private local Ray "
                      "instance; with an address (e.g. ray://head:10001 or auto), an existing cluster (docs/RAY.md)")
@@ -82,7 +83,8 @@ def run_pipeline(args: argparse.Namespace) -> BatchReport:
         raise PersenseError("--ray-workers must be at least 1")
     density_for = (lambda name, stem: density_dir / name / f"{stem}_density.npy") if density_dir else None
     counter_name = "sam" if args.counter in ("auto", "npy") else args.counter
-    spec = PipelineSpec(args.engines, args.backend, counter_name, args.threads, args.precision)
+    spec = PipelineSpec(args.engines, args.backend, counter_name, args.threads, args.precision, args.cache_dir,
+                        not args.no_cache)
     if args.ray:
         from persense.runtime.ray_batch import run_dataset_ray
 

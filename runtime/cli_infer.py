@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from persense.runtime.api import PerSense, Reference
-from persense.runtime.cli_common import add_common_flags, run_command
+from persense.runtime.cli_common import add_cache_flags, add_common_flags, run_command
 from persense.runtime.counter_choice import COUNTERS
 from persense.runtime.engine import BACKENDS
 from persense.runtime.errors import PersenseError
@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a reference saved with --save-reference, instead of REF REF_MASK")
     parser.add_argument("--save-reference", type=Path, metavar="FILE.npz",
                         help="save the encoded reference for later runs with --reference (same engines)")
+    add_cache_flags(parser)
     parser.add_argument("--threads", type=int, help="CPU threads per engine (default: all cores)")
     parser.add_argument("--decode-chunk", type=int, help="prompts per decoder launch (default: per backend)")
     parser.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32",
@@ -147,7 +148,7 @@ def _infer(args: argparse.Namespace) -> int:
     if targets:
         _check_writable(args.out)
     ps = PerSense.open(args.engines, args.backend, args.precision, args.counter, args.threads, args.decode_chunk,
-                       args.density)
+                       args.density, args.cache_dir, not args.no_cache)
     reference = ps.reference(*pair) if saved is None else saved
     ps.check_reference(reference)
     if args.save_reference is not None:
@@ -179,7 +180,8 @@ def _summary(args: argparse.Namespace, ps: PerSense, reference: Reference, path:
     return {"image": str(path), **source, "box": None if box is None else box.tolist(),
             "backend": ps.backend, "precision": ps.precision, "model_type": ps.manifest.model_type,
             "counter": ps.counter_name, "manifest": ps.manifest.digest(),
-            "reference_encoding_ms": round(reference.encoding_ms, 3), **result.summary()}
+            "reference_encoding_ms": round(reference.encoding_ms, 3), "reference_source": reference.source,
+            "reference_key": reference.key, **result.summary()}
 
 
 def _report(total: int, failed: dict[Path, str], quiet_stdout: bool) -> int:

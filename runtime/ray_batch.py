@@ -3,7 +3,8 @@
 Ray is an optional extra (`pip install 'persense[ray]'`), imported only when a run asks for it. The
 driver plans the run with the resume rule of `run_dataset` (only images without a prediction), has
 one actor encode each class's reference once (the small `Reference` stays in Ray's object store and
-every task gets it by reference), hands image paths to the pool, and writes each returned union mask
+every task gets it by reference; the actor looks it up in, and adds it to, the reference cache, which
+the workers share when `--cache-dir` is on a shared filesystem), hands image paths to the pool, and writes each returned union mask
 atomically itself. One writer: the prediction folder needs no shared filesystem, a worker lost
 mid-image leaves nothing behind, and the PNG bytes come from the same code as a single-process run.
 """
@@ -129,7 +130,8 @@ def run_dataset_ray(data_dir: Path, pred_dir: Path, spec: PipelineSpec, address:
     report = BatchReport(skipped=skipped)
     if not jobs:
         return report
-    spec = replace(spec, engines=Path(spec.engines).absolute(), threads=spec.threads or 1)
+    cache_dir = None if spec.cache_dir is None else Path(spec.cache_dir).expanduser().absolute()
+    spec = replace(spec, engines=Path(spec.engines).absolute(), threads=spec.threads or 1, cache_dir=cache_dir)
     connect(ray, address, workers, spec.threads)
     try:
         actors = start_actors(ray, spec, workers, log_level)

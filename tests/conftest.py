@@ -11,6 +11,15 @@ import pytest
 TINY_SEED = 0
 
 
+@pytest.fixture(scope="session", autouse=True)
+def reference_cache_dir(tmp_path_factory: pytest.TempPathFactory):
+    """PERSENSE_CACHE_DIR for the whole session (child processes too): no test writes to ~/.cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        folder = tmp_path_factory.mktemp("reference_cache")
+        patch.setenv("PERSENSE_CACHE_DIR", str(folder))
+        yield folder
+
+
 @pytest.fixture(scope="session")
 def tiny_sam():
     """The tiny SAM (same I/O as vit_b/h) with seeded random weights."""

@@ -172,3 +172,44 @@ def test_readme_python_api_snippet_runs(tiny_engines, scene_files, tmp_path, mon
     exec(compile(_readme_snippet(), str(README), "exec"), namespace)
     assert (tmp_path / "apple.npz").is_file() and (tmp_path / "crowd_mask.png").is_file()
     assert namespace["result"].union.shape == namespace["result"].labels.shape
+
+
+def test_reference_cache_serves_a_second_encoding_bit_identical(tiny_engines, scene, scene_files, tmp_path):
+    cached = PerSense.open(tiny_engines, backend="ort-cpu", threads=2, cache_dir=tmp_path / "cache")
+    first = cached.reference(scene["image"], scene["reference"])
+    again = cached.reference(scene["image"].copy(), scene["reference"].copy())  # same bytes, other arrays
+    assert (first.source, again.source) == ("encoded", "cache") and first.key == again.key
+    assert first.encoding_ms > 0 and again.encoding_ms == 0
+    np.testing.assert_array_equal(again.target.embedding, first.target.embedding)
+    np.testing.assert_array_equal(again.target.feature, first.target.feature)
+    assert (again.manifest, again.precision, again.backend) == (first.manifest, "fp32", "ort-cpu")
+    as_bool = cached.reference(scene["image"], scene["reference"] > 0)  # same pixels, other dtype: its own key
+    assert as_bool.source == "encoded" and as_bool.key != first.key
+    from_files = cached.reference(scene_files["image"], scene_files["mask"])
+    assert from_files.key == cached.cache_key(scene_files["image"], scene_files["mask"]) != first.key
+    assert cached.reference(str(scene_files["image"]), str(scene_files["mask"])).source == "cache"
+    assert len(list((tmp_path / "cache").iterdir())) == 3
+
+
+def test_cache_off_and_loaded_references_say_where_they_came_from(tiny_engines, scene, apple, tmp_path):
+    uncached = PerSense.open(tiny_engines, backend="ort-cpu", threads=2, cache_dir=tmp_path / "c", cache=False)
+    fresh = uncached.reference(scene["image"], scene["reference"] > 0)
+    assert fresh.source == "encoded" and fresh.key is None and not (tmp_path / "c").exists()
+    np.testing.assert_array_equal(fresh.target.embedding, apple.target.embedding)
+    loaded = Reference.load(apple.save(tmp_path / "apple.npz"))
+    assert loaded.source == "file" and loaded.key is None and loaded.encoding_ms == 0
+
+
+def test_cache_key_follows_the_precision(tiny_engines, scene, tmp_path):
+    from persense.export.cli import main as export
+
+    engines = tmp_path / "engines"
+    shutil.copytree(tiny_engines, engines)
+    assert export(["--model", "tiny", "--seed", "0", "--out", str(engines), "--int8", "-q"]) == 0
+    fp32 = PerSense.open(engines, backend="ort-cpu", threads=2, cache_dir=tmp_path / "cache")
+    int8 = PerSense.open(engines, backend="ort-cpu", precision="int8", threads=2, cache_dir=tmp_path / "cache")
+    assert fp32.reference(scene["image"], scene["reference"]).source == "encoded"
+    from_int8 = int8.reference(scene["image"], scene["reference"])
+    assert from_int8.source == "encoded" and from_int8.precision == "int8"
+    assert int8.reference(scene["image"], scene["reference"]).source == "cache"
+    assert len(list((tmp_path / "cache").iterdir())) == 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -186,3 +187,75 @@ def test_saved_reference_gives_the_same_results(tiny_engines, scene_files, tmp_p
     code, _, err = _run([str(scene_files["image"]), "--reference", str(saved), "--out", str(tmp_path / "c"),
                          *common], capsys)
     assert code == 2 and err.count("\n") == 1 and "not a persense reference file" in err
+
+
+@pytest.fixture
+def encodes(monkeypatch) -> list[tuple[int, ...]]:
+    """Every SamEngines.encode call of this test (the image shapes), in order."""
+    from persense.runtime.sam import SamEngines
+
+    calls: list[tuple[int, ...]] = []
+    original = SamEngines.encode
+
+    def counting(self, image):
+        calls.append(image.shape)
+        return original(self, image)
+
+    monkeypatch.setattr(SamEngines, "encode", counting)
+    return calls
+
+
+def _infer_json(engines, scene_files, out, capsys, *extra) -> dict:
+    """persense-infer on the scene (reference = the scene's first disc); its result.json, and stderr as `_stderr`."""
+    code, stdout, stderr = _run([str(scene_files["image"]), str(scene_files["image"]), str(scene_files["mask"]),
+                            "--engines", str(engines), "--density", str(scene_files["density"]), "--out", str(out),
+                            "--json", *extra], capsys)
+    assert code == 0
+    return {**json.loads(stdout.strip().splitlines()[-1]), "_stderr": stderr}
+
+
+def test_second_infer_with_the_same_reference_skips_its_encoding(tiny_engines, scene_files, tmp_path, capsys,
+                                                                 encodes):
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    first = _infer_json(tiny_engines, scene_files, tmp_path / "a", capsys, *cache)
+    assert len(encodes) == 2 and first["reference_source"] == "encoded" and first["reference_encoding_ms"] > 0
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [f"{first['reference_key']}.npz"]
+    second = _infer_json(tiny_engines, scene_files, tmp_path / "b", capsys, *cache)
+    assert len(encodes) == 3  # only the target: the reference came from the cache
+    assert second["reference_source"] == "cache" and second["reference_encoding_ms"] == 0
+    assert second["reference_key"] == first["reference_key"]
+    assert second["points"] == first["points"] and second["scores"] == first["scores"]
+    assert (tmp_path / "a" / "mask.png").read_bytes() == (tmp_path / "b" / "mask.png").read_bytes()
+    again = _infer_json(tiny_engines, scene_files, tmp_path / "c", capsys, *cache, "--no-cache")
+    assert len(encodes) == 5 and again["reference_source"] == "encoded" and again["reference_key"] is None
+    assert again["points"] == first["points"]
+
+
+def test_reexported_engines_miss_the_cache_and_encode_again(tiny_engines, scene_files, tmp_path, capsys, encodes):
+    from persense.export.cli import main as export
+
+    engines, cache = tmp_path / "engines", ["--cache-dir", str(tmp_path / "cache")]
+    shutil.copytree(tiny_engines, engines)
+    before = _infer_json(engines, scene_files, tmp_path / "a", capsys, *cache)
+    assert export(["--model", "tiny", "--seed", "1", "--out", str(engines), "-q"]) == 0  # other weights
+    capsys.readouterr()
+    after = _infer_json(engines, scene_files, tmp_path / "b", capsys, *cache)
+    assert after["manifest"] != before["manifest"] and after["reference_key"] != before["reference_key"]
+    assert after["reference_source"] == "encoded" and len(encodes) == 4
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 2  # the stale entry is never served
+
+
+def test_a_broken_cache_never_fails_a_run(tiny_engines, scene_files, tmp_path, capsys, encodes):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    unwritable = _infer_json(tiny_engines, scene_files, tmp_path / "a", capsys, "--cache-dir", str(blocker / "c"))
+    assert unwritable["reference_source"] == "encoded" and "reference cache disabled" in unwritable["_stderr"]
+    cache = tmp_path / "cache"
+    first = _infer_json(tiny_engines, scene_files, tmp_path / "b", capsys, "--cache-dir", str(cache))
+    entry = cache / f"{first['reference_key']}.npz"
+    entry.write_bytes(entry.read_bytes()[:100])  # truncated: ignored, encoded again, rewritten
+    second = _infer_json(tiny_engines, scene_files, tmp_path / "c", capsys, "--cache-dir", str(cache))
+    assert second["reference_source"] == "encoded" and second["points"] == first["points"] == unwritable["points"]
+    assert "ignoring" in second["_stderr"] and len(encodes) == 6
+    assert _infer_json(tiny_engines, scene_files, tmp_path / "d", capsys, "--cache-dir", str(cache))[
+        "reference_source"] == "cache"
