@@ -66,3 +66,32 @@ def test_unreadable_image_is_listed_and_retried_by_the_next_run(dataset: Path, t
     bad.write_bytes(good_bytes)  # the user repairs the file; the next run does only that image
     assert run_eval(data, pred, tiny_engines) == (1, IMAGES)
     assert (pred / bad.parent.name / "02.png").is_file()
+
+
+def test_eval_run_encodes_each_class_reference_once_across_runs(dataset: Path, tiny_engines: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from persense.runtime.api import PerSense
+    from persense.runtime.batch import PipelineSpec, run_dataset
+
+    encoded: list[str] = []
+    original = PerSense.reference
+
+    def recording(self, image, mask):
+        reference = original(self, image, mask)
+        encoded.append(reference.source)
+        return reference
+
+    monkeypatch.setattr(PerSense, "reference", recording)
+    ps = PipelineSpec(tiny_engines, "ort-cpu", "sam", 1, cache_dir=tmp_path / "cache").open()
+    first = run_dataset(dataset, tmp_path / "first", ps, progress=False)
+    second = run_dataset(dataset, tmp_path / "second", ps, progress=False)
+    assert first.segmented == second.segmented == IMAGES + 1 and encoded == ["encoded", "cache"]
+    assert predictions(tmp_path / "first") == predictions(tmp_path / "second")
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 1
+
+    no_cache = tmp_path / "unused"
+    assert run_eval(dataset, tmp_path / "third", tiny_engines, "--no-cache", "--cache-dir", str(no_cache)) == \
+        (IMAGES + 1, 0)
+    assert not no_cache.exists()
+    assert run_eval(dataset, tmp_path / "fourth", tiny_engines, "--cache-dir", str(tmp_path / "cli")) == (IMAGES + 1, 0)
+    assert len(list((tmp_path / "cli").glob("*.npz"))) == 1
