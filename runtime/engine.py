@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Protocol
 
 import numpy as np
@@ -48,6 +50,8 @@ class OrtEngine:
     device buffers; buffers are reused while shapes stay the same. `uploads` counts host-to-device copies per
     input name. `cuda_graph` (CUDA only, off by default, not measured on our CPU machines) captures the graph
     on the first run and replays it: only for models with fixed shapes, such as the encoder.
+    Threads may share an engine: each thread binds its own buffers, except under `cuda_graph`, where the
+    captured graph owns one set of buffers and runs take turns.
     """
 
     def __init__(self, path: str | Path, device: str = "cpu", threads: int | None = None, arena: bool = True,
@@ -82,8 +86,9 @@ class OrtEngine:
         self.outputs = [_spec(o) for o in self.session.get_outputs()]
         self.io_binding = self.cuda_graph or (device == "cuda" if io_binding is None else io_binding)
         self.uploads: Counter[str] = Counter()
-        self._binding = self.session.io_binding() if self.io_binding else None
-        self._buffers: dict[str, tuple[tuple, Any]] = {}  # "in:<name>"/"out:<name>" -> ((shape, dtype), OrtValue)
+        self._local = threading.local()  # per thread: its io binding and its buffers
+        self._shared = SimpleNamespace() if self.cuda_graph else None  # one state for the captured graph
+        self._graph_lock = threading.Lock()
 
     def upload(self, name: str, array: np.ndarray) -> Any:
         """A copy of a host array for input `name` on the session's device (an OrtValue) that runs can bind."""
@@ -95,14 +100,28 @@ class OrtEngine:
     def run(self, feeds: dict[str, Any]) -> dict[str, np.ndarray]:
         """Run the session; inputs are host arrays, or device values from `upload` with `io_binding`."""
         names = [o.name for o in self.outputs]
-        if self._binding is None:
+        if not self.io_binding:
             return dict(zip(names, self.session.run(names, feeds)))
-        binding = self._binding
+        if self._shared is None:
+            return self._run_bound(names, feeds, self._state(self._local))
+        with self._graph_lock:
+            return self._run_bound(names, feeds, self._state(self._shared))
+
+    def _state(self, holder: Any) -> Any:
+        """`holder` with its io binding and buffer table ("in:<name>"/"out:<name>" -> ((shape, dtype), OrtValue))."""
+        if not hasattr(holder, "binding"):
+            holder.binding = self.session.io_binding()
+            holder.buffers = {}
+        return holder
+
+    def _run_bound(self, names: list[str], feeds: dict[str, Any], state: Any) -> dict[str, np.ndarray]:
+        """One run through an io binding whose buffers only this call uses."""
+        binding = state.binding
         dims: dict[str, int] = {}
         for spec in self.inputs:
             value = feeds[spec.name]
             if isinstance(value, np.ndarray):
-                value = self._staged(spec.name, np.ascontiguousarray(value, spec.dtype))
+                value = self._staged(state.buffers, spec.name, np.ascontiguousarray(value, spec.dtype))
             binding.bind_ortvalue_input(spec.name, value)
             dims.update((d, n) for d, n in zip(spec.shape, value.shape()) if isinstance(d, str))
         for spec in self.outputs:
@@ -110,26 +129,27 @@ class OrtEngine:
             if None in shape:  # a dimension no input names: ONNX Runtime allocates the output
                 binding.bind_output(spec.name, self.device, 0)
             else:
-                binding.bind_ortvalue_output(spec.name, self._buffer(f"out:{spec.name}", shape, spec.dtype))
+                binding.bind_ortvalue_output(spec.name, self._buffer(state.buffers, f"out:{spec.name}", shape,
+                                                                      spec.dtype))
         self.session.run_with_iobinding(binding)
         return dict(zip(names, binding.copy_outputs_to_cpu()))
 
-    def _staged(self, name: str, array: np.ndarray) -> Any:
+    def _staged(self, buffers: dict, name: str, array: np.ndarray) -> Any:
         """The device buffer of input `name` holding a copy of `array` (one upload)."""
-        buffer = self._buffer(f"in:{name}", list(array.shape), array.dtype)
+        buffer = self._buffer(buffers, f"in:{name}", list(array.shape), array.dtype)
         buffer.update_inplace(array)
         self.uploads[name] += 1
         return buffer
 
-    def _buffer(self, key: str, shape: list[int], dtype: Any) -> Any:
+    def _buffer(self, buffers: dict, key: str, shape: list[int], dtype: Any) -> Any:
         """The device buffer for `key`, reallocated only when its shape or dtype changes (fixed addresses
         for fixed shapes, as CUDA graphs require)."""
         from onnxruntime import OrtValue
 
         layout = (tuple(shape), np.dtype(dtype))
-        if key not in self._buffers or self._buffers[key][0] != layout:
-            self._buffers[key] = (layout, OrtValue.ortvalue_from_shape_and_type(shape, layout[1], self.device, 0))
-        return self._buffers[key][1]
+        if key not in buffers or buffers[key][0] != layout:
+            buffers[key] = (layout, OrtValue.ortvalue_from_shape_and_type(shape, layout[1], self.device, 0))
+        return buffers[key][1]
 
 
 def _spec(node) -> TensorSpec:

@@ -46,9 +46,9 @@ def test_device_values_are_bound_as_they_are_and_buffers_are_reused(decoders):
     embedding = bound.upload("image_embeddings", feeds["image_embeddings"])
     before = dict(bound.uploads)
     first = bound.run({**feeds, "image_embeddings": embedding})
-    address = bound._buffers["out:low_res_masks"][1].data_ptr()
+    address = bound._local.buffers["out:low_res_masks"][1].data_ptr()
     second = bound.run({**_feeds(4, 0.5), "image_embeddings": embedding})
-    assert bound._buffers["out:low_res_masks"][1].data_ptr() == address  # same shape: same output buffer
+    assert bound._local.buffers["out:low_res_masks"][1].data_ptr() == address  # same shape: same output buffer
     assert bound.uploads["image_embeddings"] == before.get("image_embeddings", 0)  # bound, not copied again
     assert bound.uploads["point_coords"] == before.get("point_coords", 0) + 2
     np.testing.assert_array_equal(first["low_res_masks"], plain.run(feeds)["low_res_masks"])
@@ -56,6 +56,17 @@ def test_device_values_are_bound_as_they_are_and_buffers_are_reused(decoders):
                                   plain.run({**_feeds(4, 0.5), "image_embeddings": feeds["image_embeddings"]})
                                   ["iou_predictions"])
 
+
+def test_threads_sharing_a_bound_engine_get_their_own_results(decoders):
+    """Each thread binds its own buffers: concurrent runs with different shapes return what a plain run does."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    plain, bound = decoders
+    cases = [(batch, scale) for batch in (1, 3, 5, 8) for scale in (0.5, 1.0, 2.0)]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda case: bound.run(_feeds(*case)), cases))
+    for case, result in zip(cases, got):
+        np.testing.assert_array_equal(result["low_res_masks"], plain.run(_feeds(*case))["low_res_masks"])
 
 def test_cuda_graphs_apply_only_on_cuda(tiny_engines):
     engine = OrtEngine(tiny_engines / "sam_encoder.onnx", threads=2, cuda_graph=True)
