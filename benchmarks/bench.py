@@ -1,8 +1,10 @@
 """persense-bench: the PyTorch reference against the engine runtime, per stage, on the same weights and inputs.
 
 For each workload (a synthetic dense scene per --instances count, or the user's image), every pipeline
-gets its own worker process; after --warmup untimed queries each, the pipelines take turns (order
-reversed every round) for --repeat timed queries. Reports: bench.json, bench.md and bench.png in --out.
+gets its own worker process; after --warmup untimed rounds each, the pipelines take turns (order
+reversed every round) for --repeat timed rounds. A round is one cold query (reference encoding +
+segmentation) and one warm query (segmentation with the reference encoded beforehand) per pipeline.
+Reports: bench.json, bench.md and bench.png in --out.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ from typing import Any
 import numpy as np
 
 from persense.benchmarks import mask_stage, report
-from persense.benchmarks.variants import (REFERENCE_NAME, REFERENCES, RUNTIME_VARIANTS, Variant, Worker, WorkerSpec,
-                                          engines_reason, export_engines, platform_reason)
+from persense.benchmarks.variants import (QUERIES, REFERENCE_NAME, REFERENCES, RUNTIME_VARIANTS, Variant, Worker,
+                                          WorkerSpec, engines_reason, export_engines, platform_reason)
 from persense.benchmarks.workload import (DEFAULT_SIZE, Workload, parse_instances, parse_size, synthetic_workloads,
                                           user_workload)
 from persense.runtime.cli_common import add_common_flags, run_command
@@ -31,9 +33,10 @@ from persense.runtime.timing import STAGES
 
 SCHEMA = "persense-bench/1"
 MODELS = ("tiny", "vit_b", "vit_l", "vit_h")  # persense.export.sam_build.SAM_CONFIGS (not imported: it needs torch)
-DEFAULTS = {"model": "vit_h", "instances": "10,50,200,400", "warmup": 1, "repeat": 5}
-QUICK = {"model": "tiny", "instances": "10", "warmup": 1, "repeat": 2}
+DEFAULTS = {"model": "vit_h", "instances": "10,50,200,400", "warmup": 1, "repeat": 3}
+QUICK = {"model": "tiny", "instances": "10", "warmup": 1, "repeat": 3}
 MASK_STAGE_MIN_REPEAT = 5  # timed runs of the mask stage on ground-truth extents (milliseconds each)
+SPEEDUPS = {"stages_ms": "speedup_vs_reference", "warm_stages_ms": "warm_speedup_vs_reference"}  # cold, warm
 SETTLE_S = 0.25  # pause between queries, so the previous worker's thread pool stops spinning
 MEMORY_METHOD = ("peak resident set size (getrusage ru_maxrss) of the worker process that ran only this pipeline "
                  "on only this workload: loading the model or engines, warm-up and the timed queries; it includes "
@@ -189,27 +192,31 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
     return mask_stage.mask_iou(np.unpackbits(a).astype(bool), np.unpackbits(b).astype(bool))
 
 
-def summarise(workload: Workload, variant: Variant, worker: Worker, samples: list[dict[str, Any]],
+def summarise(workload: Workload, variant: Variant, worker: Worker, queries: dict[str, list[dict[str, Any]]],
               peak: int | None) -> dict[str, Any]:
-    """The JSON record of one pipeline on one workload."""
-    measured = worker.error is None and bool(samples)
+    """The JSON record of one pipeline on one workload: cold queries as `stages_ms`, warm ones as `warm_stages_ms`."""
+    samples, warm = queries["cold"], queries["warm"]
+    measured = worker.error is None and bool(samples) and len(warm) == len(samples)
     first = samples[0] if measured else {}
     return {"workload": workload.name, "instances": workload.instances,
             "ground_truth_count": workload.ground_truth_count, "pipeline": variant.name,
             "backend": variant.backend, "precision": variant.precision,
             "status": "measured" if measured else "failed", "error": worker.error, "repetitions": len(samples),
             "stages_ms": _stage_stats(samples) if measured else None,
+            "warm_stages_ms": _stage_stats(warm) if measured else None,
             "decoder_launches": first.get("decoder_launches"), "decoder_prompts": first.get("decoder_prompts"),
             "points": first.get("points"), "count_estimate": first.get("count_estimate"),
             "peak_rss_mb": None if peak is None else round(peak / 2**20, 1),
             "load_s": round(worker.info["load_s"], 3) if "load_s" in worker.info else None,
             "torch_in_process": worker.info.get("torch_imported"),
-            "union_iou_vs_reference": None, "speedup_vs_reference": None,
-            "warnings": sorted({w for s in samples for w in s["warnings"]})}
+            "union_iou_vs_reference": None, "speedup_vs_reference": None, "warm_speedup_vs_reference": None,
+            "warm_union_equals_cold": bool(measured and np.array_equal(samples[0]["union"], warm[0]["union"])),
+            "warnings": sorted({w for s in samples + warm for w in s["warnings"]})}
 
 
 def _compare_with_reference(records: list[dict[str, Any]], unions: dict[str, np.ndarray]) -> None:
-    """Fill each runtime record's union IoU and total-p50 speed-up against the reference on the same workload."""
+    """Fill each runtime record's union IoU and cold and warm total-p50 speed-ups against the reference on the same
+    workload (all measured in this run)."""
     reference = next((r for r in records if r["pipeline"] == REFERENCE_NAME and r["status"] == "measured"), None)
     if reference is None:
         return
@@ -217,8 +224,8 @@ def _compare_with_reference(records: list[dict[str, Any]], unions: dict[str, np.
         if record is reference or record["status"] != "measured":
             continue
         record["union_iou_vs_reference"] = round(_iou(unions[record["pipeline"]], unions[REFERENCE_NAME]), 6)
-        record["speedup_vs_reference"] = round(
-            reference["stages_ms"]["total"]["p50"] / record["stages_ms"]["total"]["p50"], 3)
+        for stages, speedup in SPEEDUPS.items():
+            record[speedup] = round(reference[stages]["total"]["p50"] / record[stages]["total"]["p50"], 3)
 
 
 def measure_workload(settings: Settings, workload: Workload, variants: list[Variant],
@@ -229,22 +236,24 @@ def measure_workload(settings: Settings, workload: Workload, variants: list[Vari
                for v in variants}
     for worker in workers.values():
         worker.ready()
-    samples: dict[str, list[dict[str, Any]]] = {name: [] for name in workers}
+    samples: dict[str, dict[str, list[dict[str, Any]]]] = {name: {q: [] for q in QUERIES} for name in workers}
     for round_index in range(settings.warmup + settings.repeat):
         order = list(workers) if round_index % 2 == 0 else list(reversed(workers))
         timed = round_index >= settings.warmup
         for name in order:
-            start = time.perf_counter()
-            result = workers[name].run()
-            phase = f"query {round_index - settings.warmup + 1}/{settings.repeat}" if timed else "warm-up"
-            progress.step(f"{workload.name} {name} {phase}", time.perf_counter() - start)
-            if result is not None:
-                if timed:
-                    samples[name].append(result)
-                time.sleep(SETTLE_S)
+            for query in QUERIES:
+                start = time.perf_counter()
+                result = workers[name].run(query)
+                phase = f"{query} query {round_index - settings.warmup + 1}/{settings.repeat}" if timed else "warm-up"
+                progress.step(f"{workload.name} {name} {phase}", time.perf_counter() - start)
+                if result is not None:
+                    if timed:
+                        samples[name][query].append(result)
+                    time.sleep(SETTLE_S)
     peaks = {name: worker.stop() for name, worker in workers.items()}
     records = [summarise(workload, v, workers[v.name], samples[v.name], peaks[v.name]) for v in variants]
-    _compare_with_reference(records, {name: runs[0]["union"] for name, runs in samples.items() if runs})
+    _compare_with_reference(records, {name: runs["cold"][0]["union"] for name, runs in samples.items()
+                                      if runs["cold"]})
     return records
 
 
@@ -307,7 +316,8 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
     workloads = make_workloads(args, settings)
     requested, skipped = prepare_variants(settings)
     variants = [v for v in requested if v.name not in skipped]
-    progress = Progress(len(workloads) * len(variants) * (settings.warmup + settings.repeat), settings.quiet)
+    progress = Progress(len(workloads) * len(variants) * (settings.warmup + settings.repeat) * len(QUERIES),
+                        settings.quiet)
     records = [r for w in workloads for r in measure_workload(settings, w, variants, progress)]
     progress.close()
     mask_stages = measure_mask_stages(workloads, settings.repeat)

@@ -23,6 +23,7 @@ STAGE_LABELS = {
     "idm": "IDM", "ppsm": "PPSM", "feedback": "feedback", "final_decoding": "final decoding",
     "merge": "merge/output", "total": "total",
 }
+QUERY_KEYS = {"cold": ("stages_ms", "speedup_vs_reference"), "warm": ("warm_stages_ms", "warm_speedup_vs_reference")}
 PACKAGES = ("persense", "torch", "onnxruntime", "onnxruntime-gpu", "onnx", "tensorrt", "numpy",
             "opencv-python-headless", "opencv-python", "matplotlib")
 
@@ -91,11 +92,12 @@ def _stats_cell(stats: dict[str, Any]) -> str:
     return f"{_ms(stats['p50'])} / {_ms(stats['p90'])}"
 
 
-def _cell(run: dict[str, Any] | None, stage: str) -> str:
-    """'p50 / p90' of one stage of one run."""
-    if run is None or run["stages_ms"] is None or run["stages_ms"].get(stage) is None:
+def _cell(run: dict[str, Any] | None, stage: str, query: str = "cold") -> str:
+    """'p50 / p90' of one stage of one run's cold or warm queries."""
+    key = QUERY_KEYS[query][0]
+    if run is None or run.get(key) is None or run[key].get(stage) is None:
         return "-"
-    return _stats_cell(run["stages_ms"][stage])
+    return _stats_cell(run[key][stage])
 
 
 def _row(cells: list[str]) -> str:
@@ -129,41 +131,48 @@ def _header_lines(doc: dict[str, Any]) -> list[str]:
     return [f"# persense-bench: SAM {s['model_type']}, random weights (seed {s['seed']})", "",
             f"{env['cpu']} ({env['cpu_cores_usable']} usable cores), {gpu}; python {versions['python']}, "
             f"torch {versions.get('torch', '-')}, onnxruntime {ort}, tensorrt {versions.get('tensorrt', '-')}.  ",
-            f"threads: {s['threads']}; queries per pipeline and workload: {s['warmup']} warm-up, {s['repeat']} timed, "
-            f"pipelines alternating; counter `{s['counter']}`; inputs {s['inputs']}. Times in ms, p50 / p90; "
-            "a query = reference encoding + segmentation of one image.", ""]
+            f"threads: {s['threads']}; rounds (a cold and a warm query each) per pipeline and workload: "
+            f"{s['warmup']} warm-up, {s['repeat']} timed, pipelines alternating; counter `{s['counter']}`; inputs {s['inputs']}. Times in ms, p50 / p90. "
+            "A cold query = reference encoding + segmentation of one image; a warm query = the segmentation "
+            "with the reference encoded beforehand (what every further image with the same reference costs).", ""]
 
 
-def _scaling_lines(doc: dict[str, Any], pipelines: list[str]) -> list[str]:
-    """Total latency per workload and pipeline, with the speed-up over the reference."""
+def _scaling_lines(doc: dict[str, Any], pipelines: list[str], query: str) -> list[str]:
+    """Total latency of the cold or warm query per workload and pipeline, with the speed-up over the reference."""
     rows = []
     for workload in doc["workloads"]:
         cells = [workload["name"] if workload["instances"] is None else str(workload["instances"])]
         for name in pipelines:
             run = _run(doc, workload["name"], name)
-            speedup = run and run.get("speedup_vs_reference")
-            cells.append(_cell(run, "total") + (f" (x{speedup:.2f})" if speedup else ""))
+            speedup = run and run.get(QUERY_KEYS[query][1])
+            cells.append(_cell(run, "total", query) + (f" (x{speedup:.2f})" if speedup else ""))
         rows.append(cells)
-    return ["## Total latency (speed-up over the reference at p50)", "",
+    return [f"## Total latency, {query} query (speed-up over the reference at p50)", "",
             *table(["instances", *pipelines], rows)]
 
 
 def _stage_lines(doc: dict[str, Any], pipelines: list[str], workload: dict[str, Any]) -> list[str]:
-    """Per-stage table of one workload, then decoder work, memory and agreement with the reference."""
-    runs = [_run(doc, workload["name"], name) for name in pipelines]
-    rows = [[STAGE_LABELS.get(stage, stage), *(_cell(run, stage) for run in runs)] for stage in doc["stages"]]
+    """Per-stage table of one workload, a cold and a warm column per pipeline, then speed-ups, decoder work,
+    memory and agreement with the reference."""
+    columns = [(_run(doc, workload["name"], name), query) for name in pipelines for query in QUERY_KEYS]
+    rows = [[STAGE_LABELS.get(stage, stage), *(_cell(run, stage, query) for run, query in columns)]
+            for stage in doc["stages"]]
     rows[-1] = [f"**{c}**" if c != "-" else c for c in rows[-1]]
 
-    def field(label: str, key: str, fmt: str = "{}") -> list[str]:
-        """A table row of one per-run value."""
-        return [label, *("-" if run is None or run.get(key) is None else fmt.format(run[key]) for run in runs)]
+    def field(label: str, key: str | None, fmt: str = "{}") -> list[str]:
+        """A table row of one per-run value (key None: the column's speed-up over the reference)."""
+        keys = [key or QUERY_KEYS[query][1] for _, query in columns]
+        return [label, *("-" if run is None or run.get(k) is None else fmt.format(run[k])
+                         for (run, _), k in zip(columns, keys, strict=True))]
 
-    rows += [field("decoder launches", "decoder_launches"), field("decoder prompts", "decoder_prompts"),
+    rows += [field("speed-up vs reference (total p50)", None, "x{:.2f}"),
+             field("decoder launches", "decoder_launches"), field("decoder prompts", "decoder_prompts"),
              field("instances found", "points"), field("peak RSS (MB)", "peak_rss_mb", "{:,.0f}"),
              field("union IoU vs reference", "union_iou_vs_reference", "{:.4f}")]
     title = workload["name"] if workload["instances"] is None else (
         f"{workload['instances']} instances ({workload['ground_truth_count']} visible)")
-    return [f"## Per stage: {title}", "", *table(["stage", *pipelines], rows)]
+    return [f"## Per stage: {title}", "",
+            *table(["stage", *(f"{name} {query}" for name in pipelines for query in QUERY_KEYS)], rows)]
 
 
 def _mask_stage_lines(doc: dict[str, Any]) -> list[str]:
@@ -198,7 +207,8 @@ def markdown(doc: dict[str, Any]) -> str:
         [p["name"], p["backend"], p["precision"], p["status"] + (f": {p['reason']}" if p["reason"] else "")]
         for p in doc["pipelines"]], numeric=False)]
     if pipelines:
-        lines += _scaling_lines(doc, pipelines)
+        for query in QUERY_KEYS:
+            lines += _scaling_lines(doc, pipelines, query)
         for workload in doc["workloads"]:
             lines += _stage_lines(doc, pipelines, workload)
     lines += _mask_stage_lines(doc)
@@ -241,23 +251,25 @@ def _stacked_bars(axis: Any, doc: dict[str, Any], pipelines: list[str], colours:
     axis.set_xticks(range(len(doc["workloads"])), [
         w["name"] if w["instances"] is None else f"{w['instances']} instances" for w in doc["workloads"]])
     axis.set_ylabel("p50 latency of one query (s)")
-    axis.set_title("Where the time goes (stacked per-stage p50)")
+    axis.set_title("Where the time goes (cold query, stacked per-stage p50)")
     axis.margins(y=0.2)
     axis.legend(loc="upper center", bbox_to_anchor=(0.5, -0.07), fontsize=8, ncol=5, frameon=False)
 
 
 def _scaling_curve(axis: Any, doc: dict[str, Any], pipelines: list[str]) -> None:
-    """Total p50 (marker) to p90 (bar) against instances, one line per pipeline."""
+    """Total p50 (marker) to p90 (bar) against instances, one line per pipeline and query (warm: open markers)."""
     ticks: set[float] = set()
     for name in pipelines:
-        points = sorted((_x_value(w, run), run["stages_ms"]["total"]) for w in doc["workloads"]
-                        if (run := _run(doc, w["name"], name)) is not None and run["stages_ms"] is not None)
-        xs = [x for x, _ in points]
-        p50 = [t["p50"] / 1000.0 for _, t in points]
-        above = [(t["p90"] - t["p50"]) / 1000.0 for _, t in points]
-        axis.errorbar(xs, p50, yerr=[[0.0] * len(xs), above], marker="o", capsize=3,
-                      linestyle="--" if name == "reference" else "-", label=name)
-        ticks.update(xs)
+        for query, (key, _) in QUERY_KEYS.items():
+            points = sorted((_x_value(w, run), run[key]["total"]) for w in doc["workloads"]
+                            if (run := _run(doc, w["name"], name)) is not None and run.get(key) is not None)
+            xs = [x for x, _ in points]
+            p50 = [t["p50"] / 1000.0 for _, t in points]
+            above = [(t["p90"] - t["p50"]) / 1000.0 for _, t in points]
+            axis.errorbar(xs, p50, yerr=[[0.0] * len(xs), above], marker="o", capsize=3,
+                          mfc="none" if query == "warm" else None,
+                          linestyle="--" if name == "reference" else "-", label=f"{name} {query}")
+            ticks.update(xs)
     axis.set_xticks(sorted(ticks))
     axis.set_xlabel("instances in the image")
     axis.set_ylabel("total latency of one query (s): p50, bar up to p90")

@@ -1,4 +1,5 @@
-"""persense-bench --quick on the tiny SAM: the JSON schema, every stage timed in both pipelines, the reports.
+"""persense-bench --quick on the tiny SAM: the JSON schema, every stage of cold and warm queries timed in both
+pipelines, speed-ups from the same run, the reports.
 
 No test here asserts a speed.
 """
@@ -26,10 +27,10 @@ TOP_KEYS = {"schema", "created", "command", "settings", "environment", "engines"
 RUN_KEYS = {"workload", "instances", "ground_truth_count", "pipeline", "backend", "precision", "status", "error",
             "repetitions", "stages_ms", "decoder_launches", "decoder_prompts", "points", "count_estimate",
             "peak_rss_mb", "load_s", "torch_in_process", "union_iou_vs_reference", "speedup_vs_reference",
-            "warnings"}
+            "warm_stages_ms", "warm_speedup_vs_reference", "warm_union_equals_cold", "warnings"}
 MASK_STAGE_KEYS = {"workload", "instances", "extent", "label", "masks", "mean_mask_area", "union_iou_vs_ground_truth",
                    "rasterise_ms"}
-QUICK_REPEAT = 2
+QUICK_REPEAT = 3
 VARIANTS = ("ort-cpu-fp32", "ort-cuda-fp32", "ort-cuda-fp16", "trt-fp16")  # the GPU ones skip here, unconverted
 
 
@@ -73,11 +74,26 @@ def test_every_stage_is_timed_in_both_pipelines(doc: dict[str, Any]) -> None:
     runs = _runs(doc)
     assert {"reference", "ort-cpu-fp32"} <= set(runs)
     for name in ("reference", "ort-cpu-fp32"):
-        stages = runs[name]["stages_ms"]
-        assert list(stages) == doc["stages"], name
-        for stage, stats in stages.items():
-            assert stats is not None and len(stats["samples"]) == QUICK_REPEAT, (name, stage)
-            assert 0 < stats["min"] <= stats["p50"] <= stats["p90"] <= stats["max"], (name, stage)
+        for key in ("stages_ms", "warm_stages_ms"):
+            stages = runs[name][key]
+            assert list(stages) == doc["stages"], (name, key)
+            for stage, stats in stages.items():
+                if key == "warm_stages_ms" and stage == "reference_encoding":
+                    assert stats is None  # warm: the reference was encoded before the query
+                    continue
+                assert stats is not None and len(stats["samples"]) == QUICK_REPEAT, (name, key, stage)
+                assert 0 < stats["min"] <= stats["p50"] <= stats["p90"] <= stats["max"], (name, key, stage)
+            parts = [stats["samples"] for stage, stats in stages.items() if stage != "total" and stats is not None]
+            np.testing.assert_allclose(np.sum(parts, axis=0), stages["total"]["samples"], atol=0.01)
+
+
+def test_cold_and_warm_speedups_come_from_the_same_run(doc: dict[str, Any]) -> None:
+    runs = _runs(doc)
+    reference, runtime = runs["reference"], runs["ort-cpu-fp32"]
+    for stages, speedup in (("stages_ms", "speedup_vs_reference"), ("warm_stages_ms", "warm_speedup_vs_reference")):
+        expected = reference[stages]["total"]["p50"] / runtime[stages]["total"]["p50"]
+        assert runtime[speedup] == pytest.approx(expected, abs=1e-3) and reference[speedup] is None
+    assert all(run["warm_union_equals_cold"] for run in runs.values())  # a warm query segments the same
 
 
 def test_runtime_agrees_with_the_reference_and_never_loads_torch(doc: dict[str, Any]) -> None:
@@ -92,8 +108,12 @@ def test_runtime_agrees_with_the_reference_and_never_loads_torch(doc: dict[str, 
 
 def test_markdown_and_png_are_written(out: Path, doc: dict[str, Any]) -> None:
     text = (out / "bench.md").read_text()
-    for label in ("reference encoding", "exemplar cascade", "merge/output", "decoder launches", "peak RSS"):
+    for label in ("reference encoding", "exemplar cascade", "merge/output", "decoder launches", "peak RSS",
+                  "## Total latency, cold query", "## Total latency, warm query", "ort-cpu-fp32 cold",
+                  "ort-cpu-fp32 warm", "reference warm", "speed-up vs reference"):
         assert label in text
+    speedup = _runs(doc)["ort-cpu-fp32"]["warm_speedup_vs_reference"]
+    assert f"(x{speedup:.2f})" in text.split("## Total latency, warm query", 1)[1].split("##", 1)[0]
     for pipeline in doc["pipelines"]:
         assert pipeline["name"] in text
     pytest.importorskip("matplotlib")
