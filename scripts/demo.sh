@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
-# End-to-end demo on random weights: export SAM engines, synthesise a dense dataset, segment it, score it.
-# Run from the repository root with the package installed (see README). PERSENSE_DEMO_MODEL=tiny is faster.
+# End-to-end demo: export SAM engines, synthesise a dense dataset, segment it, score it.
+# Run from the repository root with the package installed (see README). By default the engines come from the
+# project's trained tiny SAM (assets/tiny_sam.pt, made by persense-train-tiny), which really segments these
+# scenes; PERSENSE_DEMO_MODEL=vit_b (or tiny, vit_l, vit_h) exports that model with random weights instead.
 set -euo pipefail
-model="${PERSENSE_DEMO_MODEL:-vit_b}"
-persense-export --model "$model" --random-weights --out engines
+model="${PERSENSE_DEMO_MODEL:-tiny-trained}"
+if [ "$model" = tiny-trained ]; then
+  persense-export --model tiny-trained --out engines
+else
+  persense-export --model "$model" --random-weights --out engines
+fi
 rm -rf demo
 persense-synth --out demo/data --classes 1 --images 2 --instances 30..40 --seed 0
 class="$(ls demo/data/Images)"
