@@ -154,7 +154,7 @@ def train(args: argparse.Namespace) -> dict:
         torch.nn.utils.clip_grad_norm_(sam.parameters(), 1.0)
         optimizer.step()
         window = (window + [stats])[-50:]
-        bar.set_postfix(loss=f"{float(loss):.3f}",
+        bar.set_postfix(loss=f"{loss.item():.3f}",
                         **{k: f"{np.mean([s[k] for s in window]):.2f}" for k in stats})
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
             _save_state(state_path, sam, optimizer, step + 1, args)
