@@ -8,6 +8,7 @@ memory (ru_maxrss) stays its own. Runtime workers never import torch.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import multiprocessing
 import resource
@@ -24,6 +25,7 @@ import numpy as np
 from persense.benchmarks.workload import Workload
 from persense.runtime.errors import PersenseError
 from persense.runtime.manifest import load_manifest
+from persense.runtime.sam import engine_names
 
 SAM_ENTRIES = ("sam_encoder", "sam_decoder")
 QUERIES = ("cold", "warm")  # the two queries a user meets: a new reference, or one encoded before
@@ -35,8 +37,8 @@ class Variant:
     """One pipeline: the PyTorch reference, or the engine runtime on one backend and precision."""
 
     name: str
-    backend: str  # torch-cpu or torch-cuda (the reference), ort-cpu, ort-cuda or trt
-    precision: str  # fp32, fp16 or int8 (SamEngines.from_manifest's `precision`; TensorRT engines are fp16)
+    backend: str  # torch-cpu or torch-cuda (the reference), ort-cpu, ort-cuda, trt or openvino
+    precision: str  # fp32, fp16, int8 or bf16 (SamEngines.from_manifest's `precision`; TensorRT engines are fp16)
     export_flag: str | None = None  # the persense-export flag that writes this variant's models
 
     @property
@@ -59,6 +61,8 @@ RUNTIME_VARIANTS = {v.name: v for v in (
     Variant("ort-cuda-fp32", "ort-cuda", "fp32"),
     Variant("ort-cuda-fp16", "ort-cuda", "fp16", "--fp16"),
     Variant("trt-fp16", "trt", "fp16", "--fp16"),
+    Variant("ov-cpu-fp32", "openvino", "fp32"),
+    Variant("ov-cpu-bf16", "openvino", "bf16"),
 )}
 
 
@@ -116,6 +120,8 @@ def platform_reason(variant: Variant) -> str | None:
         from persense.runtime.trt_engine import tensorrt_unavailable_reason
 
         return tensorrt_unavailable_reason()
+    if variant.backend == "openvino" and importlib.util.find_spec("openvino") is None:
+        return "OpenVINO is not installed (pip install 'persense[openvino]')"
     return None
 
 
@@ -128,8 +134,8 @@ def engines_reason(variant: Variant, folder: Path, export_errors: dict[str, str]
         from persense.runtime.trt_engine import engine_unusable_reason
 
         return next((r for name in SAM_ENTRIES if (r := engine_unusable_reason(manifest, name)) is not None), None)
-    missing = [f"{name}_{variant.precision}" for name in SAM_ENTRIES
-               if variant.precision != "fp32" and f"{name}_{variant.precision}" not in manifest.artefacts]
+    names = engine_names(manifest, variant.backend, variant.precision)
+    missing = [names[name] for name in SAM_ENTRIES if names[name] not in manifest.artefacts]
     return f"{folder}: the manifest has no {' or '.join(missing)}" if missing else None
 
 

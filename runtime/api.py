@@ -44,7 +44,7 @@ from persense.runtime.sam import EMBED_DIM, ENCODER, SamEngines, engine_names
 
 ImageLike = np.ndarray | str | os.PathLike
 REFERENCE_FORMAT = 1
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "int8", "bf16")  # bf16: openvino only (sam.engine_names)
 log = logging.getLogger(__name__)
 SOURCES = ("encoded", "cache", "file")  # where a Reference's numbers came from
 

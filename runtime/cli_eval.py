@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from persense.runtime.api import PRECISIONS
 from persense.runtime.cli_common import add_cache_flags, add_common_flags, run_command
 from persense.runtime.counter_choice import COUNTERS
 from persense.runtime.engine import BACKENDS
@@ -41,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--density-dir", type=Path,
                      help="per-image .npy density maps as <dir>/<class>/<NN>_density.npy (e.g. persense-synth's meta/)")
     run.add_argument("--threads", type=int, help="CPU threads per engine (default: all cores; with --ray 1)")
-    run.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32", help="ONNX models to run")
+    run.add_argument("--precision", choices=PRECISIONS, default="fp32", help="ONNX models to run (bf16: openvino)")
     add_cache_flags(run)
     run.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
                      help="distribute --run over Ray (pip install 'persense[ray]'): alone, a private local Ray "

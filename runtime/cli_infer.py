@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from persense.runtime.api import PerSense, Reference
+from persense.runtime.api import PRECISIONS, PerSense, Reference
 from persense.runtime.cli_common import add_cache_flags, add_common_flags, run_command
 from persense.runtime.counter_choice import COUNTERS
 from persense.runtime.engine import BACKENDS
@@ -50,8 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_cache_flags(parser)
     parser.add_argument("--threads", type=int, help="CPU threads per engine (default: all cores)")
     parser.add_argument("--decode-chunk", type=int, help="prompts per decoder launch (default: per backend)")
-    parser.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32",
-                        help="ONNX models to run (fp16/int8 need `persense-export --fp16/--int8`; TensorRT engines are fp16)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                        help="ONNX models to run (fp16/int8 need `persense-export --fp16/--int8`; int8: INT8 encoder, "
+                             "FP32 decoder; TensorRT engines are fp16; openvino: fp32 or bf16)")
     parser.add_argument("--overlay", action="store_true", help="also write overlay.jpg")
     parser.add_argument("--json", action="store_true", help="print each result.json to stdout")
     add_common_flags(parser)

@@ -18,7 +18,7 @@ from persense.runtime.ort_check import check_onnxruntime
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "ort-cpu", "ort-cuda", "trt")
+BACKENDS = ("auto", "ort-cpu", "ort-cuda", "trt", "openvino")  # auto never picks openvino (an opt-in extra)
 
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
               "tensor(int32)": "int32", "tensor(bool)": "bool"}
@@ -186,13 +186,17 @@ def resolve_backend(requested: str, manifest: Manifest | None = None) -> str:
 
 
 def open_engine(manifest: Manifest, name: str, backend: str = "ort-cpu", threads: int | None = None,
-                arena: bool = True, cuda_graph: bool = False) -> Engine:
+                arena: bool = True, cuda_graph: bool = False, ov_precision: str = "fp32") -> Engine:
     """Verify artefact `name` of a manifest (hash, existence) and open it on a resolved backend
-    (`cuda_graph` applies to ORT-CUDA only)."""
+    (`cuda_graph` applies to ORT-CUDA only, `ov_precision` (fp32 or bf16) to OpenVINO only)."""
     if backend == "trt":
         from persense.runtime.trt_engine import open_trt_engine
 
         return open_trt_engine(manifest, name)
     path = manifest.verified_path(name)
+    if backend == "openvino":
+        from persense.runtime.openvino_engine import OvEngine
+
+        return OvEngine(path, ov_precision, threads)
     return OrtEngine(path, device="cuda" if backend == "ort-cuda" else "cpu", threads=threads, arena=arena,
                      cuda_graph=cuda_graph)

@@ -8,7 +8,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from persense.runtime.engine import Engine, OrtEngine, open_engine
+from persense.runtime.errors import PersenseError
 from persense.runtime.manifest import REEXPORT_HINT, Manifest, TensorSpec, check_io
+from persense.runtime.openvino_engine import OV_PRECISIONS
 from persense.runtime.transforms import SamTransform
 
 ENCODER = "sam_encoder"
@@ -95,8 +97,8 @@ class SamEngines:
     def from_manifest(manifest: Manifest, backend: str = "ort-cpu", threads: int | None = None,
                       decode_chunk: int | None = None, precision: str = "fp32",
                       cuda_graph: bool = False) -> "SamEngines":
-        """Open and verify both SAM engines; `precision` picks `<name>` (fp32) or `<name>_<precision>` ONNX
-        models (TensorRT uses its own engines); the decoder chunk size defaults per backend; `cuda_graph` runs
+        """Open and verify both SAM engines; `precision` picks the ONNX models (see `engine_names`; TensorRT
+        uses its own engines, OpenVINO takes it as its inference precision); the decoder chunk size defaults per backend; `cuda_graph` runs
         the fixed-shape encoder as a captured CUDA graph on ort-cuda (off by default: not yet measured)."""
         names = engine_names(manifest, backend, precision)
         for base, (inputs, outputs) in ((ENCODER, ENCODER_IO), (DECODER, DECODER_IO)):
@@ -104,8 +106,9 @@ class SamEngines:
                 check_io(names[base], manifest.artefact(names[base]), inputs, outputs,
                          REEXPORT_HINT.format(folder=manifest.folder))
         chunk = decode_chunk or default_decode_chunk(backend)
-        return SamEngines(open_engine(manifest, names[ENCODER], backend, threads, arena=False, cuda_graph=cuda_graph),
-                          open_engine(manifest, names[DECODER], backend, threads), chunk)
+        return SamEngines(open_engine(manifest, names[ENCODER], backend, threads, arena=False, cuda_graph=cuda_graph,
+                                      ov_precision=precision),
+                          open_engine(manifest, names[DECODER], backend, threads, ov_precision=precision), chunk)
 
     def encode(self, image_rgb: np.ndarray) -> tuple[np.ndarray, SamTransform]:
         """Image embedding [1,256,64,64] of an RGB uint8 image, and the transform of its geometry."""
@@ -158,10 +161,20 @@ class SamEngines:
 
 
 def engine_names(manifest: Manifest, backend: str, precision: str) -> dict[str, str]:
-    """Encoder and decoder artefact names: `<name>` (fp32; TensorRT maps them to its engines) or
-    `<name>_<precision>`, the encoder on ort-cuda being `sam_encoder_gpu[_<precision>]` where the manifest has it."""
-    names = {base: base if precision == "fp32" or backend == "trt" else f"{base}_{precision}"
-             for base in (ENCODER, DECODER)}
+    """Encoder and decoder artefact names for a backend and precision.
+
+    fp32: `<name>` (TensorRT maps them to its engines); fp16: `<name>_fp16`; int8: the INT8 encoder with the
+    FP32 decoder (the INT8 decoder measured no faster on a CPU and cost mask IoU, issue 13); on openvino only
+    fp32 and bf16, both from the FP32 ONNX models (bf16 is OpenVINO's inference precision, not an artefact).
+    On ort-cuda the encoder is `sam_encoder_gpu[_<precision>]` where the manifest has it.
+    """
+    if precision not in (tuple(OV_PRECISIONS) if backend == "openvino" else ("fp32", "fp16", "int8")):
+        raise PersenseError(f"precision {precision} does not run on backend {backend}: openvino runs fp32 or bf16 "
+                            f"(from the FP32 models), the other backends fp32, fp16 or int8")
+    names = {ENCODER: ENCODER, DECODER: DECODER}
+    if precision in ("fp16", "int8") and backend != "trt":
+        names[ENCODER] = f"{ENCODER}_{precision}"
+        names[DECODER] = DECODER if precision == "int8" else f"{DECODER}_{precision}"
     gpu = names[ENCODER].replace(ENCODER, GPU_ENCODER, 1)
     if backend == "ort-cuda" and gpu in manifest.artefacts:
         names[ENCODER] = gpu
@@ -177,4 +190,4 @@ def transform_for(size: tuple[int, int]) -> SamTransform:
 def default_decode_chunk(backend: str) -> int:
     """Prompts per decoder launch: 4 on CPU (vit_b, 2 cores: 30.8 / 29.3 / 28.8 ms per prompt at 1 / 2 / 4,
     more at 8 and up), 256 (one launch for a dense image) on a GPU."""
-    return 4 if backend == "ort-cpu" else 256
+    return 4 if backend in ("ort-cpu", "openvino") else 256
