@@ -98,8 +98,10 @@ class SamEngines:
                       decode_chunk: int | None = None, precision: str = "fp32",
                       cuda_graph: bool = False) -> "SamEngines":
         """Open and verify both SAM engines; `precision` picks the ONNX models (see `engine_names`; TensorRT
-        uses its own engines, OpenVINO takes it as its inference precision); the decoder chunk size defaults per backend; `cuda_graph` runs
-        the fixed-shape encoder as a captured CUDA graph on ort-cuda (off by default: not yet measured)."""
+        uses its own engines; OpenVINO takes it as the encoder's inference precision, the decoder staying f32:
+        OpenVINO 2026.4.1 fails to compile the vit_b dynamic-shape decoder in bf16); the decoder chunk size
+        defaults per backend; `cuda_graph` runs the fixed-shape encoder as a captured CUDA graph on ort-cuda
+        (off by default: not yet measured)."""
         names = engine_names(manifest, backend, precision)
         for base, (inputs, outputs) in ((ENCODER, ENCODER_IO), (DECODER, DECODER_IO)):
             if backend != "trt":
@@ -108,7 +110,7 @@ class SamEngines:
         chunk = decode_chunk or default_decode_chunk(backend)
         return SamEngines(open_engine(manifest, names[ENCODER], backend, threads, arena=False, cuda_graph=cuda_graph,
                                       ov_precision=precision),
-                          open_engine(manifest, names[DECODER], backend, threads, ov_precision=precision), chunk)
+                          open_engine(manifest, names[DECODER], backend, threads), chunk)
 
     def encode(self, image_rgb: np.ndarray) -> tuple[np.ndarray, SamTransform]:
         """Image embedding [1,256,64,64] of an RGB uint8 image, and the transform of its geometry."""
@@ -165,7 +167,7 @@ def engine_names(manifest: Manifest, backend: str, precision: str) -> dict[str, 
 
     fp32: `<name>` (TensorRT maps them to its engines); fp16: `<name>_fp16`; int8: the INT8 encoder with the
     FP32 decoder (the INT8 decoder measured no faster on a CPU and cost mask IoU, issue 13); on openvino only
-    fp32 and bf16, both from the FP32 ONNX models (bf16 is OpenVINO's inference precision, not an artefact).
+    fp32 and bf16, both from the FP32 ONNX models (bf16 is the encoder's inference precision, not an artefact).
     On ort-cuda the encoder is `sam_encoder_gpu[_<precision>]` where the manifest has it.
     """
     if precision not in (tuple(OV_PRECISIONS) if backend == "openvino" else ("fp32", "fp16", "int8")):
@@ -188,6 +190,6 @@ def transform_for(size: tuple[int, int]) -> SamTransform:
 
 
 def default_decode_chunk(backend: str) -> int:
-    """Prompts per decoder launch: 4 on CPU (vit_b, 2 cores: 30.8 / 29.3 / 28.8 ms per prompt at 1 / 2 / 4,
-    more at 8 and up), 256 (one launch for a dense image) on a GPU."""
+    """Prompts per decoder launch: 4 on CPU (vit_b, 2 cores, ORT: 30.8 / 29.3 / 28.8 ms per prompt at 1 / 2 / 4,
+    more at 8 and up; OpenVINO f32: 35.8 / 29.7 / 28.6 at 1 / 4 / 8), 256 (one launch for a dense image) on a GPU."""
     return 4 if backend in ("ort-cpu", "openvino") else 256

@@ -83,6 +83,15 @@ def test_encoder_bf16_is_close_to_fp32(tiny_engines):
     assert float(got @ want / (np.linalg.norm(got) * np.linalg.norm(want))) >= 0.999
 
 
+@pytest.mark.skipif(_bf16_reason() is not None, reason=str(_bf16_reason()))
+def test_bf16_applies_to_the_encoder_only(tiny_engines, scene, scene_files):
+    ps = PerSense.open(tiny_engines, backend="openvino", precision="bf16", threads=2, cache=False)
+    assert (ps.sam.encoder.precision_hint, ps.sam.decoder.precision_hint) == ("bf16", "f32")
+    result = ps.segment(scene_files["image"], ps.reference(scene["image"], scene["reference"] > 0),
+                        density=scene_files["density"])
+    assert ps.precision == "bf16" and len(result.points) > 0
+
+
 @needs_openvino
 def test_threads_share_an_engine(tiny_engines):
     from concurrent.futures import ThreadPoolExecutor
