@@ -21,7 +21,7 @@ import numpy as np
 
 from persense.benchmarks import mask_stage, report
 from persense.benchmarks.variants import (QUERIES, REFERENCE_NAME, REFERENCES, RUNTIME_VARIANTS, Variant, Worker,
-                                          WorkerSpec, engines_reason, export_engines, platform_reason)
+                                          WorkerSpec, engines_reason, export_engines, platform_reason, weights_of)
 from persense.benchmarks.workload import (DEFAULT_SIZE, Workload, parse_instances, parse_size, synthetic_workloads,
                                           user_workload)
 from persense.runtime.cli_common import add_common_flags, run_command
@@ -32,7 +32,7 @@ from persense.runtime.ort_check import check_onnxruntime
 from persense.runtime.timing import STAGES
 
 SCHEMA = "persense-bench/1"
-MODELS = ("tiny", "vit_b", "vit_l", "vit_h")  # persense.export.sam_build.SAM_CONFIGS (not imported: it needs torch)
+MODELS = ("tiny", "tiny-trained", "vit_b", "vit_l", "vit_h")  # sam_build.SAM_CONFIGS (not imported: it needs torch)
 DEFAULTS = {"model": "vit_h", "instances": "10,50,200,400", "warmup": 1, "repeat": 3}
 QUICK = {"model": "tiny", "instances": "10", "warmup": 1, "repeat": 3}
 MASK_STAGE_MIN_REPEAT = 5  # timed runs of the mask stage on ground-truth extents (milliseconds each)
@@ -62,8 +62,8 @@ class Settings:
 
     def describe(self, inputs: str) -> dict[str, Any]:
         """JSON form."""
-        return {"model_type": self.model_type, "weights": "random", "seed": self.seed, "warmup": self.warmup,
-                "repeat": self.repeat, "threads": self.threads, "decode_chunk": self.decode_chunk,
+        return {"model_type": self.model_type, "weights": weights_of(self.model_type), "seed": self.seed,
+                "warmup": self.warmup, "repeat": self.repeat, "threads": self.threads, "decode_chunk": self.decode_chunk,
                 "counter": self.counter, "variants": list(self.variants),
                 "reference_device": self.reference_device, "inputs": inputs,
                 "engines": str(self.engines)}

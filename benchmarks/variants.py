@@ -77,11 +77,20 @@ def _run_module(module: str, *args: str) -> str | None:
     return lines[-1] if lines else f"python -m {module} exited with code {done.returncode}"
 
 
+TRAINED_MODELS = ("tiny-trained",)  # models whose weights the project ships (sam_build.BUNDLED_CHECKPOINTS)
+
+
+def weights_of(model_type: str) -> str:
+    """'bundled' for a model whose trained weights the project ships, else 'random'."""
+    return "bundled" if model_type in TRAINED_MODELS else "random"
+
+
 def export_engines(model_type: str, seed: int, folder: Path, flags: list[str]) -> dict[str, str]:
-    """`persense-export --random-weights` into the cache folder (it reuses unchanged artefacts), then once per
-    extra flag (--fp16, --int8), so that a failed conversion only skips its variants; {flag: error line}."""
-    command = ["persense.export.cli", "--model", model_type, "--random-weights", "--seed", str(seed),
-               "--out", str(folder)]
+    """`persense-export` (random weights with `seed`, or the bundled ones) into the cache folder (it reuses
+    unchanged artefacts), then once per extra flag (--fp16, --int8), so that a failed conversion only skips
+    its variants; {flag: error line}."""
+    weights = [] if weights_of(model_type) == "bundled" else ["--random-weights", "--seed", str(seed)]
+    command = ["persense.export.cli", "--model", model_type, *weights, "--out", str(folder)]
     error = _run_module(*command)
     if error is not None:
         raise PersenseError(f"exporting the {model_type} engines into {folder} failed: {error}")
@@ -174,11 +183,11 @@ def _build_pipeline(spec: WorkerSpec) -> Any:
         import torch
 
         from persense.export.reference import ReferencePipeline
-        from persense.export.sam_build import random_sam
+        from persense.export.sam_build import bundled_or_random_sam
 
         torch.set_num_threads(spec.threads)
         device = spec.variant.backend.removeprefix("torch-")
-        return ReferencePipeline(random_sam(spec.model_type, spec.seed).to(device), _counter(spec))
+        return ReferencePipeline(bundled_or_random_sam(spec.model_type, spec.seed).to(device), _counter(spec))
     from persense.runtime.pipeline import PerSensePipeline
     from persense.runtime.sam import SamEngines
 

@@ -114,6 +114,13 @@ def read_checkpoint(path: str | Path) -> dict:
                             f"{str(exc).splitlines()[0][:200]})") from exc
 
 
+def bundled_or_random_sam(model_type: str, seed: int = 0) -> Sam:
+    """The weights this project ships for `model_type` (tiny-trained), else seeded random weights."""
+    if model_type in BUNDLED_CHECKPOINTS:
+        return load_sam(model_type, BUNDLED_CHECKPOINTS[model_type])
+    return random_sam(model_type, seed)
+
+
 def load_sam(model_type: str, checkpoint: str | Path) -> Sam:
     """A SAM built for `model_type` with the original checkpoint's weights (strict key match)."""
     state_dict = read_checkpoint(checkpoint)
