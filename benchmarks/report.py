@@ -122,13 +122,20 @@ def _run(doc: dict[str, Any], workload: str, pipeline: str) -> dict[str, Any] | 
     return next((r for r in doc["runs"] if r["workload"] == workload and r["pipeline"] == pipeline), None)
 
 
+def weights_label(settings: dict[str, Any]) -> str:
+    """'random weights (seed N)' or 'the shipped trained weights'."""
+    if settings.get("weights") == "bundled":
+        return "the shipped trained weights"
+    return f"random weights (seed {settings['seed']})"
+
+
 def _header_lines(doc: dict[str, Any]) -> list[str]:
     """Title and the one-paragraph description of machine and settings."""
     s, env = doc["settings"], doc["environment"]
     versions = env["versions"]
     ort = versions.get("onnxruntime-gpu", versions.get("onnxruntime", "?"))
     gpu = ", ".join(env["gpus"]) or "no GPU"
-    return [f"# persense-bench: SAM {s['model_type']}, random weights (seed {s['seed']})", "",
+    return [f"# persense-bench: SAM {s['model_type']}, {weights_label(s)}", "",
             f"{env['cpu']} ({env['cpu_cores_usable']} usable cores), {gpu}; python {versions['python']}, "
             f"torch {versions.get('torch', '-')}, onnxruntime {ort}, tensorrt {versions.get('tensorrt', '-')}.  ",
             f"threads: {s['threads']}; rounds (a cold and a warm query each) per pipeline and workload: "
@@ -176,8 +183,8 @@ def _stage_lines(doc: dict[str, Any], pipelines: list[str], workload: dict[str, 
 
 
 def _mask_stage_lines(doc: dict[str, Any]) -> list[str]:
-    """The merge stage on ground-truth mask extents next to the pipelines' merge stage on random-weight masks."""
-    entries = doc.get("mask_stage") or []
+    """The merge stage on ground-truth mask extents next to the pipelines' merge stage on the benchmarked weights."""
+    entries, s = doc.get("mask_stage") or [], doc["settings"]
     if not entries:
         return []
     runtimes = [p["name"] for p in doc["pipelines"] if p["kind"] == "runtime" and p["name"] in _measured(doc)]
@@ -193,10 +200,10 @@ def _mask_stage_lines(doc: dict[str, Any]) -> list[str]:
     return ["## Mask stage on realistic extents", "",
             f"`merge.rasterise` with the label map, as the runtime's merge/output stage runs it, on "
             f"{entries[0]['label']}, timed in the benchmark's own process; next to it the merge/output stage of "
-            "each runtime pipeline, whose masks come from random weights and cover most of the image (the stage's "
-            "worst case).", "",
+            "each runtime pipeline, whose masks come from the benchmarked weights (random weights: masks that cover "
+            "most of the image, the stage's worst case).", "",
             *table(["instances", "masks", "mean mask area", "union IoU vs ground truth",
-                    "ground-truth extents", *(f"{name}, random weights" for name in runtimes)], rows)]
+                    "ground-truth extents", *(f"{name}, {weights_label(s)}" for name in runtimes)], rows)]
 
 
 def markdown(doc: dict[str, Any]) -> str:
@@ -297,7 +304,7 @@ def write_plot(path: Path, doc: dict[str, Any]) -> bool:
     _scaling_curve(curve, doc, pipelines)
     s, env = doc["settings"], doc["environment"]
     machine = ", ".join([env["cpu"], *env["gpus"]])
-    figure.suptitle(f"persense-bench: SAM {s['model_type']} (random weights), {machine}; "
+    figure.suptitle(f"persense-bench: SAM {s['model_type']} ({weights_label(s)}), {machine}; "
                     f"timed queries per pipeline: {s['repeat']}")
     figure.tight_layout()
     buffer = io.BytesIO()
