@@ -156,3 +156,16 @@ def test_engine_names_per_backend_and_precision(tiny_engines):
 def test_auto_never_picks_openvino(tiny_engines):
     assert "openvino" in BACKENDS
     assert resolve_backend("auto", load_manifest(tiny_engines)) != "openvino"
+
+
+def test_counters_stay_on_ort_cpu_under_openvino(tiny_engines, tmp_path):
+    import shutil
+
+    from persense.export.cli import main as export
+    from persense.runtime.counter_choice import make_counter
+
+    shutil.copytree(tiny_engines, tmp_path, dirs_exist_ok=True)
+    assert export(["--model", "tiny", "--seed", "0", "--out", str(tmp_path), "-q",
+                   "--counter", "countr", "--counter-config", "tiny"]) == 0
+    counter = make_counter("countr", load_manifest(tmp_path), "openvino", 2)
+    assert isinstance(counter.engine, OrtEngine) and counter.engine.device == "cpu"
