@@ -17,8 +17,11 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
 
 
-@pytest.fixture(scope="module")
-def results(tiny_sam, tiny_engines, scene, scene_files):
+@pytest.fixture(scope="module", params=["random", "trained"])
+def results(request, scene, scene_files):
+    """Runtime and reference results on the tiny SAM with random weights, then with the trained weights."""
+    prefix = "" if request.param == "random" else "trained_"
+    tiny_sam, tiny_engines = (request.getfixturevalue(f"{prefix}tiny_{kind}") for kind in ("sam", "engines"))
     counter = NpyDensityCounter(scene_files["density"])
     runtime = PerSensePipeline(SamEngines.from_manifest(load_manifest(tiny_engines), "ort-cpu", threads=2), counter)
     reference = ReferencePipeline(tiny_sam, counter)
