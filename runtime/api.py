@@ -38,9 +38,10 @@ from persense.runtime.imageio import atomic_write_bytes, mask_from_array, read_m
 from persense.runtime.manifest import Manifest
 from persense.runtime.pipeline import PerSensePipeline
 from persense.runtime.prior import Target
-from persense.runtime.reference_cache import ReferenceCache, array_bytes, cache_key, default_cache_dir, encoder_digest
+from persense.runtime.reference_cache import (ReferenceCache, array_bytes, cache_key, checked_vector, default_cache_dir,
+                                              encoder_digest)
 from persense.runtime.result import SegmentResult
-from persense.runtime.sam import EMBED_DIM, ENCODER, SamEngines, engine_names
+from persense.runtime.sam import ENCODER, SamEngines, engine_names
 
 ImageLike = np.ndarray | str | os.PathLike
 REFERENCE_FORMAT = 1
@@ -83,7 +84,8 @@ class Reference:
             with np.load(path, allow_pickle=False) as data:
                 arrays = {name: data[name] for name in ("embedding", "feature", "meta")}
             meta = json.loads(str(arrays["meta"]))
-            target = Target(_vector(arrays["embedding"]), _vector(arrays["feature"]))
+            target = Target(checked_vector(arrays["embedding"], "embedding", ValueError),
+                            checked_vector(arrays["feature"], "feature", ValueError))
             expected = _checksum(target, meta["manifest"], meta["precision"])
             ok = meta["format"] == REFERENCE_FORMAT and meta["checksum"] == expected
         except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as exc:
@@ -94,13 +96,6 @@ class Reference:
                                 f"write it again with persense-infer --save-reference")
         return Reference(target, meta["manifest"], meta["precision"], meta["backend"], tuple(meta["warnings"]),
                          source="file")
-
-
-def _vector(array: np.ndarray) -> np.ndarray:
-    """A stored [256] float32 vector with finite values, else ValueError."""
-    if array.shape != (EMBED_DIM,) or array.dtype != np.float32 or not np.isfinite(array).all():
-        raise ValueError(f"expected {EMBED_DIM} finite float32 values, got {array.dtype} {array.shape}")
-    return array
 
 
 def _checksum(target: Target, manifest: str, precision: str) -> str:

@@ -32,11 +32,11 @@ import numpy as np
 from persense.runtime.imageio import atomic_write_bytes
 from persense.runtime.manifest import Artefact
 from persense.runtime.prior import Target
+from persense.runtime.sam import EMBED_DIM
 
 log = logging.getLogger(__name__)
 
 ENTRY_FORMAT = 1
-EMBED_DIM = 256
 SUFFIX = ".npz"
 
 
@@ -88,8 +88,8 @@ def _payload_checksum(embedding: np.ndarray, feature: np.ndarray) -> str:
 
 def entry_bytes(key: str, target: Target) -> bytes:
     """The serialised entry: format, key, both arrays as float32 [256] and their checksum, as .npz."""
-    embedding = _checked_array(target.embedding, "embedding", ValueError)
-    feature = _checked_array(target.feature, "feature", ValueError)
+    embedding = checked_vector(target.embedding, "embedding", ValueError)
+    feature = checked_vector(target.feature, "feature", ValueError)
     buffer = io.BytesIO()
     np.savez(buffer, format=np.array(ENTRY_FORMAT), key=np.array(key), embedding=embedding, feature=feature,
              checksum=np.array(_payload_checksum(embedding, feature)))
@@ -107,14 +107,14 @@ def parse_entry(data: bytes, key: str) -> Target:
         raise BadEntry(f"entry format {fields['format'].tolist()!r} is not {ENTRY_FORMAT}")
     if fields["key"].shape != () or str(fields["key"]) != key:
         raise BadEntry("it was written for another key (other reference, engines, precision or backend)")
-    embedding = _checked_array(fields["embedding"], "embedding", BadEntry)
-    feature = _checked_array(fields["feature"], "feature", BadEntry)
+    embedding = checked_vector(fields["embedding"], "embedding", BadEntry)
+    feature = checked_vector(fields["feature"], "feature", BadEntry)
     if fields["checksum"].shape != () or str(fields["checksum"]) != _payload_checksum(embedding, feature):
         raise BadEntry("payload checksum mismatch")
     return Target(embedding, feature)
 
 
-def _checked_array(array: np.ndarray, name: str, error: type[Exception]) -> np.ndarray:
+def checked_vector(array: np.ndarray, name: str, error: type[Exception]) -> np.ndarray:
     """`array` as float32 [256] if it is exactly that shape, a float dtype and finite; else `error`."""
     array = np.asarray(array)
     if array.shape != (EMBED_DIM,) or array.dtype.kind != "f":
