@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.metadata as metadata
 import io
 import json
 import logging
@@ -14,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from persense.runtime.imageio import atomic_write_bytes
+from persense.runtime.manifest import installed_versions
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +54,7 @@ def gpu_names() -> list[str]:
 
 def _versions() -> dict[str, str]:
     """Installed versions of the packages that shape the numbers."""
-    versions = {"python": platform.python_version()}
-    for name in PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return versions
+    return {"python": platform.python_version(), **installed_versions(PACKAGES)}
 
 
 def environment() -> dict[str, Any]:

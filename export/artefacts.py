@@ -11,7 +11,7 @@ from typing import Any
 import onnx
 
 from persense.runtime.errors import PersenseError
-from persense.runtime.manifest import Artefact, Manifest, TensorSpec, load_manifest, sha256_file
+from persense.runtime.manifest import Artefact, Manifest, TensorSpec, installed_versions, load_manifest, sha256_file
 
 FP16_SUFFIX = "_fp16"
 INT8_SUFFIX = "_int8"
@@ -27,15 +27,7 @@ def fp16_name(name: str) -> str:
 
 def package_versions() -> dict[str, str]:
     """Versions of the packages an artefact depends on."""
-    import importlib.metadata as md
-
-    versions = {}
-    for name in _PACKAGES:
-        try:
-            versions[name] = md.version(name)
-        except md.PackageNotFoundError:
-            continue
-    return versions
+    return installed_versions(_PACKAGES)
 
 
 def _specs(values) -> list[TensorSpec]:

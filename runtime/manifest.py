@@ -15,6 +15,19 @@ MANIFEST_FORMAT = 1
 REEXPORT_HINT = "re-export with `persense-export --out {folder}`"
 
 
+def installed_versions(names: tuple[str, ...]) -> dict[str, str]:
+    """Installed versions of the distributions `names` (those not installed are left out)."""
+    import importlib.metadata as md
+
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = md.version(name)
+        except md.PackageNotFoundError:
+            continue
+    return versions
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
     """Hex sha256 of a file, read in chunks."""
     digest = hashlib.sha256()
