@@ -14,8 +14,9 @@ Wiring it in (persense.PerSense, persense-infer, persense-eval --run, the Ray wo
 Key the files' bytes as read from disk (a hit then needs no decoding); for in-memory arrays use
 `array_bytes(image)`, which includes shape and dtype. `encoder_name` is the encoder artefact actually
 opened (`sam_encoder`, `sam_encoder_int8`, ...); `backend` the resolved one (`ort-cpu`, not `auto`).
-`write_entry` / `read_entry` are the same verified format for a file the user names
-(`--save-reference apple.npz` / `--reference apple.npz`), with the key recorded inside.
+`write_entry` / `read_entry` read and write one verified entry file, with the key recorded inside. A
+reference the user saves (`--save-reference apple.npz`) is a different file: `Reference.save` in
+runtime/api.py, tied to the manifest digest and precision rather than to the reference's bytes.
 """
 
 from __future__ import annotations
