@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from persense.runtime.counters import Counter, NpyDensityCounter
+from persense.runtime.detector import GroundingDino
 from persense.runtime.errors import PersenseError
 from persense.runtime.imageio import atomic_write_bytes, mask_from_array, read_mask, read_rgb, rgb_from_array
 from persense.runtime.manifest import Manifest
@@ -42,6 +43,7 @@ from persense.runtime.reference_cache import (ReferenceCache, array_bytes, cache
                                               encoder_digest)
 from persense.runtime.result import SegmentResult
 from persense.runtime.sam import ENCODER, SamEngines, engine_names
+from persense.runtime.text_prompt import TextTokens
 
 ImageLike = np.ndarray | str | os.PathLike
 REFERENCE_FORMAT = 1
@@ -110,7 +112,7 @@ class PerSense:
     """Engines opened once; `reference` then `segment` as often as needed, from any thread."""
 
     def __init__(self, sam: SamEngines, counter: Counter, manifest: Manifest, backend: str, precision: str,
-                 cache: ReferenceCache | None = None) -> None:
+                 cache: ReferenceCache | None = None, threads: int | None = None) -> None:
         self.sam = sam
         self.counter = counter
         self.manifest = manifest
@@ -119,6 +121,9 @@ class PerSense:
         self._encoder = encoder_digest(manifest.artefact(engine_names(manifest, backend, precision)[ENCODER]))
         self.precision = "fp16" if backend == "trt" else precision  # TensorRT engines are built in FP16
         self._turns = threading.Lock() if backend == "trt" else contextlib.nullcontext()
+        self.threads = threads
+        self._detector: GroundingDino | None = None
+        self._detector_lock = threading.Lock()
 
     @staticmethod
     def open(engines: str | os.PathLike = "engines", backend: str = "auto", precision: str = "fp32",
@@ -145,7 +150,7 @@ class PerSense:
         density = Path(density) if density is not None else None
         references = ReferenceCache(cache_dir or default_cache_dir()) if cache else ReferenceCache.disabled()
         return PerSense(sam, make_counter(counter, manifest, resolved, threads, density), manifest, resolved,
-                        precision, references)
+                        precision, references, threads)
 
     @property
     def counter_name(self) -> str:
@@ -190,24 +195,41 @@ class PerSense:
         return cache_key(_identity_bytes(image), _identity_bytes(mask), self._encoder, self.precision, self.backend)
 
     def segment(self, image: ImageLike, reference: Reference, box: np.ndarray | list[float] | None = None,
-                density: np.ndarray | str | os.PathLike | None = None) -> SegmentResult:
+                density: np.ndarray | str | os.PathLike | None = None, text: str | None = None) -> SegmentResult:
         """Every instance of the reference object in `image` (RGB array or path).
 
-        `box` (x0, y0, x1, y1): the first exemplar, as a detector would give it; `density`: a density
-        map (array or .npy path) to use instead of the counter, for this call only.
+        `box` (x0, y0, x1, y1): the first exemplar, as a detector would give it; `text`: a prompt for the
+        exported Grounding DINO, whose most confident box is the first exemplar (the similarity arg-max with
+        a warning when it finds nothing); `density`: a density map (array or .npy path) to use instead of
+        the counter, for this call only.
         """
+        if box is not None and text is not None:
+            raise PersenseError("give the first exemplar as a box or as a text prompt, not both")
         self.check_reference(reference)
+        tokens = self.text_tokens(text) if text is not None else None
         warnings = list(reference.warnings)
         rgb = _image(image, warnings)
         counter = self.counter if density is None else _density_counter(density)
         with self._turns:
-            result = self._pipeline(counter).segment(rgb, reference.target, box)
+            result = self._pipeline(counter).segment(rgb, reference.target, box, tokens)
         result.warnings[:0] = warnings
         return result
 
+    def text_tokens(self, text: str) -> TextTokens:
+        """A text prompt tokenised for the detector (opened on first use); refuses what it cannot take."""
+        return self.detector.encode_text(text)
+
+    @property
+    def detector(self) -> GroundingDino:
+        """The Grounding DINO detector of the engines folder, opened and verified on first use."""
+        with self._detector_lock:
+            if self._detector is None:
+                self._detector = GroundingDino.from_manifest(self.manifest, self.backend, self.threads, self.precision)
+            return self._detector
+
     def _pipeline(self, counter: Counter) -> PerSensePipeline:
         """A pipeline for one call: the shared engine sessions, its own launch count and counter."""
-        return PerSensePipeline(copy.copy(self.sam), counter)
+        return PerSensePipeline(copy.copy(self.sam), counter, self._detector)
 
     def check_reference(self, reference: Reference) -> None:
         """Refuse a reference encoded by other engines or another precision."""

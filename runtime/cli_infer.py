@@ -40,9 +40,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--counter", choices=COUNTERS, default="auto",
                         help="density counter (auto: --density if given, else the SAM-only counter)")
     parser.add_argument("--density", type=Path, help=".npy density map to use as the counter's output")
-    parser.add_argument("--box", metavar="x0,y0,x1,y1",
-                        help="the first exemplar as a box in the target image (as a detector gives it): the "
-                             "cascade starts from its centre instead of the best-matching point")
+    first = parser.add_mutually_exclusive_group()
+    first.add_argument("--box", metavar="x0,y0,x1,y1",
+                       help="the first exemplar as a box in the target image (as a detector gives it): the "
+                            "cascade starts from its centre instead of the best-matching point")
+    first.add_argument("--text", metavar="WORD",
+                       help="the object's name: the exported Grounding DINO's most confident box for it is the first "
+                            "exemplar, as in the original (needs `persense-export --detector ...`; the best-matching "
+                            "point, with a warning, when it finds nothing)")
     parser.add_argument("--reference", type=Path, metavar="FILE.npz",
                         help="a reference saved with --save-reference, instead of REF REF_MASK")
     parser.add_argument("--save-reference", type=Path, metavar="FILE.npz",
@@ -150,6 +155,8 @@ def _infer(args: argparse.Namespace) -> int:
         _check_writable(args.out)
     ps = PerSense.open(args.engines, args.backend, args.precision, args.counter, args.threads, args.decode_chunk,
                        args.density, args.cache_dir, not args.no_cache)
+    if args.text is not None:
+        ps.text_tokens(args.text)  # refuse a prompt or a missing detector before any encoding
     reference = ps.reference(*pair) if saved is None else saved
     ps.check_reference(reference)
     if args.save_reference is not None:
@@ -158,7 +165,7 @@ def _infer(args: argparse.Namespace) -> int:
     failed: dict[Path, str] = {}
     for index, (path, folder) in enumerate(zip(targets, folders, strict=True)):
         try:
-            result = ps.segment(path, reference, box)
+            result = ps.segment(path, reference, box, text=args.text)
         except PersenseError as exc:
             if len(targets) == 1:
                 raise
@@ -178,7 +185,7 @@ def _summary(args: argparse.Namespace, ps: PerSense, reference: Reference, path:
     """The content of result.json for one target."""
     source = {"reference_file": str(args.reference)} if args.reference is not None else {
         "reference": str(args.paths[-2]), "reference_mask": str(args.paths[-1])}
-    return {"image": str(path), **source, "box": None if box is None else box.tolist(),
+    return {"image": str(path), **source, "box": None if box is None else box.tolist(), "text": args.text,
             "backend": ps.backend, "precision": ps.precision, "model_type": ps.manifest.model_type,
             "counter": ps.counter_name, "manifest": ps.manifest.digest(),
             "reference_encoding_ms": round(reference.encoding_ms, 3), "reference_source": reference.source,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -17,6 +18,10 @@ from persense.runtime.sam import Guidance, Prompts, SamEngines
 from persense.runtime.timing import StageTimer
 from persense.runtime.transforms import SamTransform
 
+if TYPE_CHECKING:
+    from persense.runtime.detector import GroundingDino
+    from persense.runtime.text_prompt import TextTokens
+
 log = logging.getLogger(__name__)
 
 FEEDBACK_EXEMPLARS = 3  # best-scoring point boxes added to the initial exemplar for the second pass
@@ -25,23 +30,26 @@ FEEDBACK_EXEMPLARS = 3  # best-scoring point boxes added to the initial exemplar
 class PerSensePipeline:
     """Reference object in, one mask per similar instance out."""
 
-    def __init__(self, sam: SamEngines, counter: Counter) -> None:
+    def __init__(self, sam: SamEngines, counter: Counter, detector: GroundingDino | None = None) -> None:
         self.sam = sam
         self.counter = counter
+        self.detector = detector
 
     def reference(self, image: np.ndarray, mask: np.ndarray) -> Target:
         """Encode the reference image once and keep the mean feature under its mask."""
         embedding, transform = self.sam.encode(image)
         return reference_target(embedding, mask, transform)
 
-    def segment(self, image: np.ndarray, target: Target, box: np.ndarray | None = None) -> SegmentResult:
+    def segment(self, image: np.ndarray, target: Target, box: np.ndarray | None = None,
+                text: TextTokens | None = None) -> SegmentResult:
         """Segment every instance of the target object in an RGB uint8 image.
 
         `box` (x0, y0, x1, y1), the first exemplar as a detector gives it: the cascade starts from its
-        centre instead of the similarity arg-max (see persense.runtime.exemplar_box).
+        centre instead of the similarity arg-max (see persense.runtime.exemplar_box). `text`: a tokenised
+        prompt for this pipeline's detector, whose most confident box is used the same way.
         """
-        start = None if box is None else box_centre(check_box(box, image.shape[:2]))
         timer, warnings = StageTimer(), []
+        start, first_exemplar = self._start(image, box, text, timer, warnings)
         launches = self.sam.decoder_launches
         with timer.stage("image_encoding"):
             embedding, transform = self.sam.encode(image)
@@ -49,6 +57,7 @@ class PerSensePipeline:
             similarity = similarity_map(embedding, target, transform)
             guidance = Guidance(target.embedding.reshape(1, -1), attention_similarity(similarity))
             first = best_point(similarity) if start is None else start
+            first_exemplar["point"] = [float(v) for v in first]
         with timer.stage("exemplar_cascade"):
             exemplar = self._initial_exemplar(embedding, transform, first, guidance, warnings)
         request = CountRequest(image, exemplar[None], transform, embedding, similarity)
@@ -72,7 +81,26 @@ class PerSensePipeline:
             exemplars=request.exemplars, count=density.count, first_pass_points=len(first_pass),
             decoder_prompts=2 + 2 * len(first_pass) + len(points),
             decoder_launches=self.sam.decoder_launches - launches, timings_ms=timer.ms, warnings=warnings,
-            logits=logits, transform=transform)
+            logits=logits, transform=transform, first_exemplar=first_exemplar)
+
+    def _start(self, image: np.ndarray, box: np.ndarray | None, text: TextTokens | None, timer: StageTimer,
+               warnings: list[str]) -> tuple[np.ndarray | None, dict]:
+        """The first point when a box or the detector gives it (None: the similarity arg-max), and its record
+        (`source` "box", "text" or "similarity"; the detector's box, confidence and phrase for "text")."""
+        if box is not None:
+            checked = check_box(box, image.shape[:2])
+            return box_centre(checked), {"source": "box", "box": checked.tolist()}
+        if text is None:
+            return None, {"source": "similarity"}
+        if self.detector is None:
+            raise ValueError("a text prompt needs a pipeline with a detector")
+        with timer.stage("detector"):
+            detection = self.detector.best_box(image, text)
+        if detection is None:
+            warnings.append(f"the detector found no {text.caption!r} above box_threshold "
+                            f"{self.detector.box_threshold}; starting from the best-matching point instead")
+            return None, {"source": "similarity", "text": text.prompt, "detection": None}
+        return box_centre(detection.box), {"source": "text", "text": text.prompt, "detection": detection.summary()}
 
     def _candidates(self, request: CountRequest, similarity: np.ndarray, timer: StageTimer, fallback: bool = False,
                     warnings: list[str] | None = None) -> tuple[np.ndarray, Density]:

@@ -29,6 +29,7 @@ class SegmentResult:
     warnings: list[str] = field(default_factory=list)
     logits: np.ndarray | None = field(default=None, repr=False)  # [M, 256, 256] chosen low-res logits (runtime)
     transform: SamTransform | None = field(default=None, repr=False)  # the image's geometry (runtime)
+    first_exemplar: dict[str, Any] = field(default_factory=dict)  # source ("box"/"text"/"similarity"), point, box
 
     def instance_mask(self, index: int) -> np.ndarray:
         """HxW bool mask of instance `index`, whole (where instances overlap, `labels` keeps only the later one)."""
@@ -54,6 +55,7 @@ class SegmentResult:
             "boxes": boxes_json(self.boxes),
             "scores": [float(s) for s in self.scores],
             "exemplars": boxes_json(self.exemplars),
+            "first_exemplar": self.first_exemplar,
             "first_pass_points": self.first_pass_points,
             "decoder_prompts": self.decoder_prompts,
             "decoder_launches": self.decoder_launches,

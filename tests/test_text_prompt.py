@@ -4,12 +4,12 @@ datasets/transforms.py), re-implemented literally here with torch and Pillow as 
 from __future__ import annotations
 
 import json
-import string
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from fake_detector import write_tokenizer, write_vocab
 from PIL import Image
 
 from persense.runtime.detector import (BOX_THRESHOLD, TEXT_THRESHOLD, GroundingDino, postprocess, preprocess,
@@ -18,28 +18,17 @@ from persense.runtime.errors import PersenseError
 from persense.runtime.manifest import sha256_file
 from persense.runtime.text_prompt import TextEncoder, caption_for
 
-WORDS = ["apple", "red", "car", "person", "bottle", "orange", "-", "?"]
-
 
 @pytest.fixture(scope="module")
 def vocab_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small BERT vocabulary: specials, '.', whole words, and single letters/digits with their ## forms."""
-    letters = list(string.ascii_lowercase + string.digits)
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", *WORDS, *letters, *(f"##{c}" for c in letters),
-             "##s", "##le"]
-    path = tmp_path_factory.mktemp("vocab") / "vocab.txt"
-    path.write_text("\n".join(dict.fromkeys(vocab)) + "\n")
-    return path
+    """The test vocabulary (fake_detector.write_vocab)."""
+    return write_vocab(tmp_path_factory.mktemp("vocab"))
 
 
 @pytest.fixture(scope="module")
 def tokenizer_file(vocab_file: Path) -> Path:
-    """The vocabulary as a `tokenizers` JSON (BERT uncased normaliser, WordPiece, [CLS] x [SEP])."""
-    from tokenizers.implementations import BertWordPieceTokenizer
-
-    path = vocab_file.with_name("tokenizer.json")
-    BertWordPieceTokenizer(str(vocab_file), lowercase=True).save(str(path))
-    return path
+    """The test vocabulary as a `tokenizers` JSON."""
+    return write_tokenizer(vocab_file, vocab_file.with_name("tokenizer.json"))
 
 
 def original_preprocess_caption(caption: str) -> str:

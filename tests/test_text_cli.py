@@ -1,0 +1,138 @@
+"""persense-infer --text and PerSense.segment(text=...): the detector's best box is the first exemplar as --box
+is; the fallback when it finds nothing; every user error as one line and exit code 2."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fake_detector import add_fixed_detector
+
+from persense.runtime.api import PerSense
+from persense.runtime.cli_infer import main as infer
+from persense.runtime.detector import sigmoid
+from persense.runtime.errors import PersenseError
+from persense.runtime.exemplar_box import box_centre
+
+HALF = 20.0  # half the side of the fixed detector's best box, in pixels
+
+
+def _target_box(scene) -> list[float]:
+    """cxcywh (normalised) of a box around the scene's sixth disc."""
+    height, width = scene["image"].shape[:2]
+    x, y = scene["centres"][5]
+    return [x / width, y / height, 2 * HALF / width, 2 * HALF / height]
+
+
+@pytest.fixture(scope="module")
+def text_engines(tiny_engines, scene, tmp_path_factory) -> Path:
+    """The tiny SAM engines plus a fixed detector whose best query (logit 2.0) boxes the sixth disc."""
+    other = [0.2, 0.3, 0.1, 0.1]
+    return add_fixed_detector(tiny_engines, tmp_path_factory.mktemp("text") / "engines", [-4.0, 2.0, 1.0],
+                              [other, _target_box(scene), [0.7, 0.6, 0.2, 0.1]])
+
+
+@pytest.fixture(scope="module")
+def blind_engines(tiny_engines, scene, tmp_path_factory) -> Path:
+    """The tiny SAM engines plus a fixed detector that finds nothing (every token sigmoid 0.1497 < 0.15)."""
+    return add_fixed_detector(tiny_engines, tmp_path_factory.mktemp("blind") / "engines", [-1.735, -3.0],
+                              [_target_box(scene), [0.5, 0.5, 0.2, 0.2]])
+
+
+def _infer(engines: Path, scene_files, out: Path, extra: list[str], capsys) -> tuple[int, dict | None, str]:
+    """persense-infer on the scene (ground-truth density): exit code, result.json (if written), stderr."""
+    code = infer([str(scene_files["image"]), str(scene_files["image"]), str(scene_files["mask"]),
+                  "--engines", str(engines), "--density", str(scene_files["density"]), "--out", str(out), *extra])
+    err = capsys.readouterr().err
+    result = out / "result.json"
+    return code, json.loads(result.read_text()) if result.is_file() else None, err
+
+
+def _expected_box(scene) -> np.ndarray:
+    """The detector's best box in pixels, computed as the original does (float32 cxcywh * (W,H,W,H) -> xyxy)."""
+    height, width = scene["image"].shape[:2]
+    cxcywh = np.float32(_target_box(scene)) * np.float32([width, height, width, height])
+    half = np.float32(0.5) * cxcywh[2:]
+    return np.concatenate([cxcywh[:2] - half, cxcywh[:2] + half])
+
+
+def test_text_starts_from_the_detectors_best_box_as_box_does(text_engines, scene_files, scene, tmp_path, capsys):
+    code, by_text, err = _infer(text_engines, scene_files, tmp_path / "text", ["--text", "Red Apple"], capsys)
+    assert code == 0 and "Traceback" not in err
+    expected = _expected_box(scene)
+    first = by_text["first_exemplar"]
+    assert first["source"] == "text" and first["text"] == "Red Apple" and by_text["text"] == "Red Apple"
+    assert first["detection"]["box"] == [float(v) for v in expected]
+    assert first["detection"]["confidence"] == pytest.approx(float(sigmoid(np.float32(2.0))), abs=1e-7)
+    assert first["detection"]["phrase"] == "red apple [SEP]"  # the original's phrase: tokens after [CLS], dots removed
+    assert first["point"] == box_centre(expected.astype(np.float64)).tolist()
+    assert "detector" in by_text["timings_ms"] and by_text["box"] is None
+
+    box = ",".join(str(float(v)) for v in expected)
+    code, by_box, _ = _infer(text_engines, scene_files, tmp_path / "box", [f"--box={box}"], capsys)
+    assert code == 0 and by_box["first_exemplar"]["source"] == "box"
+    assert by_box["first_exemplar"]["point"] == first["point"]
+    for key in ("points", "exemplars", "count_estimate", "scores", "instances"):
+        assert by_box[key] == by_text[key], key
+
+
+def test_nothing_detected_falls_back_to_the_similarity_arg_max(blind_engines, scene_files, tmp_path, capsys):
+    code, fallback, err = _infer(blind_engines, scene_files, tmp_path / "text", ["--text", "apple"], capsys)
+    assert code == 0
+    message = "the detector found no 'apple.' above box_threshold 0.15; starting from the best-matching point instead"
+    assert message in fallback["warnings"] and message in err
+    assert fallback["first_exemplar"] == {"source": "similarity", "text": "apple", "detection": None,
+                                          "point": fallback["first_exemplar"]["point"]}
+    code, plain, _ = _infer(blind_engines, scene_files, tmp_path / "plain", [], capsys)
+    assert code == 0 and plain["first_exemplar"] == {"source": "similarity", "point": fallback["first_exemplar"]["point"]}
+    assert plain["points"] == fallback["points"] and plain["exemplars"] == fallback["exemplars"]
+
+
+def test_box_and_text_are_mutually_exclusive(text_engines, scene_files, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _infer(text_engines, scene_files, tmp_path / "out", ["--text", "apple", "--box", "1,2,30,40"], capsys)
+    assert exit_info.value.code == 2
+    assert "argument --box: not allowed with argument --text" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("prompt,message", [
+    ("", "text prompt '' is empty"), ("   ", "text prompt '   ' is empty"),
+    ("red €uro", "'€uro' not in the detector's vocabulary"),
+    ("a " * 300, "is 303 tokens long; the detector takes at most 256"),
+])
+def test_bad_prompt_is_one_clear_line(prompt, message, text_engines, scene_files, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, result, err = _infer(text_engines, scene_files, out, ["--text", prompt], capsys)
+    assert code == 2 and result is None and err.count("\n") == 1
+    assert err.startswith("persense-infer: error: ") and message in err
+
+
+def test_missing_detector_names_the_export_command(tiny_engines, scene_files, tmp_path, capsys):
+    code, result, err = _infer(tiny_engines, scene_files, tmp_path / "out", ["--text", "apple"], capsys)
+    assert code == 2 and result is None and err.count("\n") == 1
+    assert f"no Grounding DINO detector for --text; export it with `persense-export --detector grounding-dino " \
+           f"--out {tiny_engines}`" in err
+
+
+def test_tampered_tokenizer_is_refused(text_engines, scene_files, tmp_path, capsys):
+    copy = tmp_path / "engines"
+    shutil.copytree(text_engines, copy)
+    tokenizer = copy / "grounding_dino_tokenizer.json"
+    tokenizer.write_text(tokenizer.read_text().replace('"apple"', '"apples"'))
+    code, _, err = _infer(copy, scene_files, tmp_path / "out", ["--text", "apple"], capsys)
+    assert code == 2 and "grounding_dino_tokenizer.json: sha256" in err and "does not match the manifest" in err
+
+
+def test_api_text_prompt(text_engines, scene_files, scene):
+    ps = PerSense.open(text_engines, counter="npy", density=scene_files["density"], cache=False)
+    reference = ps.reference(scene["image"], scene["reference"])
+    result = ps.segment(scene["image"], reference, text="apple")
+    assert result.first_exemplar["source"] == "text"
+    assert result.first_exemplar["point"] == box_centre(_expected_box(scene).astype(np.float64)).tolist()
+    with pytest.raises(PersenseError, match="as a box or as a text prompt, not both"):
+        ps.segment(scene["image"], reference, box=[1, 2, 30, 40], text="apple")
+    with pytest.raises(PersenseError, match="is empty"):
+        ps.segment(scene["image"], reference, text=" ")
