@@ -506,6 +506,46 @@ def box_not_four_numbers(kit: Kit) -> None:
     expect_error(kit.infer(extra=("--box", "10,10,40")), "infer", "--box expects four numbers x0,y0,x1,y1")
 
 
+def text_engines(kit: Kit, query_logits: list[float]) -> Path:
+    """The tiny engines plus a fixed-output detector (tests/fake_detector.py) boxing the reference disc."""
+    from fake_detector import add_fixed_detector
+
+    (x, y), (height, width) = kit.scene["centres"][0], kit.scene["image"].shape[:2]
+    return add_fixed_detector(kit.engines, kit.path("engines"), query_logits, [[x / width, y / height, 0.1, 0.1]])
+
+
+@row
+def text_detector_missing(kit: Kit) -> None:
+    expect_error(kit.infer(extra=("--text", "apple")), "infer",
+                 f"no Grounding DINO detector for --text; export it with `persense-export --detector grounding-dino")
+
+
+@row
+def text_empty_prompt(kit: Kit) -> None:
+    expect_error(kit.infer(extra=("--text", "  "), engines=text_engines(kit, [2.0])), "infer", "is empty")
+
+
+@row
+def text_unknown_word(kit: Kit) -> None:
+    expect_error(kit.infer(extra=("--text", "€uro"), engines=text_engines(kit, [2.0])), "infer",
+                 "'€uro' not in the detector's vocabulary")
+
+
+@row
+def text_prompt_too_long(kit: Kit) -> None:
+    expect_error(kit.infer(extra=("--text", "a " * 300), engines=text_engines(kit, [2.0])), "infer",
+                 "is 303 tokens long; the detector takes at most 256")
+
+
+@row
+def text_nothing_detected(kit: Kit) -> None:
+    outcome = kit.infer(extra=("--text", "apple"), engines=text_engines(kit, [-3.0]))
+    kit.same_as_baseline(outcome)
+    warning = "the detector found no 'apple.' above box_threshold 0.15; starting from the best-matching point instead"
+    assert warning in outcome.result()["warnings"] and warning in outcome.stderr
+    assert outcome.result()["first_exemplar"]["source"] == "similarity"
+
+
 @row
 def folder_with_unreadable_file(kit: Kit) -> None:
     folder = kit.path("targets")
