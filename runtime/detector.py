@@ -56,12 +56,16 @@ def resized_size(height: int, width: int, size: int = SHORT_SIDE, max_size: int 
     return size, int(size * w / h)
 
 
-def preprocess(image_rgb: np.ndarray) -> np.ndarray:
-    """pixel_values [1,3,h,w] float32: the RGB uint8 image resized as the original, /255, ImageNet-normalised."""
+def preprocess(image_rgb: np.ndarray, min_side: int = 1) -> np.ndarray:
+    """pixel_values [1,3,h,w] float32: the RGB uint8 image resized as the original, /255, ImageNet-normalised.
+
+    `min_side`: the smallest side the exported graph serves (its Swin stages must stay larger than their window).
+    """
     height, width = resized_size(*image_rgb.shape[:2])
-    if height < 1 or width < 1:
+    if min(height, width) < max(min_side, 1):
         raise PersenseError(f"a {image_rgb.shape[1]}x{image_rgb.shape[0]} image is too elongated for the detector "
-                            f"(it would be resized to {width}x{height}); crop it or give --box instead of --text")
+                            f"(resized to {width}x{height}; it takes sides of at least {max(min_side, 1)} px): "
+                            f"crop it, or give --box instead of --text")
     resized = resize_bilinear_pil(np.ascontiguousarray(image_rgb), height, width)
     chw = resized.transpose(2, 0, 1).astype(np.float32) / np.float32(255)
     return ((chw - MEAN) / STD)[None]
@@ -116,10 +120,11 @@ class Detection:
 class GroundingDino:
     """The detector engine and its tokenizer: a text prompt in, the most confident box of an image out."""
 
-    def __init__(self, engine: Engine, text: TextEncoder, box_threshold: float = BOX_THRESHOLD,
+    def __init__(self, engine: Engine, text: TextEncoder, min_side: int = 1, box_threshold: float = BOX_THRESHOLD,
                  text_threshold: float = TEXT_THRESHOLD) -> None:
         self.engine = engine
         self.text = text
+        self.min_side = min_side
         self.box_threshold = box_threshold
         self.text_threshold = text_threshold
 
@@ -140,7 +145,8 @@ class GroundingDino:
         name, engine_backend = _engine_choice(manifest, backend, precision)
         if engine_backend != "trt":
             check_io(name, manifest.artefact(name), *DETECTOR_IO, hint)
-        return GroundingDino(open_engine(manifest, name, engine_backend, threads), text)
+        return GroundingDino(open_engine(manifest, name, engine_backend, threads), text,
+                             int(art.extra.get("min_image_side", 1)))
 
     def encode_text(self, prompt: str) -> TextTokens:
         """The prompt's caption tokenised (refused when empty, unknown to the vocabulary or too long)."""
@@ -148,7 +154,7 @@ class GroundingDino:
 
     def detect(self, image_rgb: np.ndarray, tokens: TextTokens) -> Detections:
         """Every detection of the caption in an RGB uint8 image that passes box_threshold."""
-        out = self.engine.run({"pixel_values": preprocess(image_rgb), **tokens.feeds()})
+        out = self.engine.run({"pixel_values": preprocess(image_rgb, self.min_side), **tokens.feeds()})
         return postprocess(out["logits"][0], out["boxes"][0], image_rgb.shape[:2], self.box_threshold)
 
     def best_box(self, image_rgb: np.ndarray, tokens: TextTokens) -> Detection | None:

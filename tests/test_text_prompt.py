@@ -160,8 +160,11 @@ def test_pixels_match_the_originals(height, width):
 
 
 def test_too_elongated_image_is_refused():
-    with pytest.raises(PersenseError, match="too elongated for the detector"):
+    with pytest.raises(PersenseError, match=r"too elongated for the detector \(resized to 0x0; it takes sides of"):
         preprocess(np.zeros((10, 100000, 3), np.uint8))
+    assert preprocess(np.zeros((100, 700, 3), np.uint8), 190).shape == (1, 3, 190, 1330)
+    with pytest.raises(PersenseError, match=r"resized to 1336x167; it takes sides of at least 225 px"):
+        preprocess(np.zeros((100, 800, 3), np.uint8), 225)
 
 
 # ------------------------------------------------------------------------------------ post-processing
