@@ -136,3 +136,93 @@ def test_api_text_prompt(text_engines, scene_files, scene):
         ps.segment(scene["image"], reference, box=[1, 2, 30, 40], text="apple")
     with pytest.raises(PersenseError, match="is empty"):
         ps.segment(scene["image"], reference, text=" ")
+
+
+# ------------------------------------------------------------------- the exported tiny Grounding DINO (random weights)
+
+DETECTOR_SEED = 3
+
+
+@pytest.fixture(scope="module")
+def dino_engines(tiny_engines, tmp_path_factory) -> Path:
+    """The tiny SAM engines plus the grounding-dino-tiny detector exported by persense-export (random weights)."""
+    from persense.export.cli import main as export
+
+    folder = tmp_path_factory.mktemp("dino") / "engines"
+    shutil.copytree(tiny_engines, folder)
+    assert export(["--detector", "grounding-dino-tiny", "--random-weights", "--seed", str(DETECTOR_SEED),
+                   "--out", str(folder), "-q"]) == 0
+    return folder
+
+
+@pytest.fixture(scope="module")
+def dino_torch(dino_engines):
+    """transformers' GroundingDinoForObjectDetection with the weights the export used (same config and seed)."""
+    from persense.export.grounding_dino import random_detector
+
+    tokenizer = (dino_engines / "grounding_dino_tokenizer.json").read_text()
+    return random_detector("grounding-dino-tiny", DETECTOR_SEED, tokenizer)
+
+
+@pytest.mark.parametrize("height,width,prompt", [(288, 384, "apple"), (700, 500, "red car"),
+                                                 (300, 1900, "person. bottle"), (31, 40, "orange")])
+def test_detector_engine_matches_transformers(height, width, prompt, dino_engines, dino_torch):
+    """The runtime detector (ONNX Runtime, numpy pre/post-processing) against transformers' PyTorch model run on the
+    same pixel_values and tokens: logits within 1e-4 (they reach about +-15), boxes within 1e-5 (normalised)."""
+    import torch
+
+    from persense.runtime.detector import GroundingDino, postprocess, preprocess
+    from persense.runtime.manifest import load_manifest
+
+    detector = GroundingDino.from_manifest(load_manifest(dino_engines), "ort-cpu", 2)
+    tokens = detector.encode_text(prompt)
+    image = np.random.default_rng(height).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    pixels = preprocess(image, detector.min_side)
+    engine = detector.engine.run({"pixel_values": pixels, **tokens.feeds()})
+    with torch.no_grad():
+        out = dino_torch(**{k: torch.from_numpy(v) for k, v in {"pixel_values": pixels, **tokens.feeds()}.items()})
+    logits = out.logits[0, :, :tokens.input_ids.shape[1]].numpy()
+    assert np.isinf(out.logits[0, :, tokens.input_ids.shape[1]:].numpy()).all()  # transformers' -inf padding
+    np.testing.assert_allclose(engine["logits"][0], logits, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(engine["boxes"][0], out.pred_boxes[0].numpy(), rtol=0, atol=1e-5)
+    ours, theirs = postprocess(engine["logits"][0], engine["boxes"][0], (height, width)), \
+        postprocess(logits, out.pred_boxes[0].numpy(), (height, width))
+    assert ours.best() is not None and ours.best() == theirs.best()
+    best = detector.best_box(image, tokens)
+    np.testing.assert_allclose(best.box, theirs.boxes[theirs.best()], rtol=0, atol=1e-3)  # pixels
+    assert best.confidence == pytest.approx(float(theirs.confidence[theirs.best()]), abs=1e-5)
+
+
+def test_infer_text_on_a_synthetic_scene(dino_engines, tmp_path, capsys):
+    from persense.runtime.detector import GroundingDino
+    from persense.runtime.imageio import read_rgb
+    from persense.runtime.manifest import load_manifest
+    from persense.runtime.synth import generate_dataset
+
+    generate_dataset(tmp_path / "data", classes=1, images=1, instances=(6, 8), size=(384, 288))
+    (folder,) = (tmp_path / "data" / "Images").iterdir()
+    word = folder.name.replace("_", " ")
+    out = tmp_path / "out"
+    code = infer([str(folder / "01.jpg"), str(folder / "00.jpg"), str(folder / "00.png"), "--engines",
+                  str(dino_engines), "--out", str(out), "--text", word, "--threads", "2"])
+    assert code == 0, capsys.readouterr().err
+    result = json.loads((out / "result.json").read_text())
+    detector = GroundingDino.from_manifest(load_manifest(dino_engines), "ort-cpu", 2)
+    expected = detector.best_box(read_rgb(folder / "01.jpg"), detector.encode_text(word))
+    first = result["first_exemplar"]
+    assert result["text"] == word and first["source"] == "text" and first["text"] == word
+    assert first["detection"] == expected.summary()
+    assert first["point"] == box_centre(expected.box.astype(np.float64)).tolist()
+    assert result["timings_ms"]["detector"] > 0 and result["instances"] == len(result["points"])
+
+
+def test_api_falls_back_when_the_real_detector_finds_nothing(dino_engines, scene):
+    ps = PerSense.open(dino_engines, cache=False)
+    reference = ps.reference(scene["image"], scene["reference"])
+    assert ps.segment(scene["image"], reference, text="apple").first_exemplar["source"] == "text"
+    ps.detector.box_threshold = 1.0  # no sigmoid exceeds it
+    result = ps.segment(scene["image"], reference, text="apple")
+    assert result.first_exemplar["source"] == "similarity" and result.first_exemplar["detection"] is None
+    assert any(w.startswith("the detector found no 'apple.' above box_threshold 1.0") for w in result.warnings)
+    plain = ps.segment(scene["image"], reference)
+    assert np.array_equal(result.points, plain.points) and np.array_equal(result.union, plain.union)
