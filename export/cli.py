@@ -1,4 +1,4 @@
-"""persense-export: SAM (and optionally a counter) to ONNX engines plus engines/manifest.json."""
+"""persense-export: SAM (and optionally a counter and a text detector) to ONNX engines plus engines/manifest.json."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from persense.runtime.cli_common import add_common_flags, run_command
+from persense.runtime.errors import PersenseError
 
 log = logging.getLogger("persense.export")
 
@@ -17,10 +18,12 @@ DEFAULT_WEIGHTS = Path("weights")
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
     from persense.export.gpu_encoder import ATTENTION_FORMS, DEFAULT_FORM
+    from persense.export.grounding_dino import DETECTOR_CONFIGS
     from persense.export.sam_build import SAM_CONFIGS
 
     parser = argparse.ArgumentParser(prog="persense-export", description=__doc__)
-    parser.add_argument("--model", choices=list(SAM_CONFIGS), default="vit_h", help="SAM variant (default vit_h)")
+    parser.add_argument("--model", choices=list(SAM_CONFIGS),
+                        help="SAM variant (default vit_h; with --detector and no --model, only the detector)")
     parser.add_argument("--checkpoint", type=Path,
                         help=f"original SAM checkpoint (default: {DEFAULT_WEIGHTS}/<official file name> if present)")
     parser.add_argument("--random-weights", action="store_true", help="random weights instead of a checkpoint")
@@ -33,6 +36,16 @@ def build_parser() -> argparse.ArgumentParser:
                              "random weights when absent")
     parser.add_argument("--counter-config", choices=["base", "tiny"], default="base",
                         help="CounTR size: base (the original) or tiny (same I/O, for tests)")
+    parser.add_argument("--detector", choices=DETECTOR_CONFIGS,
+                        help="also export the Grounding DINO detector for --text: grounding-dino (Swin-T OGC) or "
+                             "grounding-dino-tiny (a small random-weight configuration for tests and the demo)")
+    parser.add_argument("--detector-checkpoint", type=Path,
+                        help="Hugging Face Grounding DINO checkpoint folder (config.json, model.safetensors or "
+                             "pytorch_model.bin, tokenizer files); random weights with --random-weights")
+    parser.add_argument("--detector-tokenizer", type=Path,
+                        help="the checkpoint's tokenizer (tokenizer.json or vocab.txt) when its folder has none; "
+                             "parity with a real checkpoint needs its real tokenizer (random weights get a small "
+                             "generated vocabulary)")
     parser.add_argument("--fp16", action="store_true",
                         help="also write FP16 ONNX models (<name>_fp16) and, where TensorRT and a GPU are usable, "
                              "TensorRT FP16 engines (<name>_trt)")
@@ -64,11 +77,16 @@ def _export(args: argparse.Namespace) -> int:
         print(format_table(rows))
         return 0 if parity_ok(rows) else 1
 
-    checkpoint = resolve_checkpoint(args.model, args.checkpoint, args.random_weights, DEFAULT_WEIGHTS)
-    request = ExportRequest(model_type=args.model, checkpoint=checkpoint, seed=args.seed, out=args.out,
+    model = args.model or (None if args.detector else "vit_h")
+    checkpoint = resolve_checkpoint(model, args.checkpoint, args.random_weights, DEFAULT_WEIGHTS) if model else None
+    if args.detector and args.detector_checkpoint is None and not args.random_weights:
+        raise PersenseError(f"no detector checkpoint: pass --detector-checkpoint FOLDER (a Hugging Face "
+                            f"{args.detector} checkpoint) or --random-weights")
+    request = ExportRequest(model_type=model, checkpoint=checkpoint, seed=args.seed, out=args.out,
                             force=args.force, counter=args.counter, counter_checkpoint=args.counter_checkpoint,
                             counter_config=args.counter_config, fp16=args.fp16,
-                            int8=args.int8, gpu_encoder=args.gpu_encoder)
+                            int8=args.int8, gpu_encoder=args.gpu_encoder, detector=args.detector,
+                            detector_checkpoint=args.detector_checkpoint, detector_tokenizer=args.detector_tokenizer)
     manifest_path, note = export_all(request)
     if note:
         print(note)
@@ -81,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.checkpoint is not None and args.random_weights:
         raise SystemExit("persense-export: error: --checkpoint and --random-weights exclude each other")
+    if args.detector_checkpoint is not None and args.random_weights:
+        raise SystemExit("persense-export: error: --detector-checkpoint and --random-weights exclude each other")
     return run_command("persense-export", _export, args)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import sys
 from dataclasses import dataclass
@@ -24,9 +25,10 @@ EXPORT_RECIPE = 4
 
 @dataclass
 class ExportRequest:
-    """What to export: SAM type and weights (None = random with `seed`), an optional counter, the folder."""
+    """What to export: SAM type (None: no SAM) and weights (None = random with `seed`), an optional counter and
+    detector, the folder."""
 
-    model_type: str
+    model_type: str | None
     checkpoint: Path | None
     seed: int
     out: Path
@@ -37,6 +39,9 @@ class ExportRequest:
     fp16: bool = False  # also FP16 ONNX models and, where TensorRT and a GPU are usable, TensorRT engines
     int8: bool = False  # also INT8 (dynamically quantised) SAM models for the CPU
     gpu_encoder: str | None = None  # also sam_encoder_gpu with this attention form (export/gpu_encoder.py)
+    detector: str | None = None  # "grounding-dino" or "grounding-dino-tiny" (export/grounding_dino.py)
+    detector_checkpoint: Path | None = None  # Hugging Face checkpoint folder; None = random weights with `seed`
+    detector_tokenizer: Path | None = None  # tokenizer.json or vocab.txt; None = the checkpoint's or generated
 
 
 @dataclass
@@ -126,6 +131,31 @@ def _counter_job(request: ExportRequest) -> Job:
     raise PersenseError(f"unknown counter {request.counter!r}; choose countr or dsalvanet")
 
 
+def _detector_job(request: ExportRequest) -> Job:
+    """The Grounding DINO detector (and its tokenizer file, rewritten every run so a reused entry has it)."""
+    from persense.export.grounding_dino import (DETECTOR, detector_tokenizer, export_onnx, load_detector,
+                                                random_detector, write_tokenizer)
+
+    checkpoint, config = request.detector_checkpoint, request.detector
+    tokenizer = detector_tokenizer(checkpoint, request.detector_tokenizer)
+    write_tokenizer(request.out, tokenizer)
+    source = "random" if checkpoint is None else (sha256_file(checkpoint) if checkpoint.is_file() else
+                                                  _folder_hash(checkpoint))
+    key = (f"{config}:{source}:{'' if checkpoint else request.seed}:"
+           f"{hashlib.sha256(tokenizer.encode()).hexdigest()[:16]}:r{EXPORT_RECIPE}")
+    build = (lambda: load_detector(config, checkpoint, tokenizer)) if checkpoint else (
+        lambda: random_detector(config, request.seed, tokenizer))
+    return Job(DETECTOR, source, key, build, lambda m, path, src: export_onnx(m, path, config, src, tokenizer))
+
+
+def _folder_hash(folder: Path) -> str:
+    """sha256 of a checkpoint folder's config and weights files (a missing folder fails when loaded)."""
+    from persense.export.grounding_dino_checkpoint import WEIGHT_FILES
+
+    files = [folder / name for name in ("config.json", *WEIGHT_FILES) if (folder / name).is_file()]
+    return hashlib.sha256("".join(sha256_file(f) for f in files).encode()).hexdigest()
+
+
 def _base_name(name: str) -> str:
     """The FP32 artefact an FP16 model or TensorRT engine was made from."""
     return name.removesuffix("_fp16").removesuffix("_int8").removesuffix("_trt")
@@ -153,9 +183,11 @@ def export_all(request: ExportRequest) -> tuple[Path, str | None]:
     """
     request.out.mkdir(parents=True, exist_ok=True)
     previous = None if request.force else _previous_manifest(request.out)
-    if previous is not None and previous.model_type != request.model_type:
+    if previous is not None and request.model_type is not None and previous.model_type != request.model_type:
         previous = None
-    jobs = _sam_jobs(request) + ([_counter_job(request)] if request.counter else [])
+    model_type = request.model_type or (previous.model_type if previous is not None else "none")
+    jobs = ((_sam_jobs(request) if request.model_type else []) + ([_counter_job(request)] if request.counter else [])
+            + ([_detector_job(request)] if request.detector else []))
     artefacts: dict[str, Artefact] = {}
     for job in tqdm(jobs, desc="persense-export", unit="artefact", file=sys.stderr, disable=len(jobs) < 3):
         reused = reusable(previous, job.name, job.source_key)
@@ -179,6 +211,6 @@ def export_all(request: ExportRequest) -> tuple[Path, str | None]:
         from persense.export.int8 import int8_artefacts
 
         artefacts.update(int8_artefacts(artefacts, request.out, previous))
-    manifest = Manifest(folder=request.out, model_type=request.model_type, versions=package_versions(),
+    manifest = Manifest(folder=request.out, model_type=model_type, versions=package_versions(),
                         artefacts=artefacts)
     return manifest.save(), note

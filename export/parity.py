@@ -23,7 +23,8 @@ from persense.runtime.manifest import Artefact, Manifest, load_manifest, sha256_
 from persense.runtime.trt_engine import ENGINE_SUFFIX, engine_unusable_reason, open_trt_engine
 
 MASK_OUTPUTS = ("low_res_masks", "masks")
-SAMPLE_DIMS = {"B": 8, "N": 2, "K": 3}  # dynamic axes of the sample inputs; any other axis gets 1
+# dynamic axes of the sample inputs (H, W, T: the detector's image and text); any other axis gets 1
+SAMPLE_DIMS = {"B": 8, "N": 2, "K": 3, "H": 264, "W": 328, "T": 8}
 DSALVANET_SAMPLE_BOXES = np.array([[0, 0, 511, 511], [100, 40, 180, 200], [300, 300, 310, 305]], np.float64)
 
 
@@ -94,7 +95,14 @@ def _roi(index: int) -> Callable[[np.random.Generator, tuple[int, ...]], np.ndar
     return make
 
 
+def _token_ids(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """int64 token ids below 100 (inside every BERT vocabulary; the detector's generated one has more)."""
+    return rng.integers(0, 100, shape, dtype=np.int64)
+
+
 _FEEDS: dict[str, Callable[[np.random.Generator, tuple[int, ...]], np.ndarray]] = {
+    "input_ids": _token_ids, "attention_mask": lambda rng, shape: np.ones(shape, np.int64),
+    "token_type_ids": lambda rng, shape: np.zeros(shape, np.int64),
     "point_coords": _uniform(1024.0), "point_labels": _point_labels, "has_mask_input": _alternating(1),
     "persam_weight": _alternating(2), "attn_sim": _uniform(1.0), "windows": _uniform(1.0),
     "exemplars": _uniform(1.0), "roi_rows": _roi(0), "roi_cols": _roi(1),

@@ -34,6 +34,7 @@ PROMPT_BATCH_MAX = 256  # SAM decoder prompts per launch (the runtime's GPU deco
 PROFILE_RANGES: dict[str, dict[str, tuple[int, int, int]]] = {
     "sam_decoder": {"B": (1, 128, PROMPT_BATCH_MAX), "N": (1, 2, 64)},
     "counter_countr": {"N": (1, 8, 256), "K": (1, 3, 5)},  # windows per call, exemplar crops
+    "grounding_dino": {"H": (320, 800, 1344), "W": (320, 1066, 1344), "T": (1, 8, 256)},  # 800/1333 resize, tokens
 }
 SENSITIVE_LAYER_TYPES = ("NORMALIZATION", "SOFTMAX", "REDUCE")
 

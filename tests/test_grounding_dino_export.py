@@ -1,0 +1,232 @@
+"""Grounding DINO export: ONNX vs PyTorch parity over image sizes and text lengths, FP16, checkpoint loading,
+tokenizer, manifest entry and the CLI, on the tiny random configuration (one export shared by the module)."""
+
+from __future__ import annotations
+
+import json
+import string
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from tokenizers import Tokenizer  # noqa: E402
+
+from persense.export.cli import main as export_main  # noqa: E402
+from persense.export.grounding_dino import (DETECTOR, export_detector, load_detector,  # noqa: E402
+                                            random_detector)
+from persense.export.grounding_dino_trace import GroundingDinoDetector, phrase_masks  # noqa: E402
+from persense.export.grounding_dino_vocab import (TOKENIZER_FILE, bert_tokenizer_json, generated_vocab,  # noqa: E402
+                                                  tokenizer_json)
+from persense.runtime.engine import OrtEngine  # noqa: E402
+from persense.runtime.errors import PersenseError  # noqa: E402
+from persense.runtime.manifest import load_manifest, sha256_file  # noqa: E402
+
+TINY = "grounding-dino-tiny"
+SEED = 3
+# measured: logits max abs error 2.5e-5 (values of order 1-10), boxes 1.2e-7 over sizes 160x224 .. 321x479
+LOGITS_ATOL, BOXES_ATOL = 1e-4, 1e-5
+# FP16 (FP32 islands around normalisation/softmax), measured: matched queries within 0.09 (logits) and 2e-4
+# (boxes), median logits error 0.01-0.02; 1-2 of 20 queries differ (near-tied top-k proposals swap or change)
+FP16_LOGITS_ATOL, FP16_BOXES_ATOL, FP16_MIN_MATCHED = 0.15, 2e-3, 0.85
+SIZES = [(160, 232), (301, 257)]  # neither a multiple of the patch (4) nor of the window (4 x stride)
+CAPTIONS = ["apple.", "red apple . green pear . cat in a box ."]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory):
+    """The tiny detector exported once with the CLI (random weights, FP16 too): (folder, manifest)."""
+    folder = tmp_path_factory.mktemp("gdino")
+    assert export_main(["--detector", TINY, "--random-weights", "--seed", str(SEED), "--fp16", "--out",
+                        str(folder), "-q"]) == 0
+    return folder, load_manifest(folder)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_text(exported) -> str:
+    """The exported tokenizer JSON."""
+    return (exported[0] / TOKENIZER_FILE).read_text()
+
+
+@pytest.fixture(scope="module")
+def torch_model(tokenizer_text):
+    """The PyTorch detector the export was made from (rebuilt from the same seed)."""
+    return random_detector(TINY, SEED, tokenizer_text)
+
+
+def _feeds(tokenizer_text: str, caption: str, size: tuple[int, int], seed: int = 0) -> dict[str, np.ndarray]:
+    """Detector inputs: a random normalised image and the caption tokenised as the runtime does."""
+    ids = np.array([Tokenizer.from_str(tokenizer_text).encode(caption).ids], np.int64)
+    image = np.random.default_rng(seed).standard_normal((1, 3, *size), dtype=np.float32)
+    return {"pixel_values": image, "input_ids": ids, "attention_mask": np.ones_like(ids),
+            "token_type_ids": np.zeros_like(ids)}
+
+
+def _torch_run(model, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The unpatched transformers model on the same feeds."""
+    with torch.no_grad():
+        logits, boxes = GroundingDinoDetector(model)(*(torch.from_numpy(feeds[k]) for k in (
+            "pixel_values", "input_ids", "attention_mask", "token_type_ids")))
+    return {"logits": logits.numpy(), "boxes": boxes.numpy()}
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("caption", CAPTIONS)
+def test_onnx_matches_pytorch(exported, tokenizer_text, torch_model, size, caption):
+    folder, manifest = exported
+    feeds = _feeds(tokenizer_text, caption, size)
+    got = OrtEngine(folder / manifest.artefact(DETECTOR).file).run(feeds)
+    want = _torch_run(torch_model, feeds)
+    tokens = feeds["input_ids"].shape[1]
+    assert got["logits"].shape == want["logits"].shape == (1, 20, tokens)
+    assert got["boxes"].shape == (1, 20, 4)
+    assert np.isfinite(got["logits"]).all()
+    assert np.abs(got["logits"] - want["logits"]).max() <= LOGITS_ATOL
+    assert np.abs(got["boxes"] - want["boxes"]).max() <= BOXES_ATOL
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("caption", CAPTIONS)
+def test_fp16_matches_pytorch_loosely(exported, tokenizer_text, torch_model, size, caption):
+    folder, manifest = exported
+    entry = manifest.artefact(f"{DETECTOR}_fp16")
+    assert entry.precision == "fp16" and entry.extra["fp32_sha256"] == manifest.artefact(DETECTOR).sha256
+    feeds = _feeds(tokenizer_text, caption, size)
+    got = OrtEngine(folder / entry.file).run(feeds)
+    want = _torch_run(torch_model, feeds)
+    # a query of the FP16 model matches one of PyTorch's when its logits and box are both within tolerance;
+    # the two-stage top-k may pick or order a near-tied proposal differently, so a few queries may not
+    logits_err = np.abs(got["logits"][0][:, None] - want["logits"][0][None]).max(-1)
+    boxes_err = np.abs(got["boxes"][0][:, None] - want["boxes"][0][None]).max(-1)
+    matched = ((logits_err <= FP16_LOGITS_ATOL) & (boxes_err <= FP16_BOXES_ATOL)).any(1)
+    assert matched.mean() >= FP16_MIN_MATCHED
+    assert np.median(np.abs(got["logits"] - want["logits"])) <= FP16_LOGITS_ATOL / 2
+
+
+def test_phrase_masks_equal_transformers():
+    from transformers.models.grounding_dino.modeling_grounding_dino import (
+        generate_masks_with_special_tokens_and_transfer_map as reference)
+
+    special = torch.tensor([101, 102, 1012, 1029])
+    alphabet = torch.tensor([101, 102, 1012, 1029, 2000, 3000])
+    rng = torch.Generator().manual_seed(0)
+    for length in (1, 2, 3, 7, 40):
+        for _ in range(50):
+            ids = alphabet[torch.randint(0, len(alphabet), (2, length), generator=rng)]
+            for a, b in zip(reference(ids, special), phrase_masks(ids, special)):
+                assert torch.equal(a, b)
+
+
+def test_manifest_entry(exported, tokenizer_text):
+    folder, manifest = exported
+    entry = manifest.artefact(DETECTOR)
+    assert (entry.kind, entry.precision, entry.model_type, entry.source_checkpoint) == (
+        DETECTOR, "fp32", TINY, "random")
+    assert entry.extra["tokenizer"] == {"file": TOKENIZER_FILE, "sha256": sha256_file(folder / TOKENIZER_FILE)}
+    assert (entry.extra["max_text_len"], entry.extra["num_queries"]) == (256, 20)
+    assert [(s.name, s.shape, s.dtype) for s in entry.inputs] == [
+        ("pixel_values", (1, 3, "H", "W"), "float32"), ("input_ids", (1, "T"), "int64"),
+        ("attention_mask", (1, "T"), "int64"), ("token_type_ids", (1, "T"), "int64")]
+    assert [(s.name, s.shape) for s in entry.outputs] == [("logits", (1, 20, "T")), ("boxes", (1, 20, 4))]
+    manifest.verified_path(DETECTOR)
+
+
+def test_runtime_opens_the_export(exported):
+    from persense.runtime.detector import GroundingDino
+
+    folder, manifest = exported
+    detector = GroundingDino.from_manifest(manifest)
+    image = np.random.default_rng(1).integers(0, 255, (90, 120, 3), dtype=np.uint8)
+    detections = detector.detect(image, detector.encode_text("apple"))
+    assert detections.boxes.shape[1] == 4
+
+
+def test_cli_reuses_an_unchanged_export(exported, capsys):
+    folder, manifest = exported
+    assert export_main(["--detector", TINY, "--random-weights", "--seed", str(SEED), "--fp16", "--out",
+                        str(folder), "-v"]) == 0
+    assert "grounding_dino unchanged" in capsys.readouterr().err
+    again = load_manifest(folder)
+    assert again.artefact(DETECTOR).sha256 == manifest.artefact(DETECTOR).sha256
+    assert [a.file for a in export_detector(folder, TINY, seed=SEED, fp16=True)] == [
+        again.artefact(DETECTOR).file, again.artefact(f"{DETECTOR}_fp16").file]
+
+
+def test_generated_vocabulary_has_no_unknown_ascii_word(tokenizer_text):
+    tokenizer = Tokenizer.from_str(tokenizer_text)
+    for word in ("apple", "Zebra42", "xylophone", "q", string.ascii_letters + string.digits):
+        tokens = tokenizer.encode(word + ".").tokens
+        assert tokens[0] == "[CLS]" and tokens[-1] == "[SEP]" and "[UNK]" not in tokens
+
+
+def test_vocab_txt_and_tokenizer_json_tokenise_alike(tmp_path):
+    vocab = generated_vocab()
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    from_txt = Tokenizer.from_str(tokenizer_json(tmp_path / "vocab.txt"))
+    (tmp_path / "tokenizer.json").write_text(bert_tokenizer_json(vocab))
+    from_json = Tokenizer.from_str(tokenizer_json(tmp_path))  # the folder: its tokenizer.json
+    for caption in CAPTIONS:
+        assert from_txt.encode(caption).ids == from_json.encode(caption).ids
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory, torch_model, tokenizer_text):
+    """A Hugging Face checkpoint folder (save_pretrained: config.json + model.safetensors) plus tokenizer.json."""
+    folder = tmp_path_factory.mktemp("hf_checkpoint")
+    torch_model.save_pretrained(folder)
+    (folder / "tokenizer.json").write_text(tokenizer_text)
+    return folder
+
+
+def test_hf_checkpoint_folder_loads_identically(hf_folder, torch_model, tokenizer_text):
+    loaded = load_detector("grounding-dino", hf_folder, tokenizer_text)
+    feeds = _feeds(tokenizer_text, CAPTIONS[1], SIZES[0])
+    want, got = _torch_run(torch_model, feeds), _torch_run(loaded, feeds)
+    assert np.array_equal(want["logits"], got["logits"]) and np.array_equal(want["boxes"], got["boxes"])
+
+
+def test_missing_weights_are_named(hf_folder, tmp_path, tokenizer_text):
+    from safetensors.torch import load_file, save_file
+
+    for name in ("config.json", "tokenizer.json"):
+        (tmp_path / name).write_bytes((hf_folder / name).read_bytes())
+    weights = load_file(hf_folder / "model.safetensors")
+    dropped = sorted(k for k in weights if "text_projection" in k)
+    save_file({k: v for k, v in weights.items() if k not in dropped}, tmp_path / "model.safetensors",
+              metadata={"format": "pt"})
+    with pytest.raises(PersenseError, match="lacks 2 detector weights.*text_projection"):
+        load_detector("grounding-dino", tmp_path, tokenizer_text)
+
+
+@pytest.mark.parametrize("layout, message", [
+    ("absent", "detector checkpoint not found"),
+    ("file", "expected a Hugging Face checkpoint folder"),
+    ("no_config", "no config.json"),
+    ("no_weights", "no weights"),
+    ("other_model", "'bert' model, not Grounding DINO"),
+])
+def test_wrong_checkpoint_is_refused(tmp_path, tokenizer_text, layout, message):
+    path = tmp_path / "ckpt"
+    if layout == "file":
+        path.write_bytes(b"not a folder")
+    elif layout != "absent":
+        path.mkdir()
+        if layout != "no_config":
+            (path / "config.json").write_text(json.dumps({"model_type": "bert" if layout == "other_model"
+                                                          else "grounding-dino"}))
+        if layout != "no_weights":
+            (path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(PersenseError, match=message):
+        load_detector("grounding-dino", path, tokenizer_text)
+
+
+def test_tiny_configuration_takes_no_checkpoint(hf_folder, tokenizer_text):
+    with pytest.raises(PersenseError, match="random-weight test configuration"):
+        load_detector(TINY, hf_folder, tokenizer_text)
+
+
+def test_cli_requires_weights_or_random(tmp_path, capsys):
+    assert export_main(["--detector", "grounding-dino", "--out", str(tmp_path)]) == 2
+    assert "--detector-checkpoint FOLDER" in capsys.readouterr().err
