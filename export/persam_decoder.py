@@ -105,7 +105,8 @@ class PerSamDecoder(nn.Module):
                                                                  guided))
             queries = layer.norm3(queries + layer.mlp(queries))
             q = queries + query_pe
-            keys = layer.norm4(keys + self.image_to_tokens(layer.cross_attn_image_to_token, k, q, queries))
+            update = self.image_to_tokens(layer.cross_attn_image_to_token, k, q, queries)
+            keys = self.image_norm(layer.norm4, keys, update)
         q = queries + query_pe + target
         k = keys + key_pe
         queries = tf.norm_final_attn(queries + self.tokens_to_image(tf.final_attn_token_to_image, q, k, keys))
@@ -121,6 +122,11 @@ class PerSamDecoder(nn.Module):
     def image_to_tokens(module: nn.Module, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """Image-to-token attention (stock)."""
         return module(q=q, k=k, v=v)
+
+    @staticmethod
+    def image_norm(norm: nn.Module, keys: Tensor, update: Tensor) -> Tensor:
+        """Residual add and LayerNorm of the image tokens (B,N,C)."""
+        return norm(keys + update)
 
     def forward(self, image_embeddings: Tensor, point_coords: Tensor, point_labels: Tensor, mask_input: Tensor,
                 has_mask_input: Tensor, target_embedding: Tensor, attn_sim: Tensor,
