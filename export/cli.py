@@ -41,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "grounding-dino-tiny (a small random-weight configuration for tests and the demo)")
     parser.add_argument("--detector-checkpoint", type=Path,
                         help="Hugging Face Grounding DINO checkpoint folder (config.json, model.safetensors or "
-                             "pytorch_model.bin, tokenizer files); random weights with --random-weights")
+                             "pytorch_model.bin, tokenizer files) or the original groundingdino_swint_ogc.pth "
+                             "(its tokenizer from --detector-tokenizer or its folder); random weights with "
+                             "--random-weights")
     parser.add_argument("--detector-tokenizer", type=Path,
                         help="the checkpoint's tokenizer (tokenizer.json or vocab.txt) when its folder has none; "
                              "parity with a real checkpoint needs its real tokenizer (random weights get a small "

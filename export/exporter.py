@@ -214,3 +214,15 @@ def export_all(request: ExportRequest) -> tuple[Path, str | None]:
     manifest = Manifest(folder=request.out, model_type=model_type, versions=package_versions(),
                         artefacts=artefacts)
     return manifest.save(), note
+
+
+def export_detector(out_dir: Path, config: str, checkpoint: Path | None = None, tokenizer: Path | None = None,
+                    seed: int = 0, fp16: bool = False) -> list[Artefact]:
+    """Export the detector (reusing an unchanged one) into `out_dir`'s manifest; returns its manifest entries."""
+    from persense.export.grounding_dino import DETECTOR
+
+    request = ExportRequest(model_type=None, checkpoint=None, seed=seed, out=Path(out_dir), fp16=fp16,
+                            detector=config, detector_checkpoint=checkpoint, detector_tokenizer=tokenizer)
+    export_all(request)
+    manifest = load_manifest(Path(out_dir))
+    return [art for name, art in manifest.artefacts.items() if name.startswith(DETECTOR)]

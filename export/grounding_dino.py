@@ -33,6 +33,8 @@ def detector_config(name: str, vocab: int | None = None) -> Any:
     """The GroundingDinoConfig of a configuration name (`vocab`: the text model's vocabulary size, if not BERT's)."""
     from transformers import BertConfig, GroundingDinoConfig, SwinConfig
 
+    from persense.export.grounding_dino_trace import exportable_config
+
     if name == "grounding-dino":
         config = GroundingDinoConfig(text_config=BertConfig(vocab_size=vocab) if vocab else None)
     elif name == "grounding-dino-tiny":
@@ -46,13 +48,6 @@ def detector_config(name: str, vocab: int | None = None) -> Any:
     else:
         raise PersenseError(f"unknown detector {name!r}; choose one of {', '.join(DETECTOR_CONFIGS)}")
     return exportable_config(config)
-
-
-def exportable_config(config: Any) -> Any:
-    """No custom deformable-attention kernels and eager attention (the ops the ONNX exporter knows)."""
-    config.disable_custom_kernels = True
-    config._attn_implementation = "eager"
-    return config
 
 
 def min_image_side(config: Any) -> int:
@@ -83,13 +78,18 @@ def random_detector(name: str, seed: int, tokenizer: str) -> Any:
 
 
 def load_detector(name: str, checkpoint: Path, tokenizer: str) -> Any:
-    """The detector of a Hugging Face checkpoint folder, strictly loaded (PersenseError naming missing weights)."""
+    """The detector of a Hugging Face checkpoint folder (its config.json says the architecture) or of an original
+    checkpoint file (groundingdino_swint_ogc.pth, configuration `name`), strictly loaded."""
     from persense.export.grounding_dino_checkpoint import load_hf_folder
+    from persense.export.grounding_dino_original import load_original
 
     if name in RANDOM_ONLY:
         raise PersenseError(f"{name} is a random-weight test configuration; use --random-weights or "
                             f"--detector grounding-dino with a checkpoint")
-    model = load_hf_folder(checkpoint)
+    if checkpoint.is_file() and checkpoint.suffix in (".pth", ".pt"):
+        model = load_original(checkpoint, detector_config(name))
+    else:
+        model = load_hf_folder(checkpoint)
     if model.config.text_config.vocab_size < vocab_size(tokenizer):
         raise PersenseError(f"{checkpoint}: the tokenizer has {vocab_size(tokenizer)} tokens, the checkpoint's text "
                             f"model {model.config.text_config.vocab_size}; pass the checkpoint's own tokenizer")
@@ -189,16 +189,3 @@ def detector_tokenizer(checkpoint: Path | None, tokenizer: Path | None) -> str:
     if checkpoint is not None:
         return _cached_tokenizer(checkpoint if checkpoint.is_dir() else checkpoint.parent)
     return _cached_tokenizer(None)
-
-
-def export_detector(out_dir: Path, config: str, checkpoint: Path | None = None, tokenizer: Path | None = None,
-                    seed: int = 0, fp16: bool = False) -> list[Artefact]:
-    """Export the detector (reusing an unchanged one) into `out_dir`'s manifest; returns its manifest entries."""
-    from persense.export.exporter import ExportRequest, export_all
-    from persense.runtime.manifest import load_manifest
-
-    request = ExportRequest(model_type=None, checkpoint=None, seed=seed, out=Path(out_dir), fp16=fp16,
-                            detector=config, detector_checkpoint=checkpoint, detector_tokenizer=tokenizer)
-    export_all(request)
-    manifest = load_manifest(Path(out_dir))
-    return [art for name, art in manifest.artefacts.items() if name.startswith(DETECTOR)]

@@ -26,7 +26,7 @@ def _checked_folder(folder: Path) -> None:
         raise PersenseError(f"{folder}: detector checkpoint not found")
     if not folder.is_dir():
         raise PersenseError(f"{folder}: expected a Hugging Face checkpoint folder (config.json, model.safetensors "
-                            f"or pytorch_model.bin, tokenizer files), not a file")
+                            f"or pytorch_model.bin, tokenizer files) or an original .pth checkpoint")
     if not (folder / "config.json").is_file():
         raise PersenseError(f"{folder}: no config.json; not a Hugging Face Grounding DINO checkpoint folder")
     if not any((folder / name).is_file() for name in WEIGHT_FILES):
@@ -39,7 +39,7 @@ def load_hf_folder(folder: Path) -> Any:
 
     from transformers import GroundingDinoConfig, GroundingDinoForObjectDetection
 
-    from persense.export.grounding_dino import exportable_config
+    from persense.export.grounding_dino_trace import exportable_config
 
     _checked_folder(folder)
     try:

@@ -26,6 +26,13 @@ INPUT_NAMES = ["pixel_values", "input_ids", "attention_mask", "token_type_ids"]
 OUTPUT_NAMES = ["logits", "boxes"]
 
 
+def exportable_config(config: Any) -> Any:
+    """No custom deformable-attention kernels and eager attention (the ops the ONNX exporter knows)."""
+    config.disable_custom_kernels = True
+    config._attn_implementation = "eager"
+    return config
+
+
 class GroundingDinoDetector(nn.Module):
     """pixel_values [1,3,H,W], input_ids/attention_mask/token_type_ids [1,T] -> logits [1,Q,T], boxes [1,Q,4]."""
 

@@ -15,8 +15,8 @@ pytest.importorskip("transformers")
 from tokenizers import Tokenizer  # noqa: E402
 
 from persense.export.cli import main as export_main  # noqa: E402
-from persense.export.grounding_dino import (DETECTOR, export_detector, load_detector,  # noqa: E402
-                                            random_detector)
+from persense.export.exporter import export_detector  # noqa: E402
+from persense.export.grounding_dino import DETECTOR, load_detector, random_detector  # noqa: E402
 from persense.export.grounding_dino_trace import GroundingDinoDetector, phrase_masks  # noqa: E402
 from persense.export.grounding_dino_vocab import (TOKENIZER_FILE, bert_tokenizer_json, generated_vocab,  # noqa: E402
                                                   tokenizer_json)
@@ -230,3 +230,81 @@ def test_tiny_configuration_takes_no_checkpoint(hf_folder, tokenizer_text):
 def test_cli_requires_weights_or_random(tmp_path, capsys):
     assert export_main(["--detector", "grounding-dino", "--out", str(tmp_path)]) == 2
     assert "--detector-checkpoint FOLDER" in capsys.readouterr().err
+
+
+# transformers name -> the original repository's name, written from the original's module names (the inverse of
+# persense.export.grounding_dino_original's rules, kept separate so one checks the other)
+_ORIGINAL_NAMES = [
+    (r"model\.backbone\.conv_encoder\.model\.swin\.embeddings\.patch_embeddings\.projection\.", "backbone.0.patch_embed.proj."),
+    (r"model\.backbone\.conv_encoder\.model\.swin\.embeddings\.norm\.", "backbone.0.patch_embed.norm."),
+    (r"model\.backbone\.conv_encoder\.model\.swin\.encoder\.layers\.", "backbone.0.layers."),
+    (r"\.layernorm_before\.", ".norm1."), (r"\.layernorm_after\.", ".norm2."),
+    (r"\.attention\.relative_position_bias\.", ".attn."), (r"\.attention\.o_proj\.", ".attn.proj."),
+    (r"\.attention\.([qkv])_proj\.", r".attn.\1_proj."),
+    (r"model\.backbone\.conv_encoder\.model\.hidden_states_norms\.stage(\d)\.", lambda m: f"backbone.0.norm{int(m[1]) - 1}."),
+    (r"model\.input_proj_vision\.", "input_proj."), (r"model\.text_backbone\.", "bert."),
+    (r"model\.text_projection\.", "feat_map."), (r"model\.level_embed", "transformer.level_embed"),
+    (r"model\.query_position_embeddings\.", "transformer.tgt_embed."),
+    (r"model\.enc_output", "transformer.enc_output"), (r"model\.encoder_output_bbox_embed\.", "transformer.enc_out_bbox_embed."),
+    (r"model\.encoder\.layers\.(\d+)\.deformable_layer\.self_attn_layer_norm\.", r"transformer.encoder.layers.\1.norm1."),
+    (r"model\.encoder\.layers\.(\d+)\.deformable_layer\.final_layer_norm\.", r"transformer.encoder.layers.\1.norm2."),
+    (r"model\.encoder\.layers\.(\d+)\.deformable_layer\.fc(\d)\.", r"transformer.encoder.layers.\1.linear\2."),
+    (r"model\.encoder\.layers\.(\d+)\.deformable_layer\.", r"transformer.encoder.layers.\1."),
+    (r"model\.encoder\.layers\.(\d+)\.text_enhancer_layer\.fc(\d)\.", r"transformer.encoder.text_layers.\1.linear\2."),
+    (r"model\.encoder\.layers\.(\d+)\.text_enhancer_layer\.layer_norm_before\.", r"transformer.encoder.text_layers.\1.norm1."),
+    (r"model\.encoder\.layers\.(\d+)\.text_enhancer_layer\.layer_norm_after\.", r"transformer.encoder.text_layers.\1.norm2."),
+    (r"model\.encoder\.layers\.(\d+)\.text_enhancer_layer\.", r"transformer.encoder.text_layers.\1."),
+    (r"model\.encoder\.layers\.(\d+)\.fusion_layer\.", r"transformer.encoder.fusion_layers.\1."),
+    (r"vision_param", "gamma_v"), (r"text_param", "gamma_l"), (r"layer_norm_vision", "layer_norm_v"),
+    (r"layer_norm_text", "layer_norm_l"), (r"vision_proj", "v_proj"), (r"text_proj", "l_proj"),
+    (r"model\.decoder\.layers\.(\d+)\.", r"transformer.decoder.layers.\1."), (r"\.encoder_attn_layer_norm\.", ".norm1."),
+    (r"\.encoder_attn_text_layer_norm\.", ".catext_norm."), (r"\.encoder_attn_text\.", ".ca_text."),
+    (r"\.encoder_attn\.", ".cross_attn."), (r"\.self_attn_layer_norm\.", ".norm2."), (r"\.final_layer_norm\.", ".norm3."),
+    (r"(transformer\.decoder\.layers\.\d+)\.fc(\d)\.", r"\1.linear\2."),
+    (r"model\.decoder\.layer_norm\.", "transformer.decoder.norm."),
+    (r"model\.decoder\.reference_points_head\.", "transformer.decoder.ref_point_head."),
+    (r"model\.decoder\.bbox_embed\.", "transformer.decoder.bbox_embed."),
+]
+_FUSED = [(r"(backbone\.0\..*\.attn)\.[qkv]_proj\.(\w+)", r"\1.qkv.\2"), (r"(.*)\.(?:query|key|value)\.(\w+)", r"\1.in_proj_\2")]
+
+
+def _original_layout(model) -> dict:
+    """The model's weights under the original repository's names, with fused qkv / in_proj tensors."""
+    import re
+
+    out, fused = {}, {}
+    for name, tensor in model.state_dict().items():
+        if ".swin.layernorm." in name:
+            continue  # not in the original (Swin's final norm is unused)
+        for pattern, replacement in _ORIGINAL_NAMES:
+            name = re.sub(pattern, replacement, name)
+        for pattern, replacement in _FUSED:
+            if re.fullmatch(pattern, name) and "text_backbone" not in name and not name.startswith("bert."):
+                fused.setdefault(re.sub(pattern, replacement, name), []).append(tensor)
+                break
+        else:
+            out[f"module.{name}"] = tensor
+    out.update({f"module.{k}": torch.cat(v) for k, v in fused.items()})
+    out["module.bert.pooler.dense.weight"] = torch.zeros(2, 2)  # in the original file, unused by the detector
+    return out
+
+
+def test_original_checkpoint_layout_loads_identically(tmp_path, torch_model, tokenizer_text):
+    from persense.export.grounding_dino_original import load_original
+
+    original = _original_layout(torch_model)
+    assert "module.backbone.0.layers.0.blocks.0.attn.qkv.weight" in original
+    assert "module.transformer.encoder.text_layers.0.self_attn.in_proj_weight" in original
+    torch.save({"model": original}, tmp_path / "groundingdino_tiny.pth")
+    loaded = load_original(tmp_path / "groundingdino_tiny.pth", torch_model.config)
+    loaded.model.special_tokens.copy_(torch_model.model.special_tokens)
+    feeds = _feeds(tokenizer_text, CAPTIONS[1], SIZES[1])
+    want, got = _torch_run(torch_model, feeds), _torch_run(loaded, feeds)
+    assert np.array_equal(want["logits"], got["logits"]) and np.array_equal(want["boxes"], got["boxes"])
+    del original["module.transformer.level_embed"]
+    torch.save({"model": original}, tmp_path / "incomplete.pth")
+    with pytest.raises(PersenseError, match="lacks 1 detector weights.*model.level_embed"):
+        load_original(tmp_path / "incomplete.pth", torch_model.config)
+    torch.save({"model": {"image_encoder.x": torch.zeros(1)}}, tmp_path / "sam.pth")
+    with pytest.raises(PersenseError, match="not an original Grounding DINO checkpoint"):
+        load_original(tmp_path / "sam.pth", torch_model.config)
