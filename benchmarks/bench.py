@@ -20,11 +20,13 @@ from typing import Any
 import numpy as np
 
 from persense.benchmarks import mask_stage, report
-from persense.benchmarks.variants import (QUERIES, REFERENCE_NAME, REFERENCES, RUNTIME_VARIANTS, Variant, Worker,
-                                          WorkerSpec, engines_reason, export_engines, platform_reason, weights_of)
+from persense.benchmarks.variants import (DETECTOR_PROMPT, DETECTOR_STAGE, QUERIES, REFERENCE_NAME, REFERENCES,
+                                          RUNTIME_VARIANTS, Variant, Worker, WorkerSpec, engines_reason,
+                                          export_engines, platform_reason, weights_of)
 from persense.benchmarks.workload import (DEFAULT_SIZE, Workload, parse_instances, parse_size, synthetic_workloads,
                                           user_workload)
 from persense.runtime.cli_common import add_common_flags, run_command
+from persense.runtime.detector import DETECTOR
 from persense.runtime.engine import default_threads
 from persense.runtime.errors import PersenseError
 from persense.runtime.manifest import load_manifest
@@ -33,6 +35,7 @@ from persense.runtime.timing import STAGES
 
 SCHEMA = "persense-bench/1"
 MODELS = ("tiny", "tiny-trained", "vit_b", "vit_l", "vit_h")  # sam_build.SAM_CONFIGS (not imported: it needs torch)
+DETECTORS = ("grounding-dino", "grounding-dino-tiny")  # export.grounding_dino.DETECTOR_CONFIGS (it needs torch)
 DEFAULTS = {"model": "vit_h", "instances": "10,50,200,400", "warmup": 1, "repeat": 3}
 QUICK = {"model": "tiny", "instances": "10", "warmup": 1, "repeat": 3}
 MASK_STAGE_MIN_REPEAT = 5  # timed runs of the mask stage on ground-truth extents (milliseconds each)
@@ -59,6 +62,7 @@ class Settings:
     out: Path
     engines: Path
     quiet: bool
+    detector: str | None = None
 
     def describe(self, inputs: str) -> dict[str, Any]:
         """JSON form."""
@@ -66,7 +70,7 @@ class Settings:
                 "warmup": self.warmup, "repeat": self.repeat, "threads": self.threads, "decode_chunk": self.decode_chunk,
                 "counter": self.counter, "variants": list(self.variants),
                 "reference_device": self.reference_device, "inputs": inputs,
-                "engines": str(self.engines)}
+                "engines": str(self.engines), "detector": self.detector}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--reference-device", choices=tuple(REFERENCES), default="cpu",
                         help="where the PyTorch reference runs: cpu, or cuda to compare with torch on the same GPU "
                              "(default %(default)s)")
+    parser.add_argument("--detector", choices=DETECTORS,
+                        help=f"also export Grounding DINO (random weights, --seed); both pipelines time it on each "
+                             f"target (prompt {DETECTOR_PROMPT!r}) as stage `detector` whenever the engines have it")
     parser.add_argument("--warmup", type=int,
                         help=f"untimed queries per pipeline and workload (default {DEFAULTS['warmup']})")
     parser.add_argument("--repeat", type=int,
@@ -119,7 +126,7 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
         raise PersenseError(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(RUNTIME_VARIANTS)}")
     return Settings(model, args.seed, warmup, repeat, args.threads or default_threads(), args.decode_chunk,
                     args.counter, variants, args.reference_device, args.out,
-                    args.engines_cache or args.out / f"engines-{model}-seed{args.seed}", args.quiet)
+                    args.engines_cache or args.out / f"engines-{model}-seed{args.seed}", args.quiet, args.detector)
 
 
 def make_workloads(args: argparse.Namespace, settings: Settings) -> list[Workload]:
@@ -290,7 +297,8 @@ def _document(args: argparse.Namespace, argv: list[str], settings: Settings, wor
             "environment": report.environment(),
             "engines": {"folder": str(settings.engines), "model_type": manifest.model_type,
                         "manifest_digest": manifest.digest()},
-            "memory_method": MEMORY_METHOD, "stages": [*STAGES, "total"], "pipelines": pipelines,
+            "memory_method": MEMORY_METHOD, "pipelines": pipelines,
+            "stages": [*STAGES, *([DETECTOR_STAGE] if DETECTOR in manifest.artefacts else []), "total"],
             "workloads": [w.describe() for w in workloads], "runs": records, "mask_stage": mask_stages}
 
 
@@ -301,7 +309,7 @@ def prepare_variants(settings: Settings) -> tuple[list[Variant], dict[str, str]]
     flags = sorted({v.export_flag for v in requested if v.export_flag is not None and v.name not in skipped})
     note(f"engines: persense-export SAM {settings.model_type} (seed {settings.seed}{', ' if flags else ''}"
          f"{' '.join(flags)}) into {settings.engines}, reusing unchanged artefacts", settings.quiet)
-    export_errors = export_engines(settings.model_type, settings.seed, settings.engines, flags)
+    export_errors = export_engines(settings.model_type, settings.seed, settings.engines, flags, settings.detector)
     skipped.update({v.name: reason for v in requested[1:] if v.name not in skipped
                     and (reason := engines_reason(v, settings.engines, export_errors)) is not None})
     for name, reason in skipped.items():

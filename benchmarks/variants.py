@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -30,6 +30,8 @@ from persense.runtime.sam import engine_names
 SAM_ENTRIES = ("sam_encoder", "sam_decoder")
 QUERIES = ("cold", "warm")  # the two queries a user meets: a new reference, or one encoded before
 STOP_TIMEOUT_S = 60.0
+DETECTOR_PROMPT = "object"  # the text prompt the `detector` stage runs (any word the detector's vocabulary knows)
+DETECTOR_STAGE = "detector"
 
 
 @dataclass(frozen=True)
@@ -85,13 +87,18 @@ def weights_of(model_type: str) -> str:
     return "bundled" if model_type in TRAINED_MODELS else "random"
 
 
-def export_engines(model_type: str, seed: int, folder: Path, flags: list[str]) -> dict[str, str]:
+def export_engines(model_type: str, seed: int, folder: Path, flags: list[str],
+                   detector: str | None = None) -> dict[str, str]:
     """`persense-export` (random weights with `seed`, or the bundled ones) into the cache folder (it reuses
-    unchanged artefacts), then once per extra flag (--fp16, --int8), so that a failed conversion only skips
-    its variants; {flag: error line}."""
+    unchanged artefacts), with the Grounding DINO configuration `detector` (random weights with `seed`) when
+    given, then once per extra flag (--fp16, --int8), so that a failed conversion only skips its variants;
+    {flag: error line}."""
     weights = [] if weights_of(model_type) == "bundled" else ["--random-weights", "--seed", str(seed)]
     command = ["persense.export.cli", "--model", model_type, *weights, "--out", str(folder)]
     error = _run_module(*command)
+    if error is None and detector is not None:
+        error = _run_module("persense.export.cli", "--detector", detector, "--random-weights", "--seed", str(seed),
+                            "--out", str(folder))
     if error is not None:
         raise PersenseError(f"exporting the {model_type} engines into {folder} failed: {error}")
     errors = {flag: _run_module(*command, flag) for flag in flags}
@@ -197,17 +204,79 @@ def _build_pipeline(spec: WorkerSpec) -> Any:
     return PerSensePipeline(sam, _counter(spec))
 
 
-def cold_query(pipeline: Any, image: np.ndarray, ref_image: np.ndarray, ref_mask: np.ndarray) -> dict[str, Any]:
-    """One cold query: encode the reference, segment the target; timings and decoder work."""
+Detector = Callable[[np.ndarray], tuple[np.ndarray, float] | None]  # the `detector` stage: best box, confidence
+
+
+def detector_stage(spec: WorkerSpec) -> Detector | None:
+    """The `detector` stage when the engines folder has Grounding DINO, else None: the runtime's engine, or for the
+    reference transformers' PyTorch model with the export's weights (its configuration and the bench's seed) on
+    the same pre-processing; both end with the original's post-processing and return the best box and its
+    confidence. The first exemplar of both pipelines stays the similarity arg-max, so their masks stay
+    comparable: the stage times the detector only.
+    """
+    from persense.runtime.detector import DETECTOR, GroundingDino, detector_text, postprocess, preprocess
+
+    manifest = load_manifest(spec.engines)
+    if DETECTOR not in manifest.artefacts:
+        return None
+    if not spec.variant.is_reference:
+        engine = GroundingDino.from_manifest(manifest, spec.variant.backend, spec.threads, spec.variant.precision)
+        tokens = engine.encode_text(DETECTOR_PROMPT)
+
+        def run_engine(image: np.ndarray) -> tuple[np.ndarray, float] | None:
+            found = engine.best_box(image, tokens)
+            return None if found is None else (found.box, found.confidence)
+
+        return run_engine
+    import torch
+
+    from persense.export.grounding_dino import random_detector
+
+    text, min_side = detector_text(manifest)
+    tokens = text.encode(DETECTOR_PROMPT)
+    entry = manifest.artefact(DETECTOR)
+    if entry.source_checkpoint != "random":
+        raise PersenseError(f"{manifest.folder}: the reference rebuilds only a random-weight detector (persense-bench "
+                            f"--detector exports one); this one comes from {entry.source_checkpoint}")
+    tokenizer = (manifest.folder / entry.extra["tokenizer"]["file"]).read_text()
+    device = spec.variant.backend.removeprefix("torch-")
+    model = random_detector(entry.extra["config"], spec.seed, tokenizer).to(device)
+    feeds = {name: torch.from_numpy(value).to(device) for name, value in tokens.feeds().items()}
+
+    def run(image: np.ndarray) -> tuple[np.ndarray, float] | None:
+        with torch.no_grad():
+            out = model(pixel_values=torch.from_numpy(preprocess(image, min_side)).to(device), **feeds)
+        logits = out.logits[0, :, :tokens.input_ids.shape[1]].cpu().numpy()
+        found = postprocess(logits, out.pred_boxes[0].cpu().numpy(), image.shape[:2])
+        best = found.best()
+        return None if best is None else (found.boxes[best], float(found.confidence[best]))
+
+    return run
+
+
+def _timed_detector(detector: Detector | None, image: np.ndarray) -> dict[str, float]:
+    """{"detector": ms} of one detector run on the target, or {} without a detector."""
+    if detector is None:
+        return {}
+    start = time.perf_counter()
+    detector(image)
+    return {DETECTOR_STAGE: (time.perf_counter() - start) * 1000.0}
+
+
+def cold_query(pipeline: Any, image: np.ndarray, ref_image: np.ndarray, ref_mask: np.ndarray,
+               detector: Detector | None = None) -> dict[str, Any]:
+    """One cold query: encode the reference, run the detector if any, segment the target; timings and decoder work."""
     start = time.perf_counter()
     target = pipeline.reference(ref_image, ref_mask)
     reference_ms = (time.perf_counter() - start) * 1000.0
-    return _record(pipeline.segment(image, target), {"reference_encoding": reference_ms})
+    detected = _timed_detector(detector, image)
+    return _record(pipeline.segment(image, target), {"reference_encoding": reference_ms, **detected})
 
 
-def warm_query(pipeline: Any, image: np.ndarray, target: Any) -> dict[str, Any]:
-    """One warm query: segment the target with a reference encoded beforehand (no reference_encoding stage)."""
-    return _record(pipeline.segment(image, target), {})
+def warm_query(pipeline: Any, image: np.ndarray, target: Any, detector: Detector | None = None) -> dict[str, Any]:
+    """One warm query: the detector if any, then segment the target with a reference encoded beforehand."""
+    detected = _timed_detector(detector, image)
+    return _record(pipeline.segment(image, target), detected)
 
 
 def _record(result: Any, timings_ms: dict[str, float]) -> dict[str, Any]:
@@ -231,12 +300,13 @@ def serve(conn: Connection, spec: WorkerSpec) -> None:
     try:
         start = time.perf_counter()
         pipeline = _build_pipeline(spec)
+        detector = detector_stage(spec)
         image, ref_image, ref_mask = spec.workload.load()
         target = pipeline.reference(ref_image, ref_mask)
         conn.send(("ok", {"load_s": time.perf_counter() - start, "torch_imported": "torch" in sys.modules}))
         while (message := conn.recv()) in QUERIES:
-            conn.send(("ok", cold_query(pipeline, image, ref_image, ref_mask) if message == "cold"
-                       else warm_query(pipeline, image, target)))
+            conn.send(("ok", cold_query(pipeline, image, ref_image, ref_mask, detector) if message == "cold"
+                       else warm_query(pipeline, image, target, detector)))
         conn.send(("ok", {"peak_rss_bytes": peak_rss_bytes()}))
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which marks the pipeline failed
         conn.send(("error", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"))

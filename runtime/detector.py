@@ -132,21 +132,11 @@ class GroundingDino:
     def from_manifest(manifest: Manifest, backend: str = "ort-cpu", threads: int | None = None,
                       precision: str = "fp32") -> "GroundingDino":
         """Open and verify the detector of an engines folder (its FP16 form for fp16 where exported)."""
-        if DETECTOR not in manifest.artefacts:
-            raise PersenseError(f"{manifest.folder}: no Grounding DINO detector for --text; export it with "
-                                f"`persense-export --detector grounding-dino --out {manifest.folder}`")
-        art = manifest.artefact(DETECTOR)
-        hint = REEXPORT_HINT.format(folder=manifest.folder)
-        try:
-            tokenizer, max_text_len = art.extra["tokenizer"], int(art.extra["max_text_len"])
-            text = TextEncoder.verified(manifest.folder / tokenizer["file"], tokenizer["sha256"], max_text_len)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise PersenseError(f"{DETECTOR}: the manifest entry lacks its tokenizer or max_text_len; {hint}") from exc
+        text, min_side = detector_text(manifest)
         name, engine_backend = _engine_choice(manifest, backend, precision)
         if engine_backend != "trt":
-            check_io(name, manifest.artefact(name), *DETECTOR_IO, hint)
-        return GroundingDino(open_engine(manifest, name, engine_backend, threads), text,
-                             int(art.extra.get("min_image_side", 1)))
+            check_io(name, manifest.artefact(name), *DETECTOR_IO, REEXPORT_HINT.format(folder=manifest.folder))
+        return GroundingDino(open_engine(manifest, name, engine_backend, threads), text, min_side)
 
     def encode_text(self, prompt: str) -> TextTokens:
         """The prompt's caption tokenised (refused when empty, unknown to the vocabulary or too long)."""
@@ -173,6 +163,21 @@ class GroundingDino:
         posmap[PHRASE_END:] = False
         ids = tokens.input_ids[0][np.flatnonzero(posmap)]
         return self.text.decode([int(i) for i in ids]).replace(".", "")
+
+
+def detector_text(manifest: Manifest) -> tuple[TextEncoder, int]:
+    """The detector's verified tokenizer and the smallest image side its export serves (the manifest entry's)."""
+    if DETECTOR not in manifest.artefacts:
+        raise PersenseError(f"{manifest.folder}: no Grounding DINO detector for --text; export it with "
+                            f"`persense-export --detector grounding-dino --out {manifest.folder}`")
+    extra = manifest.artefact(DETECTOR).extra
+    try:
+        tokenizer, max_text_len = extra["tokenizer"], int(extra["max_text_len"])
+        text = TextEncoder.verified(manifest.folder / tokenizer["file"], tokenizer["sha256"], max_text_len)
+        return text, int(extra.get("min_image_side", 1))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise PersenseError(f"{DETECTOR}: the manifest entry lacks its tokenizer or max_text_len; "
+                            + REEXPORT_HINT.format(folder=manifest.folder)) from exc
 
 
 def _engine_choice(manifest: Manifest, backend: str, precision: str) -> tuple[str, str]:
