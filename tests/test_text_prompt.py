@@ -256,3 +256,21 @@ def test_nothing_above_box_threshold_gives_no_box(tokenizer_file):
     engine = FixedEngine(np.full((10, tokens.input_ids.shape[1]), -1.735, np.float32),  # sigmoid = 0.1499
                          np.full((10, 4), 0.5, np.float32))
     assert GroundingDino(engine, text).best_box(np.zeros((64, 64, 3), np.uint8), tokens) is None
+
+
+@pytest.mark.parametrize("prompt", ["apple", "Red Apples", "person. bottle", "dog?", "Zebra-crossing 42", "naïve"])
+def test_exported_tokenizer_matches_transformers_bert(prompt, tmp_path):
+    """The tokenizer JSON persense-export writes for --random-weights (its generated vocabulary), read by the runtime,
+    tokenises as transformers' pure-Python BERT tokenizer does on the same vocab.txt."""
+    from transformers.models.bert import BertTokenizerLegacy
+
+    from persense.export.grounding_dino_vocab import bert_tokenizer_json, generated_vocab
+
+    vocab = generated_vocab()
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    (tmp_path / "tokenizer.json").write_text(bert_tokenizer_json(vocab))
+    encoded = TextEncoder(tmp_path / "tokenizer.json", 256).encode(prompt)
+    expected = BertTokenizerLegacy(str(tmp_path / "vocab.txt"))(caption_for(prompt), return_token_type_ids=True)
+    assert encoded.input_ids.tolist() == [expected["input_ids"]]
+    assert encoded.token_type_ids.tolist() == [expected["token_type_ids"]]
+    assert "[UNK]" not in encoded.tokens
