@@ -78,11 +78,10 @@ def sigmoid(values: np.ndarray) -> np.ndarray:
 
 @dataclass
 class Detections:
-    """Queries that pass box_threshold: boxes [N,4] xyxy in original pixels, confidence [N], query index [N]."""
+    """Queries that pass box_threshold: boxes [N,4] xyxy in original pixels, confidence [N]."""
 
     boxes: np.ndarray
     confidence: np.ndarray
-    queries: np.ndarray
     probabilities: np.ndarray  # [N,T] token sigmoids of the kept queries
 
     def best(self) -> int | None:
@@ -101,7 +100,7 @@ def postprocess(logits: np.ndarray, boxes: np.ndarray, image_size: tuple[int, in
     centre, extent = scaled[:, :2], scaled[:, 2:]
     half = np.float32(0.5) * extent
     xyxy = np.concatenate([centre - half, centre + half], axis=1)
-    return Detections(xyxy, confidence[keep], keep, probabilities[keep])
+    return Detections(xyxy, confidence[keep], probabilities[keep])
 
 
 @dataclass(frozen=True)
