@@ -25,6 +25,7 @@ DETECTOR = "grounding_dino"  # the artefact name persense.runtime.detector opens
 DETECTOR_CONFIGS = ("grounding-dino", "grounding-dino-tiny")
 RANDOM_ONLY = ("grounding-dino-tiny",)
 OPSET = 17
+BERT_VOCAB = 30522  # bert-base-uncased, the text model of every released Grounding DINO
 EXAMPLE_SIZE = (264, 328)  # traced image: not a multiple of the patch or window size, so every pad is traced
 EXAMPLE_IDS = (".", "a", ".", "b", ".")  # traced caption: two phrases between delimiters
 
@@ -72,7 +73,8 @@ def random_detector(name: str, seed: int, tokenizer: str) -> Any:
     from transformers import GroundingDinoForObjectDetection
 
     vocab = vocab_size(tokenizer)
-    config = detector_config(name, vocab if name in RANDOM_ONLY or vocab > 30522 else None)
+    # grounding-dino keeps BERT's 30522-token embedding (the real architecture) unless the tokenizer needs more
+    config = detector_config(name, vocab if name in RANDOM_ONLY or vocab > BERT_VOCAB else None)
     torch.manual_seed(seed)
     return with_delimiters(GroundingDinoForObjectDetection(config), tokenizer)
 

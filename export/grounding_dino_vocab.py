@@ -58,8 +58,10 @@ def bert_tokenizer_json(vocab: list[str]) -> str:
 
 
 def _read_vocab_txt(path: Path) -> list[str]:
-    """The tokens of a BERT vocab.txt, one a line, in id order."""
-    return [line.rstrip("\n").rstrip("\r") for line in path.read_text(encoding="utf-8").splitlines()]
+    """The tokens of a BERT vocab.txt, one per "\n"-ended line, in id order (as transformers reads it: tokens such as
+    U+2028 that str.splitlines would split on stay whole)."""
+    lines = path.read_text(encoding="utf-8").split("\n")
+    return lines[:-1] if lines and lines[-1] == "" else lines
 
 
 def tokenizer_json(source: Path | None) -> str:

@@ -169,6 +169,9 @@ def test_vocab_txt_and_tokenizer_json_tokenise_alike(tmp_path):
     from_json = Tokenizer.from_str(tokenizer_json(tmp_path))  # the folder: its tokenizer.json
     for caption in CAPTIONS:
         assert from_txt.encode(caption).ids == from_json.encode(caption).ids
+    # one token per "\n"-ended line, as transformers reads vocab.txt (U+2028 does not end a line)
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab + ["a\u2028b", "zebra"]) + "\n", encoding="utf-8")
+    assert Tokenizer.from_str(tokenizer_json(tmp_path / "vocab.txt")).token_to_id("zebra") == len(vocab) + 1
 
 
 @pytest.fixture(scope="module")
