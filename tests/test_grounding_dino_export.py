@@ -190,6 +190,35 @@ def test_hf_checkpoint_folder_loads_identically(hf_folder, torch_model, tokenize
     assert np.array_equal(want["logits"], got["logits"]) and np.array_equal(want["boxes"], got["boxes"])
 
 
+def _transformers4_swin_names(name: str) -> str:
+    """A weight name as transformers 4 saved it (the layout of the hub's grounding-dino-tiny): Swin without the
+    `swin.` level, separate query/key/value under `attention.self`, `attention.output.dense`, `intermediate.dense`."""
+    import re
+
+    name = name.replace("conv_encoder.model.swin.", "conv_encoder.model.")
+    name = re.sub(r"attention\.([qkv])_proj", lambda m: "attention.self." + {"q": "query", "k": "key", "v": "value"}[m[1]],
+                  name)
+    for new, old in (("attention.o_proj", "attention.output.dense"), ("mlp.fc1", "intermediate.dense"),
+                     ("mlp.fc2", "output.dense"),
+                     ("attention.relative_position_bias.relative_position_bias_table",
+                      "attention.self.relative_position_bias_table")):
+        name = name.replace(new, old)
+    return name
+
+
+def test_transformers4_checkpoint_folder_loads_identically(hf_folder, tmp_path, torch_model, tokenizer_text):
+    from safetensors.torch import load_file, save_file
+
+    for name in ("config.json", "tokenizer.json"):
+        (tmp_path / name).write_bytes((hf_folder / name).read_bytes())
+    weights = {_transformers4_swin_names(k): v for k, v in load_file(hf_folder / "model.safetensors").items()
+               if ".swin.layernorm." not in k}  # transformers 4's Swin backbone had no final norm
+    assert "model.backbone.conv_encoder.model.encoder.layers.0.blocks.0.attention.self.query.weight" in weights
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    loaded = load_detector("grounding-dino", tmp_path, tokenizer_text).state_dict()
+    assert all(torch.equal(value, loaded[key]) for key, value in torch_model.state_dict().items())
+
+
 def test_missing_weights_are_named(hf_folder, tmp_path, tokenizer_text):
     from safetensors.torch import load_file, save_file
 
