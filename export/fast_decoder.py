@@ -22,7 +22,8 @@ the image-to-token softmax runs over T on a (B,h,T,N) layout (its Softmax over a
 a launch); the residual LayerNorm of the image tokens is applied on a (B,64,64,C) view, which ORT keeps as Add +
 LayerNormalization (the 3-D form becomes SkipLayerNormalization, about 2x slower on 4096 x 256 tokens); the
 upscaling products are 2-D over all prompts' pixels with their biases tiled per output pixel, so ORT runs each as
-one Gemm with its bias and the GELU after it alone (BiasGelu with a 32-wide bias cost twice a plain Gelu).
+one Gemm with its bias and the GELU after it alone (BiasGelu with a 32-wide bias cost twice a plain Gelu); the
+dense prompt reaches the image tokens through a token-major product, not a 256-channel NCHW convolution + transpose.
 """
 
 from __future__ import annotations
@@ -93,6 +94,19 @@ class FastPerSamDecoder(PerSamDecoder):
     tokens_to_image = staticmethod(tokens_to_image)
     image_to_tokens = staticmethod(image_to_tokens)
     image_norm = staticmethod(image_norm)
+
+    def image_tokens(self, image_embeddings: Tensor, mask_input: Tensor, has_mask_input: Tensor) -> Tensor:
+        """The embedding plus the dense prompt as tokens (B,N,C): the mask branch's last 1x1 convolution is a product
+        on token-major data (its 16 input channels transposed instead of 256 output channels), with the has-mask
+        choice as one more input channel: use (x W + b) + (1 - use) e = [use x, use] [W; b - e] + e."""
+        pe = self.prompt_encoder
+        last = pe.mask_downscaling[-1]
+        x = pe.mask_downscaling[:-1](mask_input).flatten(2).transpose(1, 2)  # (B,N,16)
+        use = has_mask_input.reshape(-1, 1, 1)
+        no_mask = pe.no_mask_embed.weight  # (1,C)
+        weight = torch.cat([last.weight.flatten(1).T, last.bias.reshape(1, -1) - no_mask])  # (17,C)
+        inputs = torch.cat([x * use, use.expand(-1, x.shape[1], 1)], dim=-1)
+        return inputs @ weight + (image_embeddings.flatten(2).transpose(1, 2) + no_mask)
 
     def masks(self, keys: Tensor, hyper_in: Tensor, grid: int) -> Tensor:
         """output_upscaling + hypernetwork product as matrix products on (B, pixels, channels) data; each transposed

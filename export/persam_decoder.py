@@ -83,11 +83,16 @@ class PerSamDecoder(nn.Module):
         use = has_mask_input.reshape(-1, 1, 1, 1)
         return use * from_mask + (1 - use) * no_mask
 
-    def transformer(self, src: Tensor, tokens: Tensor, target: Tensor, attn_sim: Tensor,
+    def image_tokens(self, image_embeddings: Tensor, mask_input: Tensor, has_mask_input: Tensor) -> Tensor:
+        """The image tokens (B,N,C) the transformer starts from: the embedding plus SAM's dense prompt."""
+        src = image_embeddings + self.dense_embedding(mask_input, has_mask_input)
+        return src.flatten(2).permute(0, 2, 1)
+
+    def transformer(self, keys: Tensor, tokens: Tensor, target: Tensor, attn_sim: Tensor,
                     guided: Tensor) -> tuple[Tensor, Tensor]:
-        """TwoWayTransformer.forward with PerSAM's additions, written without in-place aliasing."""
+        """TwoWayTransformer.forward on image tokens `keys` (B,N,C) with PerSAM's additions, written without
+        in-place aliasing."""
         tf = self.mask_decoder.transformer
-        keys = src.flatten(2).permute(0, 2, 1)
         key_pe = self.image_pe.flatten(2).permute(0, 2, 1)
         query_pe = tokens + target  # the original's in-place add also shifts the tokens' positional term
         queries = tokens
@@ -138,20 +143,20 @@ class PerSamDecoder(nn.Module):
         sparse = self.embed_points(point_coords, point_labels)
         output_tokens = torch.cat([md.iou_token.weight, md.mask_tokens.weight], dim=0)
         tokens = torch.cat([output_tokens.unsqueeze(0).expand(batch, -1, -1), sparse], dim=1)
-        src = image_embeddings + self.dense_embedding(mask_input, has_mask_input)
+        keys = self.image_tokens(image_embeddings, mask_input, has_mask_input)
         weight = persam_weight.reshape(-1, 1, 1)
         target = target_embedding.reshape(1, 1, -1) * weight
         guided = weight.reshape(-1, 1, 1, 1) > 0.5
         sim = attn_sim.reshape(1, 1, 1, -1)
-        hs, keys = self.transformer(src, tokens, target, sim, guided)
+        hs, keys = self.transformer(keys, tokens, target, sim, guided)
         mask_tokens = hs[:, 1:1 + md.num_mask_tokens, :]
         hyper_in = torch.stack([mlp(mask_tokens[:, i, :]) for i, mlp in enumerate(md.output_hypernetworks_mlps)],
                                dim=1)
         iou = md.iou_prediction_head(hs[:, 0, :])
         if self.best_only:
             hyper_in, iou = select_best(hyper_in, iou)
-            return self.masks(keys, hyper_in, src.shape[-1])[:, 0], iou
-        return self.masks(keys, hyper_in, src.shape[-1]), iou
+            return self.masks(keys, hyper_in, image_embeddings.shape[-1])[:, 0], iou
+        return self.masks(keys, hyper_in, image_embeddings.shape[-1]), iou
 
     def masks(self, keys: Tensor, hyper_in: Tensor, grid: int) -> Tensor:
         """Low-res mask logits: upscale the image tokens (B,N,C) and project with the hypernetwork outputs."""
