@@ -1,6 +1,7 @@
 """The exported decoder's CPU layout (issue 13): its rewritten image-to-token attention equals the stock one, and
-ONNX Runtime's optimised graph runs no SkipLayerNormalization or BiasGelu over image-sized tensors and no Softmax over
-a few-token axis of them (the forms measured slower on the CPU; see export/fast_decoder.py)."""
+ONNX Runtime's optimised graph runs no SkipLayerNormalization or BiasGelu over image-sized tensors, no Softmax over
+a few-token axis of them and no per-prompt 256-channel convolution or transpose (the forms measured slower on the CPU;
+see export/fast_decoder.py)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from persense.export.sam_export import decoder_example_inputs, export_decoder_gr
 
 IMAGE_TOKENS = 64 * 64
 SLOW_OVER_IMAGE = ("SkipLayerNormalization", "BiasGelu")
+LAYOUT_OPS = ("Conv", "Transpose", "ReorderOutput")
 
 
 @pytest.mark.parametrize("batch,tokens", [(1, 7), (3, 8), (5, 6)])
@@ -61,3 +63,6 @@ def test_no_slow_op_form_runs_over_image_sized_tensors(profiled_ops):
     assert not [(op, shape) for op, shape in over_image if op in SLOW_OVER_IMAGE]
     softmax_axes = [shape[-1] for op, shape in over_image if op == "Softmax"]
     assert softmax_axes and min(softmax_axes) == IMAGE_TOKENS  # token-to-image only; never over the few tokens
+    # the dense prompt joins the image tokens token-major: only the mask branch's 4- and 16-channel maps are NCHW
+    per_prompt_256 = 4 * IMAGE_TOKENS * 256
+    assert not [(op, shape) for op, shape in over_image if op in LAYOUT_OPS and int(np.prod(shape)) >= per_prompt_256]
