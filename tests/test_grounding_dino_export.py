@@ -196,8 +196,8 @@ def _transformers4_swin_names(name: str) -> str:
     import re
 
     name = name.replace("conv_encoder.model.swin.", "conv_encoder.model.")
-    name = re.sub(r"attention\.([qkv])_proj", lambda m: "attention.self." + {"q": "query", "k": "key", "v": "value"}[m[1]],
-                  name)
+    full = {"q": "query", "k": "key", "v": "value"}
+    name = re.sub(r"attention\.([qkv])_proj", lambda m: "attention.self." + full[m[1]], name)
     for new, old in (("attention.o_proj", "attention.output.dense"), ("mlp.fc1", "intermediate.dense"),
                      ("mlp.fc2", "output.dense"),
                      ("attention.relative_position_bias.relative_position_bias_table",
@@ -267,37 +267,46 @@ def test_cli_requires_weights_or_random(tmp_path, capsys):
 # transformers name -> the original repository's name, written from the original's module names (the inverse of
 # persense.export.grounding_dino_original's rules, kept separate so one checks the other)
 _ORIGINAL_NAMES = [
-    (r"model\.backbone\.conv_encoder\.model\.swin\.embeddings\.patch_embeddings\.projection\.", "backbone.0.patch_embed.proj."),
+    (r"model\.backbone\.conv_encoder\.model\.swin\.embeddings\.patch_embeddings\.projection\.",
+     "backbone.0.patch_embed.proj."),
     (r"model\.backbone\.conv_encoder\.model\.swin\.embeddings\.norm\.", "backbone.0.patch_embed.norm."),
     (r"model\.backbone\.conv_encoder\.model\.swin\.encoder\.layers\.", "backbone.0.layers."),
     (r"\.layernorm_before\.", ".norm1."), (r"\.layernorm_after\.", ".norm2."),
     (r"\.attention\.relative_position_bias\.", ".attn."), (r"\.attention\.o_proj\.", ".attn.proj."),
     (r"\.attention\.([qkv])_proj\.", r".attn.\1_proj."),
-    (r"model\.backbone\.conv_encoder\.model\.hidden_states_norms\.stage(\d)\.", lambda m: f"backbone.0.norm{int(m[1]) - 1}."),
+    (r"model\.backbone\.conv_encoder\.model\.hidden_states_norms\.stage(\d)\.",
+     lambda m: f"backbone.0.norm{int(m[1]) - 1}."),
     (r"model\.input_proj_vision\.", "input_proj."), (r"model\.text_backbone\.", "bert."),
     (r"model\.text_projection\.", "feat_map."), (r"model\.level_embed", "transformer.level_embed"),
     (r"model\.query_position_embeddings\.", "transformer.tgt_embed."),
-    (r"model\.enc_output", "transformer.enc_output"), (r"model\.encoder_output_bbox_embed\.", "transformer.enc_out_bbox_embed."),
-    (r"model\.encoder\.layers\.(\d+)\.deformable_layer\.self_attn_layer_norm\.", r"transformer.encoder.layers.\1.norm1."),
+    (r"model\.enc_output", "transformer.enc_output"),
+    (r"model\.encoder_output_bbox_embed\.", "transformer.enc_out_bbox_embed."),
+    (r"model\.encoder\.layers\.(\d+)\.deformable_layer\.self_attn_layer_norm\.",
+     r"transformer.encoder.layers.\1.norm1."),
     (r"model\.encoder\.layers\.(\d+)\.deformable_layer\.final_layer_norm\.", r"transformer.encoder.layers.\1.norm2."),
     (r"model\.encoder\.layers\.(\d+)\.deformable_layer\.fc(\d)\.", r"transformer.encoder.layers.\1.linear\2."),
     (r"model\.encoder\.layers\.(\d+)\.deformable_layer\.", r"transformer.encoder.layers.\1."),
     (r"model\.encoder\.layers\.(\d+)\.text_enhancer_layer\.fc(\d)\.", r"transformer.encoder.text_layers.\1.linear\2."),
-    (r"model\.encoder\.layers\.(\d+)\.text_enhancer_layer\.layer_norm_before\.", r"transformer.encoder.text_layers.\1.norm1."),
-    (r"model\.encoder\.layers\.(\d+)\.text_enhancer_layer\.layer_norm_after\.", r"transformer.encoder.text_layers.\1.norm2."),
+    (r"model\.encoder\.layers\.(\d+)\.text_enhancer_layer\.layer_norm_before\.",
+     r"transformer.encoder.text_layers.\1.norm1."),
+    (r"model\.encoder\.layers\.(\d+)\.text_enhancer_layer\.layer_norm_after\.",
+     r"transformer.encoder.text_layers.\1.norm2."),
     (r"model\.encoder\.layers\.(\d+)\.text_enhancer_layer\.", r"transformer.encoder.text_layers.\1."),
     (r"model\.encoder\.layers\.(\d+)\.fusion_layer\.", r"transformer.encoder.fusion_layers.\1."),
     (r"vision_param", "gamma_v"), (r"text_param", "gamma_l"), (r"layer_norm_vision", "layer_norm_v"),
     (r"layer_norm_text", "layer_norm_l"), (r"vision_proj", "v_proj"), (r"text_proj", "l_proj"),
-    (r"model\.decoder\.layers\.(\d+)\.", r"transformer.decoder.layers.\1."), (r"\.encoder_attn_layer_norm\.", ".norm1."),
+    (r"model\.decoder\.layers\.(\d+)\.", r"transformer.decoder.layers.\1."),
+    (r"\.encoder_attn_layer_norm\.", ".norm1."),
     (r"\.encoder_attn_text_layer_norm\.", ".catext_norm."), (r"\.encoder_attn_text\.", ".ca_text."),
-    (r"\.encoder_attn\.", ".cross_attn."), (r"\.self_attn_layer_norm\.", ".norm2."), (r"\.final_layer_norm\.", ".norm3."),
+    (r"\.encoder_attn\.", ".cross_attn."), (r"\.self_attn_layer_norm\.", ".norm2."),
+    (r"\.final_layer_norm\.", ".norm3."),
     (r"(transformer\.decoder\.layers\.\d+)\.fc(\d)\.", r"\1.linear\2."),
     (r"model\.decoder\.layer_norm\.", "transformer.decoder.norm."),
     (r"model\.decoder\.reference_points_head\.", "transformer.decoder.ref_point_head."),
     (r"model\.decoder\.bbox_embed\.", "transformer.decoder.bbox_embed."),
 ]
-_FUSED = [(r"(backbone\.0\..*\.attn)\.[qkv]_proj\.(\w+)", r"\1.qkv.\2"), (r"(.*)\.(?:query|key|value)\.(\w+)", r"\1.in_proj_\2")]
+_FUSED = [(r"(backbone\.0\..*\.attn)\.[qkv]_proj\.(\w+)", r"\1.qkv.\2"),
+          (r"(.*)\.(?:query|key|value)\.(\w+)", r"\1.in_proj_\2")]
 
 
 def _original_layout(model) -> dict:
