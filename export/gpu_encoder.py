@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from onnx.defs import OpSchema
 from torch import Tensor, nn
 
+from persense.export.lean_encoder import key_positions
 from persense.export.onnx_io import describe, export_onnx
 from persense.export.sam_modeling import modeling
 from persense.runtime.errors import PersenseError
@@ -73,9 +74,7 @@ def folded_attention(q: Tensor, k: Tensor, v: Tensor, term_h: Tensor, term_w: Te
     """
     b, s, _ = q.shape
     rows, cols = term_w.shape[2], term_w.shape[3]
-    key_row = torch.eye(rows, dtype=q.dtype).repeat_interleave(cols, dim=0)  # [S, h]: one-hot row of each key
-    key_col = torch.eye(cols, dtype=q.dtype).repeat(rows, 1)  # [S, w]: one-hot column of each key
-    positions = torch.cat([key_row, key_col], dim=1).expand(b, num_heads, s, rows + cols)
+    positions = key_positions(rows, cols, q.dtype).expand(b, num_heads, s, rows + cols)
     query = torch.cat([_heads(q, num_heads) * scale, term_h.reshape(b, num_heads, s, rows),
                        term_w.reshape(b, num_heads, s, cols)], dim=-1)
     key = torch.cat([_heads(k, num_heads), positions], dim=-1)
