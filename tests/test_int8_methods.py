@@ -40,12 +40,14 @@ def test_encoder_quantises_every_matmul_decoder_only_weights(int8_engines: Path)
     fp32, int8 = op_counts(int8_engines / "sam_encoder.onnx"), op_counts(int8_engines / "sam_encoder_int8.onnx")
     assert fp32["MatMul"] > 0 and int8["MatMul"] == 0  # attention products: no float MatMul left
     assert int8["MatMulInteger"] == fp32["MatMul"] + fp32["Gemm"]
+    assert int8["ConvInteger"] == 0 and int8["Conv"] == fp32["Conv"] > 0  # convolutions stay FP32 (faster)
     decoder_fp32 = op_counts(int8_engines / "sam_decoder.onnx")
     decoder_int8 = op_counts(int8_engines / "sam_decoder_int8.onnx")
     assert 0 < decoder_int8["MatMul"] < decoder_fp32["MatMul"] + decoder_fp32["Gemm"]  # activation x activation kept
     recorded = entries(int8_engines)
     assert recorded["sam_encoder_int8"]["extra"]["method"] == int8_method("sam_encoder")
     assert "MatMulConstBOnly=False" in int8_method("sam_encoder")
+    assert "op_types_to_quantize=['MatMul', 'Gemm']" in int8_method("sam_encoder")
     assert "MatMulConstBOnly" not in int8_method("sam_decoder")
     assert recorded["sam_decoder_int8"]["extra"]["method"] == int8_method("sam_decoder")
 
