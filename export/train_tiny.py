@@ -1,7 +1,7 @@
 """`persense-train-tiny`: train the tiny SAM on persense-synth scenes, so that it really segments.
 
 Same I/O as the real models (1024 input, 256x64x64 embeddings, the standard prompt encoder and mask
-decoder); trained on 512x512 crops of the 1024 frame (see train_data) with point, box and multi-point
+decoder); trained on 256x256 crops of the 1024 frame (see train_data) with point, box and multi-point
 prompts, SAM's losses and multimask convention, plus the two decoder calls PerSense makes per point
 (a PerSAM-guided one, then one with its best mask logits as input). Deterministic for a seed: crop k
 comes from default_rng([seed, 0, k]), so a resumed run sees the same data. The result is written in
