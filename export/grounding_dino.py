@@ -152,10 +152,11 @@ def _output_dims(graph: Any, queries: int) -> None:
 
 
 def export_onnx(model: Any, path: Path, config_name: str, source: str, tokenizer: str) -> Artefact:
-    """Write the detector's ONNX model and tokenizer into `path`'s folder; returns its manifest entry."""
+    """Write the detector's ONNX model into `path`'s folder, beside the tokenizer the export job wrote there
+    (write_tokenizer); returns its manifest entry."""
     from persense.export.artefacts import describe
 
-    token_path = write_tokenizer(path.parent, tokenizer)
+    token_path = path.parent / TOKENIZER_FILE
     seconds = export_graph(model, path, tokenizer)
     log.info("exported %s in %.1f s", path.name, seconds)
     config = model.config
