@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from persense.runtime.counters import Counter, NpyDensityCounter
-from persense.runtime.engine import open_engine
+from persense.runtime.engine import open_engine, side_backend
 from persense.runtime.errors import PersenseError
 from persense.runtime.manifest import Manifest
 
@@ -31,8 +31,7 @@ def make_counter(name: str, manifest: Manifest, backend: str, threads: int | Non
     if artefact not in manifest.artefacts:
         raise PersenseError(f"{manifest.folder}: no {artefact} engine; export it with "
                             f"`persense-export --counter {name} --out {manifest.folder}`")
-    # Counters run on ORT-CPU under openvino: they are a small share of a query and were not measured there.
-    engine = open_engine(manifest, artefact, "ort-cpu" if backend == "openvino" else backend, threads)
+    engine = open_engine(manifest, artefact, side_backend(backend), threads)
     if name == "countr":
         from persense.runtime.countr import CountrCounter
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from persense.runtime.engine import Engine, open_engine
+from persense.runtime.engine import Engine, open_engine, side_backend
 from persense.runtime.errors import PersenseError
 from persense.runtime.manifest import REEXPORT_HINT, Manifest, TensorSpec, check_io
 from persense.runtime.resize import resize_bilinear_pil
@@ -190,8 +190,7 @@ def _engine_choice(manifest: Manifest, backend: str, precision: str) -> tuple[st
             return DETECTOR, "trt"
         log.info("detector on ort-cuda: its TensorRT engine is unusable (%s)", reason)
         backend = "ort-cuda"
-    if backend == "openvino":
-        backend = "ort-cpu"
+    backend = side_backend(backend)
     fp16 = f"{DETECTOR}_fp16"
     if precision == "fp16":
         if fp16 in manifest.artefacts:

@@ -185,6 +185,12 @@ def resolve_backend(requested: str, manifest: Manifest | None = None) -> str:
     return choice
 
 
+def side_backend(backend: str) -> str:
+    """The backend of the models beside SAM (counters, detector): ORT-CPU under openvino (a small share of a
+    query, not measured on OpenVINO), else `backend` itself."""
+    return "ort-cpu" if backend == "openvino" else backend
+
+
 def open_engine(manifest: Manifest, name: str, backend: str = "ort-cpu", threads: int | None = None,
                 arena: bool = True, cuda_graph: bool = False, ov_precision: str = "fp32") -> Engine:
     """Verify artefact `name` of a manifest (hash, existence) and open it on a resolved backend
