@@ -147,14 +147,14 @@ def export_patches() -> Iterator[None]:
     from transformers.models.grounding_dino import modeling_grounding_dino as gd
     from transformers.models.swin import modeling_swin as swin
 
-    saved = [(gd, "generate_masks_with_special_tokens_and_transfer_map", phrase_masks),
-             (gd, "torch", _TorchInGroundingDino("torch")),
-             (swin.SwinPatchEmbeddings, "maybe_pad", _patch_embed_pad),
-             (swin.SwinPatchMerging, "maybe_pad", _merge_pad),
-             (swin.SwinLayer, "forward", _swin_layer_forward)]
-    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in saved]
+    replacements = [(gd, "generate_masks_with_special_tokens_and_transfer_map", phrase_masks),
+                    (gd, "torch", _TorchInGroundingDino("torch")),
+                    (swin.SwinPatchEmbeddings, "maybe_pad", _patch_embed_pad),
+                    (swin.SwinPatchMerging, "maybe_pad", _merge_pad),
+                    (swin.SwinLayer, "forward", _swin_layer_forward)]
+    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in replacements]
     try:
-        for owner, name, value in saved:
+        for owner, name, value in replacements:
             setattr(owner, name, value)
         yield
     finally:
