@@ -60,7 +60,7 @@ def resolve_checkpoint(model_type: str, checkpoint: Path | None, random_weights:
     """The checkpoint to load: the given path, the official file in `weights_dir`, or None for random weights."""
     from persense.export.sam_build import BUNDLED_CHECKPOINTS, CHECKPOINT_NAMES
 
-    if random_weights or model_type == "tiny":
+    if random_weights or (model_type == "tiny" and checkpoint is None):
         return None
     if checkpoint is None and model_type in BUNDLED_CHECKPOINTS:
         return BUNDLED_CHECKPOINTS[model_type]

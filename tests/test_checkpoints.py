@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from persense.export.exporter import resolve_checkpoint
-from persense.export.sam_build import build_sam, load_sam, read_checkpoint
+from persense.export.sam_build import BUNDLED_CHECKPOINTS, build_sam, load_sam, read_checkpoint
 from persense.runtime.errors import PersenseError
 
 
@@ -62,3 +62,11 @@ def test_default_checkpoint_location(tmp_path, vit_b_checkpoint):
         resolve_checkpoint("vit_h", None, False, tmp_path)
     assert resolve_checkpoint("vit_b", None, False, vit_b_checkpoint.parent) == vit_b_checkpoint
     assert resolve_checkpoint("vit_b", None, True, tmp_path) is None
+
+
+def test_tiny_loads_a_given_checkpoint(tmp_path):
+    """--model tiny is random by default but loads --checkpoint when given (it once ignored it silently)."""
+    weights = BUNDLED_CHECKPOINTS["tiny-trained"]
+    assert resolve_checkpoint("tiny", None, False, tmp_path) is None
+    assert resolve_checkpoint("tiny", weights, False, tmp_path) == weights
+    assert resolve_checkpoint("tiny", weights, True, tmp_path) is None
