@@ -1,9 +1,9 @@
 """Training crops for the tiny SAM: persense-synth scenes seen as SAM sees them, with prompts and exact targets.
 
-A crop is a CROP x CROP (256x256) window of SAM's 1024 input frame at a token offset (so the encoder's positional
-embedding and the decoder's positional encoding are sliced, not resampled). The scene is rendered at a
-smaller size and upscaled by 1..2x (the original's longest-side resize), JPEG-compressed like a dataset
-image, and sometimes covers only the top of the crop (SAM's zero padding below).
+A crop is a CROP x CROP (256x256) window of SAM's 1024 input frame at a token offset (so the encoder's
+positional embedding and the decoder's positional encoding are sliced, not resampled), cut from a whole
+persense-synth-like scene resized into that frame as at inference: objects have the sizes the model meets
+there, and windows near the image's bottom or right edge include SAM's zero padding.
 """
 
 from __future__ import annotations
@@ -13,15 +13,18 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from persense.runtime.resize import resize_bilinear_pil
-from persense.runtime.synth import random_template, render_scene
-from persense.runtime.transforms import SamTransform
+from persense.runtime.synth import max_instances, random_template, render_scene
+from persense.runtime.transforms import PIXEL_MEAN, PIXEL_STD, SamTransform
 
 CROP = 256  # crop side in the 1024 input frame
 TOKEN = 16  # input pixels per embedding cell
 GRID = 64  # embedding cells per side of the full frame
 TARGET = 128  # side at which masks are compared in training
 MIN_AREA = 48  # smallest instance (crop pixels) that gets a prompt
+MOSTLY_INSIDE = 0.6  # share of an instance's pixels inside the window for it to count as whole
+SCENE_LONG = (512, 1024)  # long side of the rendered scenes (original pixels)
+DENSITY = (15.0, 100.0)  # instances per 768x576 of scene area
+WINDOWS = 2  # training crops cut from each scene
 POINTS, BOXES, MULTI = 4, 2, 1  # prompts per crop by kind
 
 
@@ -44,37 +47,52 @@ class Crop:
     boxes: Prompts  # one box each (single mask)
     multi: Prompts  # two or three positive points each (single mask)
     reference: np.ndarray  # (CROP, CROP) bool: one instance whose features guide PerSAM prompts
+    instances: np.ndarray  # (CROP, CROP) bool: every instance of the reference's class (distractors excluded)
 
 
-def _render(rng: np.random.Generator, easy: float) -> tuple[np.ndarray, np.ndarray]:
-    """An upscaled, JPEG-compressed scene (h, CROP, 3) uint8 and its label map (h, CROP), h <= CROP.
+def _scene(rng: np.random.Generator, easy: float) -> tuple[np.ndarray, np.ndarray]:
+    """A persense-synth-like scene as SAM's input sees it: resized (h, w, 3) uint8 image and (h, w) label map.
 
-    Object radii (1024 frame) are log-uniform in [20 + 40 * easy, 80] px: `easy` = 1 gives a few large
-    objects per crop (a curriculum start), 0 the full range of PerSense-D-like crowds.
+    Scenes are 512..1024 px on the long side with DENSITY instances per 768x576 of area (persense-synth's
+    held-out and eval scenes hold 20..80 at 768x576), JPEG-compressed like a dataset image, then resized to
+    the 1024 frame, so object sizes are those the model meets at inference. `easy` = 1 lowers the upper
+    density towards the lower one (a few large objects: the curriculum start), 0 keeps the full range.
     """
-    side = int(rng.integers(CROP // 2, CROP + 1))
-    height = side if rng.uniform() < 0.7 else int(side * rng.uniform(0.5, 1.0))
-    scale = CROP / side
-    radius = np.exp(rng.uniform(np.log(20.0 + 40.0 * easy), np.log(80.0))) / scale  # outer radius, rendered px
-    count = side * height / (1.15 * (radius / 0.48) ** 2)
-    most = side * height * 0.48**2 / (1.15 * 16.0) / 1.3  # synth's density limit
-    count = int(np.clip(round(count), 2, most))
-    scene = render_scene(rng, random_template(rng), count, (side, height))
+    long = int(rng.integers(SCENE_LONG[0], SCENE_LONG[1] + 1))
+    short = int(long * rng.uniform(0.55, 1.0))
+    width, height = (long, short) if rng.uniform() < 0.75 else (short, long)
+    top = DENSITY[1] - (DENSITY[1] - DENSITY[0]) * 0.8 * easy
+    per_area = np.exp(rng.uniform(np.log(DENSITY[0]), np.log(top)))
+    count = int(np.clip(round(per_area * width * height / (768 * 576)), 2, 0.7 * max_instances((width, height))))
+    scene = render_scene(rng, random_template(rng), count, (width, height))
     ok, jpeg = cv2.imencode(".jpg", scene.image, [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(80, 96))])
     image = cv2.imdecode(jpeg, cv2.IMREAD_UNCHANGED) if ok else scene.image
-    out_h = min(CROP, int(height * scale + 0.5))
-    labels = cv2.resize(scene.labels, (CROP, out_h), interpolation=cv2.INTER_NEAREST)
-    return resize_bilinear_pil(image, out_h, CROP), labels
+    transform = SamTransform((height, width))
+    out_h, out_w = transform.input_size
+    return transform.resize(image), cv2.resize(scene.labels, (out_w, out_h), interpolation=cv2.INTER_NEAREST)
 
 
-def _normalise(image: np.ndarray) -> np.ndarray:
-    """SAM normalisation of an (h, CROP, 3) uint8 image into a zero-padded (3, CROP, CROP) float32 array."""
-    return SamTransform(image.shape[:2], long_side=CROP).normalize_pad(image)[0]
+def _window(rng: np.random.Generator, image: np.ndarray, labels: np.ndarray,
+            side: int) -> tuple[tuple[int, int], np.ndarray, np.ndarray]:
+    """A token-aligned side x side window of the 1024 frame: its (row, col) cell offset, normalised
+    (3, side, side) image (zero where the frame is padding, as SAM pads) and label map. Windows reach up
+    to a quarter window into the padding below and right of the image."""
+    cells = side // TOKEN
+    spans = [min(GRID - cells, max(0, -(-side // TOKEN) - cells + cells // 4)) for side in labels.shape]
+    row, col = (int(rng.integers(0, span + 1)) for span in spans)
+    y, x = row * TOKEN, col * TOKEN
+    part = image[y:y + side, x:x + side]
+    crop = np.zeros((3, side, side), np.float32)
+    crop[:, :part.shape[0], :part.shape[1]] = ((part.astype(np.float32) - PIXEL_MEAN) / PIXEL_STD).transpose(2, 0, 1)
+    window = np.zeros((side, side), labels.dtype)
+    window[:part.shape[0], :part.shape[1]] = labels[y:y + side, x:x + side]
+    return (row, col), crop, window
 
 
 def _target(mask: np.ndarray) -> np.ndarray:
     """A CROP x CROP bool mask as a TARGET x TARGET 0/1 float32 target (area average, then > 0.5)."""
-    small = cv2.resize(mask.astype(np.float32), (TARGET, TARGET), interpolation=cv2.INTER_AREA)
+    side = mask.shape[0] * TARGET // CROP
+    small = cv2.resize(mask.astype(np.float32), (side, side), interpolation=cv2.INTER_AREA)
     return (small > 0.5).astype(np.float32)
 
 
@@ -95,7 +113,7 @@ def _box(rng: np.random.Generator, mask: np.ndarray) -> np.ndarray:
     box = np.array([xs.min(), ys.min(), xs.max(), ys.max()], np.float32)
     span = np.repeat([box[2] - box[0], box[3] - box[1]], 2)[[0, 2, 1, 3]]
     box += rng.normal(0.0, 1.0, 4) * np.minimum(0.1 * span, 20.0)
-    return np.clip(box, 0, CROP - 1).reshape(2, 2)
+    return np.clip(box, 0, mask.shape[0] - 1).reshape(2, 2)
 
 
 def _prompts(coords: list[np.ndarray], labels: list[np.ndarray], masks: list[np.ndarray],
@@ -105,20 +123,34 @@ def _prompts(coords: list[np.ndarray], labels: list[np.ndarray], masks: list[np.
                    np.stack([_target(m) for m in masks]))
 
 
-def sample_crop(rng: np.random.Generator, easy: float = 0.0) -> Crop:
-    """A random training crop with POINTS single-point, BOXES box and MULTI multi-point prompts."""
+def _prompted(labels: np.ndarray, window: np.ndarray) -> np.ndarray:
+    """Instances of a window worth a prompt: at least MIN_AREA pixels, only the mostly-inside ones if >= 2."""
+    inside = np.bincount(window.ravel(), minlength=int(labels.max()) + 1)
+    whole = np.bincount(labels.ravel(), minlength=int(labels.max()) + 1)
+    ids = np.flatnonzero(inside >= MIN_AREA)
+    ids = ids[ids > 0]
+    mostly = ids[inside[ids] >= MOSTLY_INSIDE * whole[ids]]
+    return mostly if len(mostly) >= 2 else ids
+
+
+def sample_crops(rng: np.random.Generator, easy: float = 0.0, windows: int = WINDOWS, side: int = CROP) -> list[Crop]:
+    """`windows` random training crops of one scene, each with POINTS single-point, BOXES box and MULTI
+    multi-point prompts (a scene costs about two crops' training time to render, so it serves several)."""
     while True:
-        image, labels = _render(rng, easy)
-        full = np.zeros((CROP, CROP), labels.dtype)
-        full[:labels.shape[0]] = labels
-        areas = np.bincount(full.ravel())
-        ids = np.flatnonzero(areas >= MIN_AREA)
-        ids = ids[ids > 0]
-        if len(ids) >= 2:
-            break
-    offset = (int(rng.integers(0, GRID - CROP // TOKEN + 1)), int(rng.integers(0, GRID - CROP // TOKEN + 1)))
+        image, labels = _scene(rng, easy)
+        crops = [crop for crop in (_crop(rng, image, labels, side) for _ in range(4 * windows)) if crop][:windows]
+        if len(crops) == windows:
+            return crops
+
+
+def _crop(rng: np.random.Generator, image: np.ndarray, labels: np.ndarray, side: int) -> Crop | None:
+    """A random window of a scene with its prompts, or None when it holds fewer than two instances to prompt."""
+    offset, crop, window = _window(rng, image, labels, side)
+    ids = _prompted(labels, window)
+    if len(ids) < 2:
+        return None
     origin = np.array([offset[1], offset[0]], np.float32) * TOKEN
-    masks = {i: full == i for i in rng.choice(ids, size=min(len(ids), POINTS + BOXES + MULTI), replace=False)}
+    masks = {i: window == i for i in rng.choice(ids, size=min(len(ids), POINTS + BOXES + MULTI), replace=False)}
     order = list(masks) * (1 + (POINTS + BOXES + MULTI) // len(masks))
     pad = np.zeros((1, 2), np.float32)
     point_ids, box_ids, multi_ids = order[:POINTS], order[POINTS:POINTS + BOXES], order[-MULTI:]
@@ -129,4 +161,4 @@ def sample_crop(rng: np.random.Generator, easy: float = 0.0) -> Crop:
     n = int(rng.integers(2, 4))
     multi = _prompts([np.concatenate([_inside(rng, masks[i], n), pad]) for i in multi_ids],
                      [np.array([1.0] * n + [-1.0])] * MULTI, [masks[i] for i in multi_ids], origin)
-    return Crop(_normalise(image), offset, points, boxes, multi, full == point_ids[-1])
+    return Crop(crop, offset, points, boxes, multi, window == point_ids[-1], window > 0)

@@ -73,8 +73,9 @@ class CropDecoder(PerSamDecoder):
                     torch.zeros(batch) if guided is None else guided)
 
 
-def guidance(embedding: Tensor, reference: Tensor) -> tuple[Tensor, Tensor]:
-    """PerSAM's target embedding (1, 256) and attention similarity (1, g*g) from one instance's cells.
+def location_prior(embedding: Tensor, reference: Tensor) -> tuple[Tensor, Tensor]:
+    """PerSAM's target embedding (256,) from one instance's cells, and every cell's standardised cosine
+    similarity to it (g*g,): the location prior whose arg-max places PerSense's first point.
 
     The original standardises the cosine similarity at the image's size before resampling it to the
     64x64 grid; here it is standardised on the grid directly.
@@ -86,7 +87,21 @@ def guidance(embedding: Tensor, reference: Tensor) -> tuple[Tensor, Tensor]:
         weights = (cells.flatten() == cells.max()).float()
     target = (feats * weights).sum(1) / weights.sum()
     sim = F.normalize(target, dim=0) @ F.normalize(feats, dim=0)
-    return target[None], ((sim - sim.mean()) / sim.std()).sigmoid()[None]
+    return target, (sim - sim.mean()) / sim.std()
+
+
+def guidance(embedding: Tensor, reference: Tensor) -> tuple[Tensor, Tensor]:
+    """PerSAM's target embedding (1, 256) and attention similarity (1, g*g) from one instance's cells."""
+    target, prior = location_prior(embedding, reference)
+    return target[None], prior.sigmoid()[None]
+
+
+def prior_loss(embedding: Tensor, reference: Tensor, instances: Tensor) -> Tensor:
+    """Logistic loss making the location prior positive on the cells of every instance like the reference
+    (area share > 0.5) and negative on background and distractors: the similarity PerSense's first point
+    and the SAM-only counter search."""
+    on = F.interpolate(instances[None, None].float(), size=embedding.shape[-2:], mode="area")[0, 0].flatten() > 0.5
+    return F.binary_cross_entropy_with_logits(location_prior(embedding, reference)[1], on.float())
 
 
 def focal_loss(logits: Tensor, target: Tensor, alpha: float = 0.5, gamma: float = 2.0) -> Tensor:

@@ -119,6 +119,12 @@ def _outline(template: Template) -> list[np.ndarray]:
     return [points, 0.55 * points] if template.shape == "ring" else [points]
 
 
+def max_instances(size: tuple[int, int]) -> float:
+    """Most instances a (W, H) scene holds with objects of at least _MIN_RADIUS (distractors add up to 30%)."""
+    width, height = size
+    return width * height * _RADIUS**2 / (_FILL * _MIN_RADIUS**2) / 1.3
+
+
 def _check_density(count: int, size: tuple[int, int]) -> None:
     """Refuse scenes whose objects would be too small to draw."""
     width, height = size
@@ -126,8 +132,7 @@ def _check_density(count: int, size: tuple[int, int]) -> None:
         raise PersenseError(f"image size {width}x{height} is too small; use at least 32x32")
     if count < 1:
         raise PersenseError(f"a scene needs at least one instance (got {count})")
-    most = width * height * _RADIUS**2 / (_FILL * _MIN_RADIUS**2)  # objects, distractors included
-    if count * 1.3 > most:
+    if count > max_instances(size):
         raise PersenseError(
             f"{count} instances do not fit in {width}x{height} (objects would be under "
             f"{2 * _MIN_RADIUS:.0f} px); use a larger --size or fewer --instances")
