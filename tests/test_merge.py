@@ -78,6 +78,7 @@ def test_values_on_the_rounding_margin_are_decided_by_the_exact_float32_taps():
     assert valid.all()
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered in multiply:RuntimeWarning")  # inf * 0 weights, as meant
 def test_non_finite_logits_give_what_the_full_upsampling_gives():
     transform = SamTransform((333, 517))
     low = object_logits(4, seed=1, radius=30)
