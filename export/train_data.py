@@ -78,7 +78,7 @@ def _window(rng: np.random.Generator, image: np.ndarray, labels: np.ndarray,
     (3, side, side) image (zero where the frame is padding, as SAM pads) and label map. Windows reach up
     to a quarter window into the padding below and right of the image."""
     cells = side // TOKEN
-    spans = [min(GRID - cells, max(0, -(-side // TOKEN) - cells + cells // 4)) for side in labels.shape]
+    spans = [min(GRID - cells, max(0, -(-extent // TOKEN) - cells + cells // 4)) for extent in labels.shape]
     row, col = (int(rng.integers(0, span + 1)) for span in spans)
     y, x = row * TOKEN, col * TOKEN
     part = image[y:y + side, x:x + side]
@@ -90,7 +90,7 @@ def _window(rng: np.random.Generator, image: np.ndarray, labels: np.ndarray,
 
 
 def _target(mask: np.ndarray) -> np.ndarray:
-    """A CROP x CROP bool mask as a TARGET x TARGET 0/1 float32 target (area average, then > 0.5)."""
+    """A square bool mask as a 0/1 float32 target TARGET / CROP times its side (area average, then > 0.5)."""
     side = mask.shape[0] * TARGET // CROP
     small = cv2.resize(mask.astype(np.float32), (side, side), interpolation=cv2.INTER_AREA)
     return (small > 0.5).astype(np.float32)
