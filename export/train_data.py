@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 
 from persense.runtime.synth import max_instances, random_template, render_scene
-from persense.runtime.transforms import PIXEL_MEAN, PIXEL_STD, SamTransform
+from persense.runtime.transforms import SamTransform
 
 CROP = 256  # crop side in the 1024 input frame
 TOKEN = 16  # input pixels per embedding cell
@@ -82,8 +82,7 @@ def _window(rng: np.random.Generator, image: np.ndarray, labels: np.ndarray,
     row, col = (int(rng.integers(0, span + 1)) for span in spans)
     y, x = row * TOKEN, col * TOKEN
     part = image[y:y + side, x:x + side]
-    crop = np.zeros((3, side, side), np.float32)
-    crop[:, :part.shape[0], :part.shape[1]] = ((part.astype(np.float32) - PIXEL_MEAN) / PIXEL_STD).transpose(2, 0, 1)
+    crop = SamTransform(part.shape[:2], long_side=side).normalize_pad(part)[0]
     window = np.zeros((side, side), labels.dtype)
     window[:part.shape[0], :part.shape[1]] = labels[y:y + side, x:x + side]
     return (row, col), crop, window
@@ -123,13 +122,13 @@ def _prompts(coords: list[np.ndarray], labels: list[np.ndarray], masks: list[np.
                    np.stack([_target(m) for m in masks]))
 
 
-def _prompted(labels: np.ndarray, window: np.ndarray) -> np.ndarray:
-    """Instances of a window worth a prompt: at least MIN_AREA pixels, only the mostly-inside ones if >= 2."""
-    inside = np.bincount(window.ravel(), minlength=int(labels.max()) + 1)
-    whole = np.bincount(labels.ravel(), minlength=int(labels.max()) + 1)
+def _prompted(areas: np.ndarray, window: np.ndarray) -> np.ndarray:
+    """Instances of a window worth a prompt: at least MIN_AREA pixels, only the mostly-inside ones if >= 2.
+    `areas` are the instances' pixel counts in the whole scene."""
+    inside = np.bincount(window.ravel(), minlength=len(areas))
     ids = np.flatnonzero(inside >= MIN_AREA)
     ids = ids[ids > 0]
-    mostly = ids[inside[ids] >= MOSTLY_INSIDE * whole[ids]]
+    mostly = ids[inside[ids] >= MOSTLY_INSIDE * areas[ids]]
     return mostly if len(mostly) >= 2 else ids
 
 
@@ -138,15 +137,19 @@ def sample_crops(rng: np.random.Generator, easy: float = 0.0, windows: int = WIN
     multi-point prompts (a scene costs about two crops' training time to render, so it serves several)."""
     while True:
         image, labels = _scene(rng, easy)
-        crops = [crop for crop in (_crop(rng, image, labels, side) for _ in range(4 * windows)) if crop][:windows]
+        areas = np.bincount(labels.ravel())
+        crops = [crop for crop in (_crop(rng, image, labels, areas, side) for _ in range(4 * windows)) if crop]
+        crops = crops[:windows]
         if len(crops) == windows:
             return crops
 
 
-def _crop(rng: np.random.Generator, image: np.ndarray, labels: np.ndarray, side: int) -> Crop | None:
-    """A random window of a scene with its prompts, or None when it holds fewer than two instances to prompt."""
+def _crop(rng: np.random.Generator, image: np.ndarray, labels: np.ndarray, areas: np.ndarray,
+          side: int) -> Crop | None:
+    """A random window of a scene (instance areas `areas`) with its prompts, or None when it holds fewer than two
+    instances to prompt."""
     offset, crop, window = _window(rng, image, labels, side)
-    ids = _prompted(labels, window)
+    ids = _prompted(areas, window)
     if len(ids) < 2:
         return None
     origin = np.array([offset[1], offset[0]], np.float32) * TOKEN
