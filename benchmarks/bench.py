@@ -20,18 +20,36 @@ from typing import Any
 import numpy as np
 
 from persense.benchmarks import mask_stage, report
-from persense.benchmarks.variants import (DETECTOR_PROMPT, DETECTOR_STAGE, QUERIES, REFERENCE_NAME, REFERENCES,
-                                          RUNTIME_VARIANTS, Variant, Worker, WorkerSpec, engines_reason,
-                                          export_engines, platform_reason, weights_of)
-from persense.benchmarks.workload import (DEFAULT_SIZE, Workload, parse_instances, parse_size, synthetic_workloads,
-                                          user_workload)
-from persense.runtime.cli_common import add_common_flags, run_command
-from persense.runtime.detector import DETECTOR
-from persense.runtime.engine import default_threads
+from persense.benchmarks.variants import (
+    DETECTOR_PROMPT,
+    DETECTOR_STAGE,
+    QUERIES,
+    REFERENCE_NAME,
+    REFERENCES,
+    RUNTIME_VARIANTS,
+    Variant,
+    Worker,
+    WorkerSpec,
+    engines_reason,
+    export_engines,
+    platform_reason,
+    weights_of,
+)
+from persense.benchmarks.workload import (
+    DEFAULT_SIZE,
+    Workload,
+    parse_instances,
+    parse_size,
+    synthetic_workloads,
+    user_workload,
+)
+from persense.runtime.backends.engine import default_threads
+from persense.runtime.backends.ort_check import check_onnxruntime
+from persense.runtime.cli.common import add_common_flags, run_command
 from persense.runtime.errors import PersenseError
 from persense.runtime.manifest import load_manifest
-from persense.runtime.ort_check import check_onnxruntime
-from persense.runtime.timing import STAGES
+from persense.runtime.models.detector import DETECTOR
+from persense.runtime.pipeline.timing import STAGES
 
 SCHEMA = "persense-bench/1"
 MODELS = ("tiny", "tiny-trained", "vit_b", "vit_l", "vit_h")  # sam_build.SAM_CONFIGS (not imported: it needs torch)

@@ -32,8 +32,8 @@ from typing import Any
 
 from persense.benchmarks import gpu_report, report
 from persense.benchmarks.workload import synthetic_workloads
+from persense.runtime.backends.ort_check import check_onnxruntime
 from persense.runtime.errors import PersenseError
-from persense.runtime.ort_check import check_onnxruntime
 
 PLAN = {"vit_b": (50, 200), "vit_h": (50,)}  # instance counts of the pipeline benchmark per model
 SIZE = (1024, 768)
@@ -111,7 +111,7 @@ def _module(name: str, *args: str) -> list[str]:
 
 def _gpu_encoder_flags() -> list[str]:
     """`--gpu-encoder` when this persense-export can write sam_encoder_gpu (found without importing torch here)."""
-    return ["--gpu-encoder"] if importlib.util.find_spec("persense.export.gpu_encoder") is not None else []
+    return ["--gpu-encoder"] if importlib.util.find_spec("persense.export.sam.gpu_encoder") is not None else []
 
 
 def check_model(model: str, budget: Budget, work: Path, out: Path, slug: str) -> dict[str, Any]:

@@ -19,11 +19,11 @@ from typing import Any, Callable
 import numpy as np
 
 from persense.benchmarks.mask_stage import mask_iou
-from persense.runtime.engine import OrtEngine
+from persense.runtime.backends.ort_engine import OrtEngine
+from persense.runtime.geometry.transforms import SamTransform
 from persense.runtime.imageio import atomic_write_bytes, read_rgb
 from persense.runtime.manifest import Manifest, load_manifest
-from persense.runtime.sam import DECODER, ENCODER, GPU_ENCODER, Prompts, SamEngines, engine_names
-from persense.runtime.transforms import SamTransform
+from persense.runtime.models.sam import DECODER, ENCODER, GPU_ENCODER, Prompts, SamEngines, engine_names
 
 # Tolerances against the CPU FP32 reference. FP32 on CUDA runs its GEMMs on TF32 tensor cores by default.
 TOLERANCES = {"fp32": {"cosine": 0.9999, "max_abs_fraction": 0.02},

@@ -16,8 +16,8 @@ import cv2
 import numpy as np
 
 from persense.benchmarks.workload import Workload
-from persense.runtime.merge import rasterise
-from persense.runtime.transforms import LOW_RES, SamTransform
+from persense.runtime.geometry.transforms import LOW_RES, SamTransform
+from persense.runtime.pipeline.masks import rasterise
 
 LABEL = "ground-truth instance masks of the scene as SAM logits (object-sized, realistic extents)"
 LOGIT_SCALE = 10.0  # |logit| far from the mask edge; the sign flips where a cell is half covered

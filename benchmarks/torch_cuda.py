@@ -21,9 +21,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from persense.export.fast_decoder import FastPerSamDecoder
-from persense.export.persam_decoder import PerSamDecoder
-from persense.export.sam_build import random_sam
+from persense.export.sam.build import random_sam
+from persense.export.sam.persam_decoder import PerSamDecoder
+from persense.export.sam.reassociated_decoder import ReassociatedDecoder
 
 IMAGE_SIZE = (768, 1024)  # H, W of the synthetic target image
 PER_PROMPT = {1, 2, 3, 4, 7}  # decoder inputs with a prompt axis (coords, labels, mask, has_mask, persam weight)
@@ -66,7 +66,7 @@ def _postprocess(low_res: torch.Tensor) -> torch.Tensor:
 def measure(model_type: str, prompts: int, repeat: int, device: torch.device) -> dict[str, object]:
     """All timings as a JSON-ready dict."""
     sam = random_sam(model_type, 0).to(device)
-    literal, fast = PerSamDecoder(sam).eval(), FastPerSamDecoder(sam, best_only=True).eval()
+    literal, fast = PerSamDecoder(sam).eval(), ReassociatedDecoder(sam, best_only=True).eval()
     inputs = _inputs(prompts, device, torch.float32)
 
     def sequential() -> None:
@@ -89,7 +89,7 @@ def measure(model_type: str, prompts: int, repeat: int, device: torch.device) ->
     result["decoder_module_only_fp32_ms"] = statistics.median(_timed(lambda: fast(*inputs), device, repeat))
     result["literal_decoder_module_only_fp32_ms"] = statistics.median(
         _timed(lambda: literal(*inputs), device, repeat))
-    half = FastPerSamDecoder(sam, best_only=True).eval().half() if device.type == "cuda" else None
+    half = ReassociatedDecoder(sam, best_only=True).eval().half() if device.type == "cuda" else None
     if half is not None:
         result["decoder_batched_fp16_ms"] = statistics.median(
             _timed(batched(half, _inputs(prompts, device, torch.float16)), device, repeat))

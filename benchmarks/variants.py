@@ -25,7 +25,7 @@ import numpy as np
 from persense.benchmarks.workload import Workload
 from persense.runtime.errors import PersenseError
 from persense.runtime.manifest import load_manifest
-from persense.runtime.sam import engine_names
+from persense.runtime.models.sam import engine_names
 
 SAM_ENTRIES = ("sam_encoder", "sam_decoder")
 QUERIES = ("cold", "warm")  # the two queries a user meets: a new reference, or one encoded before
@@ -133,7 +133,7 @@ def platform_reason(variant: Variant) -> str | None:
     if variant.backend == "ort-cuda":
         return _ort_cuda_reason()
     if variant.backend == "trt":
-        from persense.runtime.trt_engine import tensorrt_unavailable_reason
+        from persense.runtime.backends.trt_engine import tensorrt_unavailable_reason
 
         return tensorrt_unavailable_reason()
     if variant.backend == "openvino" and importlib.util.find_spec("openvino") is None:
@@ -147,7 +147,7 @@ def engines_reason(variant: Variant, folder: Path, export_errors: dict[str, str]
         return f"persense-export {variant.export_flag} failed: {export_errors[variant.export_flag]}"
     manifest = load_manifest(folder)
     if variant.backend == "trt":
-        from persense.runtime.trt_engine import engine_unusable_reason
+        from persense.runtime.backends.trt_engine import engine_unusable_reason
 
         return next((r for name in SAM_ENTRIES if (r := engine_unusable_reason(manifest, name)) is not None), None)
     names = engine_names(manifest, variant.backend, variant.precision)
@@ -174,10 +174,10 @@ class WorkerSpec:
 def _counter(spec: WorkerSpec) -> Any:
     """The density counter both pipelines use."""
     if spec.counter == "sam":
-        from persense.runtime.sam_counter import SamPrototypeCounter
+        from persense.runtime.counters.sam_prototype import SamPrototypeCounter
 
         return SamPrototypeCounter()
-    from persense.runtime.counters import NpyDensityCounter
+    from persense.runtime.counters.base import NpyDensityCounter
 
     if spec.workload.density is None:
         raise PersenseError(f"workload {spec.workload.name} has no density map for the fixed counter")
@@ -189,14 +189,14 @@ def _build_pipeline(spec: WorkerSpec) -> Any:
     if spec.variant.is_reference:
         import torch
 
-        from persense.export.reference import ReferencePipeline
-        from persense.export.sam_build import bundled_or_random_sam
+        from persense.export.oracle.pipeline import ReferencePipeline
+        from persense.export.sam.build import bundled_or_random_sam
 
         torch.set_num_threads(spec.threads)
         device = spec.variant.backend.removeprefix("torch-")
         return ReferencePipeline(bundled_or_random_sam(spec.model_type, spec.seed).to(device), _counter(spec))
-    from persense.runtime.pipeline import PerSensePipeline
-    from persense.runtime.sam import SamEngines
+    from persense.runtime.models.sam import SamEngines
+    from persense.runtime.pipeline.flow import PerSensePipeline
 
     variant = spec.variant
     sam = SamEngines.from_manifest(load_manifest(spec.engines), variant.backend, spec.threads, spec.decode_chunk,
@@ -214,7 +214,7 @@ def detector_stage(spec: WorkerSpec) -> Detector | None:
     confidence. The first exemplar of both pipelines stays the similarity arg-max, so their masks stay
     comparable: the stage times the detector only.
     """
-    from persense.runtime.detector import DETECTOR, GroundingDino, detector_text, postprocess, preprocess
+    from persense.runtime.models.detector import DETECTOR, GroundingDino, detector_text, postprocess, preprocess
 
     manifest = load_manifest(spec.engines)
     if DETECTOR not in manifest.artefacts:
@@ -230,7 +230,7 @@ def detector_stage(spec: WorkerSpec) -> Detector | None:
         return run_engine
     import torch
 
-    from persense.export.grounding_dino import random_detector
+    from persense.export.grounding_dino.model import random_detector
 
     text, min_side = detector_text(manifest)
     tokens = text.encode(DETECTOR_PROMPT)

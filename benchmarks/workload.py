@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from persense.runtime.counters import NpyDensityCounter
+from persense.runtime.counters.base import NpyDensityCounter
+from persense.runtime.datasets.synth import random_template, render_scene
 from persense.runtime.errors import PersenseError
 from persense.runtime.imageio import atomic_write_bytes, read_mask, read_rgb, write_image
-from persense.runtime.synth import random_template, render_scene
 
 REFERENCE_INSTANCES = 12
 DEFAULT_SIZE = (768, 576)  # (width, height), PerSense-D-like

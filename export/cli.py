@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from persense.runtime.cli_common import add_common_flags, run_command
+from persense.runtime.cli.common import add_common_flags, run_command
 from persense.runtime.errors import PersenseError
 
 log = logging.getLogger("persense.export")
@@ -17,9 +17,9 @@ DEFAULT_WEIGHTS = Path("weights")
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
-    from persense.export.gpu_encoder import ATTENTION_FORMS, DEFAULT_FORM
-    from persense.export.grounding_dino import DETECTOR_CONFIGS
-    from persense.export.sam_build import SAM_CONFIGS
+    from persense.export.grounding_dino.model import DETECTOR_CONFIGS
+    from persense.export.sam.build import SAM_CONFIGS
+    from persense.export.sam.gpu_encoder import ATTENTION_FORMS, DEFAULT_FORM
 
     parser = argparse.ArgumentParser(prog="persense-export", description=__doc__)
     parser.add_argument("--model", choices=list(SAM_CONFIGS),

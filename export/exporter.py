@@ -58,7 +58,7 @@ class Job:
 def resolve_checkpoint(model_type: str, checkpoint: Path | None, random_weights: bool,
                        weights_dir: Path) -> Path | None:
     """The checkpoint to load: the given path, the official file in `weights_dir`, or None for random weights."""
-    from persense.export.sam_build import BUNDLED_CHECKPOINTS, CHECKPOINT_NAMES
+    from persense.export.sam.build import BUNDLED_CHECKPOINTS, CHECKPOINT_NAMES
 
     if random_weights or (model_type == "tiny" and checkpoint is None):
         return None
@@ -87,8 +87,8 @@ def _previous_manifest(out: Path) -> Manifest | None:
 
 def _sam_jobs(request: ExportRequest) -> list[Job]:
     """SAM's encoder and decoder (and with `gpu_encoder` the fused-attention encoder), sharing one model build."""
-    from persense.export.sam_build import load_sam, random_sam
-    from persense.export.sam_export import export_decoder, export_encoder
+    from persense.export.sam.build import load_sam, random_sam
+    from persense.export.sam.graphs import export_decoder, export_encoder
 
     source = sha256_file(request.checkpoint) if request.checkpoint else "random"
     key = f"{request.model_type}:{source}:{'' if request.checkpoint else request.seed}:r{EXPORT_RECIPE}"
@@ -98,8 +98,8 @@ def _sam_jobs(request: ExportRequest) -> list[Job]:
             for name, fn in (("sam_encoder", export_encoder), ("sam_decoder", export_decoder))]
     form = request.gpu_encoder
     if form is not None:
-        from persense.export.gpu_encoder import ATTENTION_FORMS, export_gpu_encoder
-        from persense.runtime.sam import GPU_ENCODER
+        from persense.export.sam.gpu_encoder import ATTENTION_FORMS, export_gpu_encoder
+        from persense.runtime.models.sam import GPU_ENCODER
 
         if form not in ATTENTION_FORMS:
             raise PersenseError(f"unknown attention form {form!r} for the GPU encoder; choose one of "
@@ -116,14 +116,14 @@ def _counter_job(request: ExportRequest) -> Job:
         raise PersenseError(f"{checkpoint}: counter checkpoint not found")
     source = sha256_file(checkpoint) if checkpoint else "random"
     if request.counter == "countr":
-        from persense.export.countr import export_countr, load_countr, random_countr
+        from persense.export.counters.countr import export_countr, load_countr, random_countr
 
         build = (lambda: load_countr(checkpoint)) if checkpoint else (
             lambda: random_countr(request.seed, request.counter_config))
         key = f"countr-{request.counter_config}:{source}:{'' if checkpoint else request.seed}:r{EXPORT_RECIPE}"
         return Job("counter_countr", source, key, build, lambda m, path, src: export_countr(m, path.parent, src))
     if request.counter == "dsalvanet":
-        from persense.export.dsalvanet import export_dsalvanet, load_dsalvanet, random_dsalvanet
+        from persense.export.counters.dsalvanet import export_dsalvanet, load_dsalvanet, random_dsalvanet
 
         build = (lambda: load_dsalvanet(checkpoint)) if checkpoint else (lambda: random_dsalvanet(request.seed))
         key = f"dsalvanet:{source}:{'' if checkpoint else request.seed}:r{EXPORT_RECIPE}"
@@ -133,8 +133,14 @@ def _counter_job(request: ExportRequest) -> Job:
 
 def _detector_job(request: ExportRequest) -> Job:
     """The Grounding DINO detector (and its tokenizer file, rewritten every run so a reused entry has it)."""
-    from persense.export.grounding_dino import (DETECTOR, detector_tokenizer, export_onnx, load_detector,
-                                                random_detector, write_tokenizer)
+    from persense.export.grounding_dino.model import (
+        DETECTOR,
+        detector_tokenizer,
+        export_onnx,
+        load_detector,
+        random_detector,
+        write_tokenizer,
+    )
 
     checkpoint, config = request.detector_checkpoint, request.detector
     tokenizer = detector_tokenizer(checkpoint, request.detector_tokenizer)
@@ -150,7 +156,7 @@ def _detector_job(request: ExportRequest) -> Job:
 
 def _folder_hash(folder: Path) -> str:
     """sha256 of a checkpoint folder's config and weights files (a missing folder fails when loaded)."""
-    from persense.export.grounding_dino_checkpoint import WEIGHT_FILES
+    from persense.export.grounding_dino.hf_checkpoint import WEIGHT_FILES
 
     files = [folder / name for name in ("config.json", *WEIGHT_FILES) if (folder / name).is_file()]
     return hashlib.sha256("".join(sha256_file(f) for f in files).encode()).hexdigest()
@@ -203,12 +209,12 @@ def export_all(request: ExportRequest) -> tuple[Path, str | None]:
     artefacts.update(_kept(previous, artefacts))
     note = None
     if request.fp16:
-        from persense.export.trt_build import fp16_artefacts
+        from persense.export.precision.tensorrt import fp16_artefacts
 
         added, note = fp16_artefacts(artefacts, request.out, previous)
         artefacts.update(added)
     if request.int8:
-        from persense.export.int8 import int8_artefacts
+        from persense.export.precision.int8 import int8_artefacts
 
         artefacts.update(int8_artefacts(artefacts, request.out, previous))
     manifest = Manifest(folder=request.out, model_type=model_type, versions=package_versions(),
@@ -219,7 +225,7 @@ def export_all(request: ExportRequest) -> tuple[Path, str | None]:
 def export_detector(out_dir: Path, config: str, checkpoint: Path | None = None, tokenizer: Path | None = None,
                     seed: int = 0, fp16: bool = False) -> list[Artefact]:
     """Export the detector (reusing an unchanged one) into `out_dir`'s manifest; returns its manifest entries."""
-    from persense.export.grounding_dino import DETECTOR
+    from persense.export.grounding_dino.model import DETECTOR
 
     request = ExportRequest(model_type=None, checkpoint=None, seed=seed, out=Path(out_dir), fp16=fp16,
                             detector=config, detector_checkpoint=checkpoint, detector_tokenizer=tokenizer)

@@ -17,10 +17,11 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from persense.export.artefacts import fp16_name
-from persense.runtime.engine import OrtEngine, open_engine
+from persense.runtime.backends.choice import open_engine
+from persense.runtime.backends.ort_engine import OrtEngine
+from persense.runtime.backends.trt_engine import ENGINE_SUFFIX, engine_unusable_reason, open_trt_engine
 from persense.runtime.errors import PersenseError
 from persense.runtime.manifest import Artefact, Manifest, load_manifest, sha256_file
-from persense.runtime.trt_engine import ENGINE_SUFFIX, engine_unusable_reason, open_trt_engine
 
 MASK_OUTPUTS = ("low_res_masks", "masks")
 # dynamic axes of the sample inputs (H, W, T: the detector's image and text); any other axis gets 1
@@ -89,7 +90,7 @@ def _roi(index: int) -> Callable[[np.random.Generator, tuple[int, ...]], np.ndar
     """DSALVANet's ROI bin indices (rows for 0, columns for 1) of three fixed exemplar boxes."""
     def make(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
         """The indices (shape fixed by the boxes)."""
-        from persense.runtime.dsalvanet import roi_indices
+        from persense.runtime.counters.dsalvanet import roi_indices
 
         return roi_indices(DSALVANET_SAMPLE_BOXES)[index]
     return make
@@ -203,11 +204,11 @@ class _References:
 def _build(family: str, model_type: str, checkpoint: Path | None, seed: int) -> Any:
     """A torch model of one family ('sam', 'counter_countr', 'counter_dsalvanet') from weights or a seed."""
     if family == "sam":
-        from persense.export.sam_build import load_sam, random_sam
+        from persense.export.sam.build import load_sam, random_sam
 
         return load_sam(model_type, checkpoint) if checkpoint else random_sam(model_type, seed)
     if family == "counter_countr":
-        from persense.export.countr import COUNTR_CONFIGS, load_countr, random_countr
+        from persense.export.counters.countr import COUNTR_CONFIGS, load_countr, random_countr
 
         config = model_type.removeprefix("countr_")
         if checkpoint:
@@ -216,7 +217,7 @@ def _build(family: str, model_type: str, checkpoint: Path | None, seed: int) -> 
             raise PersenseError(f"no PyTorch reference: CounTR config of model type {model_type!r} unknown")
         return random_countr(seed, config)
     if family == "counter_dsalvanet":
-        from persense.export.dsalvanet import DsalvanetGraph, load_dsalvanet, random_dsalvanet
+        from persense.export.counters.dsalvanet import DsalvanetGraph, load_dsalvanet, random_dsalvanet
 
         return DsalvanetGraph(load_dsalvanet(checkpoint) if checkpoint else random_dsalvanet(seed))
     raise PersenseError(f"no PyTorch reference for artefact kind {family!r}")
@@ -227,7 +228,7 @@ def _wrap(kind: str, model: Any) -> Any:
     if kind == "sam_encoder":
         return model.image_encoder.eval()
     if kind == "sam_decoder":
-        from persense.export.persam_decoder import PerSamDecoder
+        from persense.export.sam.persam_decoder import PerSamDecoder
 
         return PerSamDecoder(model, best_only=True).eval()  # as exported: the best multimask output only
     return model.eval()
@@ -309,7 +310,7 @@ def parity_ok(rows: Sequence[ParityRow]) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m persense.export.parity DIR [--checkpoint PATH]...`: print the table; exit 1 when a check fails."""
-    from persense.runtime.cli_common import add_common_flags, run_command
+    from persense.runtime.cli.common import add_common_flags, run_command
 
     parser = argparse.ArgumentParser(prog="persense.export.parity", description=main.__doc__)
     parser.add_argument("folder", type=Path, help="engines folder with manifest.json")

@@ -32,18 +32,24 @@ from pathlib import Path
 
 import numpy as np
 
-from persense.runtime.counters import Counter, NpyDensityCounter
-from persense.runtime.detector import GroundingDino
+from persense.runtime.counters.base import Counter, NpyDensityCounter
 from persense.runtime.errors import PersenseError
 from persense.runtime.imageio import atomic_write_bytes, mask_from_array, read_mask, read_rgb, rgb_from_array
 from persense.runtime.manifest import Manifest
-from persense.runtime.pipeline import PerSensePipeline
-from persense.runtime.prior import Target
-from persense.runtime.reference_cache import (ReferenceCache, array_bytes, cache_key, checked_vector, default_cache_dir,
-                                              encoder_digest)
-from persense.runtime.result import SegmentResult
-from persense.runtime.sam import ENCODER, SamEngines, engine_names
-from persense.runtime.text_prompt import TextTokens
+from persense.runtime.models.detector import GroundingDino
+from persense.runtime.models.sam import ENCODER, SamEngines, engine_names
+from persense.runtime.models.text import TextTokens
+from persense.runtime.pipeline.flow import PerSensePipeline
+from persense.runtime.pipeline.prior import Target
+from persense.runtime.pipeline.result import SegmentResult
+from persense.runtime.reference_cache import (
+    ReferenceCache,
+    array_bytes,
+    cache_key,
+    checked_vector,
+    default_cache_dir,
+    encoder_digest,
+)
 
 ImageLike = np.ndarray | str | os.PathLike
 REFERENCE_FORMAT = 1
@@ -135,8 +141,8 @@ class PerSense:
         `cache`: look encoded references up in (and add them to) the reference cache in `cache_dir`,
         by default $PERSENSE_CACHE_DIR, else $XDG_CACHE_HOME/persense, else ~/.cache/persense.
         """
-        from persense.runtime.counter_choice import make_counter
-        from persense.runtime.engine import resolve_backend
+        from persense.runtime.backends.choice import resolve_backend
+        from persense.runtime.counters.choice import make_counter
         from persense.runtime.manifest import load_manifest
 
         if precision not in PRECISIONS:

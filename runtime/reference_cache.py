@@ -32,8 +32,8 @@ import numpy as np
 
 from persense.runtime.imageio import atomic_write_bytes
 from persense.runtime.manifest import Artefact
-from persense.runtime.prior import Target
-from persense.runtime.sam import EMBED_DIM
+from persense.runtime.models.sam import EMBED_DIM
+from persense.runtime.pipeline.prior import Target
 
 log = logging.getLogger(__name__)
 

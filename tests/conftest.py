@@ -23,7 +23,7 @@ def reference_cache_dir(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="session")
 def tiny_sam():
     """The tiny SAM (same I/O as vit_b/h) with seeded random weights."""
-    from persense.export.sam_build import random_sam
+    from persense.export.sam.build import random_sam
 
     return random_sam("tiny", TINY_SEED)
 
@@ -83,7 +83,7 @@ def scene_files(tmp_path_factory: pytest.TempPathFactory, scene) -> dict[str, Pa
 @pytest.fixture(scope="session")
 def trained_tiny_sam():
     """The tiny SAM with the project's own trained weights (assets/tiny_sam.pt, persense-train-tiny)."""
-    from persense.export.sam_build import BUNDLED_CHECKPOINTS, load_sam
+    from persense.export.sam.build import BUNDLED_CHECKPOINTS, load_sam
 
     return load_sam("tiny-trained", BUNDLED_CHECKPOINTS["tiny-trained"])
 

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from persense.runtime.synth import generate_dataset
+from persense.runtime.datasets.synth import generate_dataset
 
 SIZE = (320, 240)
 
@@ -20,7 +20,7 @@ def tiny_dataset(out: Path, classes: int, images: int) -> Path:
 
 def eval_command(data: Path, pred: Path, engines: Path, *extra: str) -> list[str]:
     """persense-eval --run on the tiny engines with the dataset's own density maps (fast, deterministic)."""
-    return [sys.executable, "-m", "persense.runtime.cli_eval", "--data", str(data), "--pred", str(pred), "--run",
+    return [sys.executable, "-m", "persense.runtime.cli.eval", "--data", str(data), "--pred", str(pred), "--run",
             "--engines", str(engines), "--density-dir", str(data / "meta"), "--threads", "1", "-q", *extra]
 
 

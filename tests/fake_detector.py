@@ -1,6 +1,6 @@
 """Test helpers for --text: a small BERT vocabulary and tokenizer, and a detector engine with fixed outputs.
 
-The fixed detector is an ONNX graph with the contract's I/O (persense.runtime.detector.DETECTOR_IO) whose
+The fixed detector is an ONNX graph with the contract's I/O (persense.runtime.models.detector.DETECTOR_IO) whose
 logits [1,Q,T] repeat one given logit per query over the T tokens and whose boxes are given: it makes
 the pipeline's use of the detector exactly checkable, including a detector that finds nothing.
 """
@@ -63,8 +63,8 @@ def add_fixed_detector(engines: Path, folder: Path, query_logits: list[float], b
                        max_text_len: int = 256) -> Path:
     """A copy of an engines folder with a fixed detector and the test tokenizer recorded in its manifest."""
     from persense.export.artefacts import describe
-    from persense.runtime.detector import DETECTOR
     from persense.runtime.manifest import load_manifest, sha256_file
+    from persense.runtime.models.detector import DETECTOR
 
     shutil.copytree(engines, folder)
     tokenizer = write_tokenizer(write_vocab(folder), folder / "grounding_dino_tokenizer.json")

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from persense import PerSense, PersenseError, Reference
-from persense.runtime.pipeline import PerSensePipeline
+from persense.runtime.pipeline.flow import PerSensePipeline
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -41,7 +41,7 @@ def test_import_persense_loads_neither_torch_nor_onnxruntime():
 
 
 def test_segment_matches_the_pipeline_it_wraps(ps, apple, result, scene, scene_files):
-    from persense.runtime.counters import NpyDensityCounter
+    from persense.runtime.counters.base import NpyDensityCounter
     from persense.runtime.imageio import read_rgb
 
     pipeline = PerSensePipeline(ps.sam, NpyDensityCounter(scene_files["density"]))

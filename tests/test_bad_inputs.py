@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 
 from persense.export.cli import main as export_main
-from persense.runtime.cli_eval import main as eval_main
-from persense.runtime.cli_infer import main as infer_main
-from persense.runtime.cli_synth import main as synth_main
+from persense.runtime.cli.eval import main as eval_main
+from persense.runtime.cli.infer import main as infer_main
+from persense.runtime.cli.synth import main as synth_main
 from persense.runtime.manifest import sha256_file
 
 ERRORS_MD = Path(__file__).resolve().parents[1] / "docs" / "ERRORS.md"
@@ -214,7 +214,7 @@ def run_measured(argv: list[str]) -> tuple[int, str, int]:
     """persense-infer in a child process: (exit code, stderr, peak resident memory in bytes)."""
     err_path = Path(argv[argv.index("--out") + 1]).with_suffix(".stderr")
     with open(err_path, "wb") as err:
-        child = subprocess.Popen([sys.executable, "-m", "persense.runtime.cli_infer", *argv],
+        child = subprocess.Popen([sys.executable, "-m", "persense.runtime.cli.infer", *argv],
                                  stdout=subprocess.DEVNULL, stderr=err)
         _, status, usage = os.wait4(child.pid, 0)
         child.returncode = os.waitstatus_to_exitcode(status)
@@ -573,7 +573,7 @@ def reference_file_corrupt(kit: Kit) -> None:
 @row
 def reference_file_other_engines(kit: Kit) -> None:
     from persense.runtime.api import Reference
-    from persense.runtime.prior import Target
+    from persense.runtime.pipeline.prior import Target
 
     unit = np.full(256, 1 / 16, np.float32)
     saved = Reference(Target(unit, unit), "0123456789abcdef", "fp32", "ort-cpu").save(kit.path("apple.npz"))
@@ -666,7 +666,7 @@ def density_zeros(kit: Kit) -> None:
     result = expect_success(outcome)
     message = "no instance found: the counter's density map gave no candidate point"
     assert result["instances"] == 0 and not outcome.image("mask.png").any()
-    assert message in result["warnings"] and f"WARNING persense.runtime.pipeline: {message}" in outcome.stderr
+    assert message in result["warnings"] and f"WARNING persense.runtime.pipeline.flow: {message}" in outcome.stderr
 
 
 def _non_finite(kit: Kit, bad: float) -> None:
@@ -749,7 +749,7 @@ def thousands_of_candidates(kit: Kit) -> None:
 def export_wrong_checkpoint_for_model(kit: Kit) -> None:
     import torch
 
-    from persense.export.sam_build import random_sam
+    from persense.export.sam.build import random_sam
 
     checkpoint = kit.path("tiny.pth")
     torch.save(random_sam("tiny", 0).state_dict(), checkpoint)
@@ -761,7 +761,7 @@ def export_wrong_checkpoint_for_model(kit: Kit) -> None:
 def export_truncated_checkpoint(kit: Kit) -> None:
     import torch
 
-    from persense.export.sam_build import random_sam
+    from persense.export.sam.build import random_sam
 
     checkpoint = kit.path("sam_vit_b_01ec64.pth")
     torch.save(random_sam("tiny", 0).state_dict(), checkpoint)
@@ -833,7 +833,7 @@ def eval_run_unreadable_image(kit: Kit) -> None:
 
 def build_dataset(kit: Kit) -> Path:
     """A one-class synthetic dataset (reference 00 and one image) with perfect predictions beside it."""
-    from persense.runtime.synth import generate_dataset
+    from persense.runtime.datasets.synth import generate_dataset
 
     root = kit.path("dataset")
     generate_dataset(root / "data", classes=1, images=1, instances=(3, 4), size=(128, 96))
@@ -874,7 +874,7 @@ def test_every_row_is_documented_and_tested() -> None:
 
 @pytest.mark.parametrize("flag,shown,hidden", [
     ("-q", [], ["WARNING", "INFO"]),
-    ("-v", ["WARNING persense.runtime.pipeline: no instance found", "INFO persense.infer: [1/1]"], []),
+    ("-v", ["WARNING persense.runtime.pipeline.flow: no instance found", "INFO persense.infer: [1/1]"], []),
 ])
 def test_log_levels_and_warnings_in_result_json(flag: str, shown: list[str], hidden: list[str], kit: Kit) -> None:
     zeros = kit.save_density("zeros.npy", np.zeros(kit.scene["image"].shape[:2], np.float32))

@@ -71,7 +71,7 @@ def test_unreadable_image_is_listed_and_retried_by_the_next_run(dataset: Path, t
 def test_eval_run_encodes_each_class_reference_once_across_runs(dataset: Path, tiny_engines: Path, tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     from persense.runtime.api import PerSense
-    from persense.runtime.batch import PipelineSpec, run_dataset
+    from persense.runtime.datasets.batch import PipelineSpec, run_dataset
 
     encoded: list[str] = []
     original = PerSense.reference

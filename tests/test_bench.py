@@ -17,9 +17,9 @@ import pytest
 
 from persense.benchmarks.bench import MASK_STAGE_MIN_REPEAT, SCHEMA, main
 from persense.benchmarks.mask_stage import logits_from_labels
-from persense.runtime.merge import rasterise
-from persense.runtime.timing import STAGES
-from persense.runtime.transforms import SamTransform
+from persense.runtime.geometry.transforms import SamTransform
+from persense.runtime.pipeline.masks import rasterise
+from persense.runtime.pipeline.timing import STAGES
 
 README = Path(__file__).resolve().parents[1] / "benchmarks" / "README.md"
 TOP_KEYS = {"schema", "created", "command", "settings", "environment", "engines", "memory_method", "stages",

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from persense.export.checkpoints import read_checkpoint
 from persense.export.exporter import resolve_checkpoint
-from persense.export.sam_build import BUNDLED_CHECKPOINTS, build_sam, load_sam, read_checkpoint
+from persense.export.sam.build import BUNDLED_CHECKPOINTS, build_sam, load_sam
 from persense.runtime.errors import PersenseError
 
 

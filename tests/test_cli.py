@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from persense.runtime.cli_infer import main as infer
+from persense.runtime.cli.infer import main as infer
 
 
 def _run(args: list[str], capsys) -> tuple[int, str, str]:
@@ -192,7 +192,7 @@ def test_saved_reference_gives_the_same_results(tiny_engines, scene_files, tmp_p
 @pytest.fixture
 def encodes(monkeypatch) -> list[tuple[int, ...]]:
     """Every SamEngines.encode call of this test (the image shapes), in order."""
-    from persense.runtime.sam import SamEngines
+    from persense.runtime.models.sam import SamEngines
 
     calls: list[tuple[int, ...]] = []
     original = SamEngines.encode

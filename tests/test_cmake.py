@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from persense.runtime.trt_engine import tensorrt_unavailable_reason
+from persense.runtime.backends.trt_engine import tensorrt_unavailable_reason
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(shutil.which("cmake") is None or shutil.which("make") is None,
@@ -66,12 +66,12 @@ def test_targets_and_tensorrt_status(tiny_build: tuple[Path, str]) -> None:
 
 def test_file_dependencies(tiny_build: tuple[Path, str]) -> None:
     build, _ = tiny_build
-    assert depends(build, "onnx", "engines/sam_encoder.onnx", "export/sam_export.py")
-    assert depends(build, "onnx", "engines/sam_encoder.onnx", "export/persam_decoder.py")  # one export command
+    assert depends(build, "onnx", "engines/sam_encoder.onnx", "export/sam/graphs.py")
+    assert depends(build, "onnx", "engines/sam_encoder.onnx", "export/sam/persam_decoder.py")  # one export command
     assert depends(build, "onnx", "engines/sam_decoder.onnx", "engines/sam_encoder.onnx")
-    assert not depends(build, "onnx", "engines/sam_encoder.onnx", "export/fp16.py")
+    assert not depends(build, "onnx", "engines/sam_encoder.onnx", "export/precision/fp16.py")
     assert depends(build, "fp16_sam_encoder", "engines/sam_encoder_fp16.onnx", "engines/sam_encoder.onnx")
-    assert depends(build, "fp16_sam_encoder", "engines/sam_encoder_fp16.onnx", "export/fp16.py")
+    assert depends(build, "fp16_sam_encoder", "engines/sam_encoder_fp16.onnx", "export/precision/fp16.py")
     assert not depends(build, "fp16_sam_encoder", "engines/sam_encoder_fp16.onnx", "engines/sam_decoder.onnx")
 
 
@@ -90,7 +90,7 @@ def test_only_what_changed_is_rebuilt(tiny_build: tuple[Path, str]) -> None:
         (engines / name).write_bytes(b"")
         os.utime(engines / name, (later, later))
     dry = subprocess.run(["make", "-n", "fp16_sam_encoder"], cwd=build, capture_output=True, text=True, check=True)
-    assert "persense.export.fp16 --folder" in dry.stdout and "--name sam_encoder" in dry.stdout
+    assert "persense.export.precision.fp16 --folder" in dry.stdout and "--name sam_encoder" in dry.stdout
     assert "persense.export.cli" not in dry.stdout and "--name sam_decoder" not in dry.stdout
     os.utime(engines / "sam_encoder.onnx", (0, 0))  # an ONNX file older than its sources is re-exported
     dry = subprocess.run(["make", "-n", "onnx"], cwd=build, capture_output=True, text=True, check=True)

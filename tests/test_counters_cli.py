@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from persense.export.cli import main as export
-from persense.runtime.cli_infer import main as infer
+from persense.runtime.cli.infer import main as infer
 
 
 @pytest.fixture(scope="module")

@@ -14,15 +14,32 @@ import numpy as np
 import pytest
 import torch
 
-from persense.export.countr import (TorchCountrCounter, export_countr, load_countr, load_image, random_countr,
-                                    slide_sequential)
-from persense.runtime.counters import CountRequest
-from persense.runtime.countr import (INPUT_NAMES, OUTPUT_NAMES, WINDOW, CountrCounter, CountrGeometry, blend_windows,
-                                     calibrate, exemplar_crops, prepare_image, resize_aa, window_starts)
-from persense.runtime.engine import OrtEngine
+from persense.export.counters.countr import (
+    TorchCountrCounter,
+    export_countr,
+    load_countr,
+    load_image,
+    random_countr,
+    slide_sequential,
+)
+from persense.runtime.backends.ort_engine import OrtEngine
+from persense.runtime.counters.base import CountRequest
+from persense.runtime.counters.countr import (
+    INPUT_NAMES,
+    OUTPUT_NAMES,
+    WINDOW,
+    CountrCounter,
+    CountrGeometry,
+    blend_windows,
+    calibrate,
+    exemplar_crops,
+    prepare_image,
+    resize_aa,
+    window_starts,
+)
 from persense.runtime.errors import PersenseError
+from persense.runtime.geometry.transforms import SamTransform
 from persense.runtime.manifest import TensorSpec
-from persense.runtime.transforms import SamTransform
 
 # A few keys and shapes of the original FSC147.pth 'model' (CounTR mae_vit_base_patch16).
 ORIGINAL_KEYS = {

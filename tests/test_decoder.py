@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from persense.export.persam_decoder import PerSamDecoder
-from persense.export.sam_export import decoder_example_inputs
-from persense.runtime.engine import OrtEngine
-from persense.runtime.sam import Guidance, Prompts, SamEngines
+from persense.export.sam.graphs import decoder_example_inputs
+from persense.export.sam.persam_decoder import PerSamDecoder
+from persense.runtime.backends.ort_engine import OrtEngine
+from persense.runtime.models.sam import Guidance, Prompts, SamEngines
 
 MASK_LOGIT_ATOL = 1e-4  # fp32 ONNX Runtime vs torch, on logits of magnitude ~1
 
@@ -123,12 +123,12 @@ def test_guided_decoder_equals_the_original_in_place_persam_transformer(tiny_sam
 
 @pytest.mark.parametrize("batch,points,guided,with_mask", [(1, 2, True, False), (6, 3, False, True), (3, 2, True, True)])
 def test_reassociated_decoder_equals_the_literal_one(tiny_sam, decoder, batch, points, guided, with_mask):
-    from persense.export.fast_decoder import FastPerSamDecoder
+    from persense.export.sam.reassociated_decoder import ReassociatedDecoder
 
     args = _inputs(batch, points, guided, with_mask, seed=batch)
     with torch.no_grad():
         expected, expected_iou = decoder(*args)
-        got, got_iou = FastPerSamDecoder(tiny_sam).eval()(*args)
+        got, got_iou = ReassociatedDecoder(tiny_sam).eval()(*args)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(got_iou, expected_iou, atol=1e-5, rtol=1e-4)
 
@@ -157,12 +157,12 @@ def onnx_decoder(tiny_engines):
 @pytest.fixture(scope="module")
 def all_outputs_decoder(tiny_sam, tmp_path_factory):
     """The same re-associated decoder exported with all four outputs (the graph before in-graph selection)."""
-    from persense.export.fast_decoder import FastPerSamDecoder
-    from persense.export.sam_export import export_decoder_graph
+    from persense.export.sam.graphs import export_decoder_graph
+    from persense.export.sam.reassociated_decoder import ReassociatedDecoder
 
     path = tmp_path_factory.mktemp("all_outputs") / "sam_decoder_all.onnx"
     with torch.no_grad():
-        export_decoder_graph(FastPerSamDecoder(tiny_sam).eval(), path)
+        export_decoder_graph(ReassociatedDecoder(tiny_sam).eval(), path)
     return OrtEngine(path, threads=2)
 
 
@@ -210,8 +210,8 @@ def test_in_graph_selection_breaks_ties_as_numpy_argmax(tiny_sam, tmp_path):
     1 where that is positive and 2 (the first maximum of the tie) elsewhere, as np.argmax does."""
     import copy
 
-    from persense.export.fast_decoder import FastPerSamDecoder
-    from persense.export.sam_export import export_decoder_graph
+    from persense.export.sam.graphs import export_decoder_graph
+    from persense.export.sam.reassociated_decoder import ReassociatedDecoder
 
     tied = copy.deepcopy(tiny_sam)
     head = tied.mask_decoder.iou_prediction_head.layers[-1]
@@ -221,7 +221,7 @@ def test_in_graph_selection_breaks_ties_as_numpy_argmax(tiny_sam, tmp_path):
     middle = PerSamDecoder(tied).eval()(*args)[1][:, 1].sort().values[31:33]
     head.bias[1] = -middle.mean()  # half the prompts above 0, half below, none near it
     path = tmp_path / "tied.onnx"
-    export_decoder_graph(FastPerSamDecoder(tied, best_only=True).eval(), path)
+    export_decoder_graph(ReassociatedDecoder(tied, best_only=True).eval(), path)
     low, iou = PerSamDecoder(tied).eval()(*args)
     assert (iou[:, 2] == 0).all() and (iou[:, 3] == 0).all()
     best, logits, scores = host_best(low.numpy(), iou.numpy())

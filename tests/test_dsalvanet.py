@@ -6,15 +6,32 @@ import numpy as np
 import pytest
 import torch
 
-from persense.export.dsalvanet import (LVAM, TorchDsalvanetCounter, export_dsalvanet, index_roi_pool, load_dsalvanet,
-                                       modulated_deform_conv2d, random_dsalvanet, reference_boxes, reference_image,
-                                       slice_roi_pool)
-from persense.runtime.counters import CountRequest
-from persense.runtime.dsalvanet import (BIN_LENGTH, FEATURE_SIZE, POOL, DsalvanetCounter, engine_feeds,
-                                        exemplar_rows, image_tensor, roi_indices)
-from persense.runtime.engine import OrtEngine
+from persense.export.counters.dsalvanet import (
+    LVAM,
+    TorchDsalvanetCounter,
+    export_dsalvanet,
+    index_roi_pool,
+    load_dsalvanet,
+    modulated_deform_conv2d,
+    random_dsalvanet,
+    reference_boxes,
+    reference_image,
+    slice_roi_pool,
+)
+from persense.runtime.backends.ort_engine import OrtEngine
+from persense.runtime.counters.base import CountRequest
+from persense.runtime.counters.dsalvanet import (
+    BIN_LENGTH,
+    FEATURE_SIZE,
+    POOL,
+    DsalvanetCounter,
+    engine_feeds,
+    exemplar_rows,
+    image_tensor,
+    roi_indices,
+)
 from persense.runtime.errors import PersenseError
-from persense.runtime.transforms import SamTransform
+from persense.runtime.geometry.transforms import SamTransform
 
 BACKBONE_KEYS = 638  # torchvision resnet50 (320 keys) under backbone.resnet + 318 aliased under layer0..layer4
 TOTAL_KEYS = 768

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from persense.export.persam_decoder import PerSamDecoder
-from persense.export.sam_build import random_sam
-from persense.export.sam_export import decoder_example_inputs, export_decoder, export_encoder
-from persense.runtime.engine import OrtEngine
-from persense.runtime.transforms import SamTransform
+from persense.export.sam.build import random_sam
+from persense.export.sam.graphs import decoder_example_inputs, export_decoder, export_encoder
+from persense.export.sam.persam_decoder import PerSamDecoder
+from persense.runtime.backends.ort_engine import OrtEngine
+from persense.runtime.geometry.transforms import SamTransform
 
 EMBED_ATOL = 5e-4  # absolute, on embeddings of magnitude ~1-5
 EMBED_RTOL = 1e-4  # max abs error / max abs embedding
@@ -71,9 +71,9 @@ def test_vit_b_decoder_masks_match_torch(vit_b, batch, points, has_mask):
 
 
 def test_row_blocked_global_attention_is_exact(tiny_sam):
-    from persense.export.lean_encoder import RowBlockedAttention, lean_encoder
+    from persense.export.sam.cpu_encoder import RowBlockedAttention, cpu_encoder
 
-    lean = lean_encoder(tiny_sam.image_encoder, rows=5)  # 5 does not divide 64: a short last block
+    lean = cpu_encoder(tiny_sam.image_encoder, rows=5)  # 5 does not divide 64: a short last block
     assert sum(isinstance(b.attn, RowBlockedAttention) for b in lean.blocks) == 1
     image = torch.randn(1, 3, 1024, 1024)
     with torch.no_grad():

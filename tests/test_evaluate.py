@@ -11,9 +11,9 @@ import cv2
 import numpy as np
 import pytest
 
-from persense.runtime.cli_eval import main
+from persense.runtime.cli.eval import main
+from persense.runtime.datasets.evaluate import miou, read_eval_mask
 from persense.runtime.errors import PersenseError
-from persense.runtime.evaluate import miou, read_eval_mask
 
 
 def _mask(shape: tuple[int, int], *pixels: tuple[int, int]) -> np.ndarray:
@@ -184,7 +184,7 @@ def test_cli_bad_arguments_exit_2() -> None:
 
 def test_python_m_size_mismatch(dataset: Path) -> None:
     _pair(dataset, "beta", "03.png", BLOCK, np.zeros((5, 4), np.uint8))
-    run = subprocess.run([sys.executable, "-m", "persense.runtime.cli_eval", "--data", str(dataset / "data"),
+    run = subprocess.run([sys.executable, "-m", "persense.runtime.cli.eval", "--data", str(dataset / "data"),
                           "--pred", str(dataset / "pred")], capture_output=True, text=True, timeout=60)
     assert run.returncode == 2
     assert "Traceback" not in run.stderr and run.stderr.count("\n") == 1

@@ -12,9 +12,9 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from persense.export.fast_decoder import FastPerSamDecoder, image_to_tokens
-from persense.export.persam_decoder import PerSamDecoder
-from persense.export.sam_export import decoder_example_inputs, export_decoder_graph
+from persense.export.sam.graphs import decoder_example_inputs, export_decoder_graph
+from persense.export.sam.persam_decoder import PerSamDecoder
+from persense.export.sam.reassociated_decoder import ReassociatedDecoder, image_to_tokens
 
 IMAGE_TOKENS = 64 * 64
 SLOW_OVER_IMAGE = ("SkipLayerNormalization", "BiasGelu")
@@ -43,7 +43,7 @@ def profiled_ops(tiny_sam, tmp_path_factory) -> list[tuple[str, list[int]]]:
     folder = tmp_path_factory.mktemp("fast_decoder")
     path = folder / "sam_decoder.onnx"
     with torch.no_grad():
-        export_decoder_graph(FastPerSamDecoder(tiny_sam, best_only=True).eval(), path)
+        export_decoder_graph(ReassociatedDecoder(tiny_sam, best_only=True).eval(), path)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = 1

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from persense.runtime.cli_infer import main as infer
-from persense.runtime.engine import OrtEngine
+from persense.runtime.backends.ort_engine import OrtEngine
+from persense.runtime.cli.infer import main as infer
 
 FINAL = ("mask.png", "instances.png", "result.json")
 TEMPORARY = re.compile(r"^\.(mask\.png|instances\.png|result\.json)\..+\.tmp$")
@@ -90,7 +90,7 @@ def kill_new_run(runs: dict, out: Path, wait_for_writing: bool, delay: float) ->
     shutil.rmtree(out, ignore_errors=True)
     shutil.copytree(runs["old"]["folder"], out)
     before = set(os.listdir(out))
-    child = subprocess.Popen([sys.executable, "-m", "persense.runtime.cli_infer", *runs["new"]["argv"],
+    child = subprocess.Popen([sys.executable, "-m", "persense.runtime.cli.infer", *runs["new"]["argv"],
                               "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while wait_for_writing and set(os.listdir(out)) == before and child.poll() is None:
         time.sleep(0.0005)

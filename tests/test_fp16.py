@@ -17,10 +17,10 @@ import onnx
 import pytest
 
 from persense.export.artefacts import FP16_SUFFIX, fp16_name, reusable_variant
-from persense.export.fp16 import main
-from persense.export.fp16_islands import GROWABLE_OPS, SENSITIVE_OPS, value_types
 from persense.export.parity import compare_outputs, sample_feeds
-from persense.runtime.engine import OrtEngine
+from persense.export.precision.fp16 import main
+from persense.export.precision.fp16_islands import GROWABLE_OPS, SENSITIVE_OPS, value_types
+from persense.runtime.backends.ort_engine import OrtEngine
 from persense.runtime.manifest import Manifest, load_manifest
 
 MIN_EMBEDDING_COSINE = 0.9999

@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from persense.runtime.errors import PersenseError
-from persense.runtime.idm import candidate_points
-from persense.runtime.ppsm import ppsm_threshold, select_points
+from persense.runtime.pipeline.idm import candidate_points
+from persense.runtime.pipeline.ppsm import ppsm_threshold, select_points
 
 BOUNDED = settings(max_examples=50, deadline=None)
 

@@ -12,12 +12,12 @@ import onnx
 import pytest
 import torch
 
-from persense.export.gpu_encoder import ATTENTION_FORMS, FusedAttention, export_gpu_encoder, gpu_encoder
-from persense.export.sam_export import export_encoder
-from persense.runtime.engine import OrtEngine
+from persense.export.sam.gpu_encoder import ATTENTION_FORMS, FusedAttention, export_gpu_encoder, gpu_encoder
+from persense.export.sam.graphs import export_encoder
+from persense.runtime.backends.ort_engine import OrtEngine
 from persense.runtime.errors import PersenseError
 from persense.runtime.manifest import load_manifest
-from persense.runtime.sam import GPU_ENCODER, SamEngines, engine_names
+from persense.runtime.models.sam import GPU_ENCODER, SamEngines, engine_names
 
 TORCH_ATOL = 1e-4  # GPU-form module vs segment-anything's encoder, FP32 on the CPU
 ORT_ATOL = 5e-4  # sam_encoder_gpu vs sam_encoder, both on ONNX Runtime CPU (embeddings of magnitude ~1-5)
@@ -101,7 +101,7 @@ def test_exported_gpu_encoder_matches_sam_encoder_on_ort_cpu(exported, image, fo
 
 @pytest.mark.parametrize("form", ["attention", "mha", "folded"])
 def test_fp16_gpu_encoder_keeps_attention_in_fp16_and_is_accurate(exported, image, form, tmp_path):
-    from persense.export.fp16 import to_fp16
+    from persense.export.precision.fp16 import to_fp16
 
     model = to_fp16(exported[form])
     types = {v.name: v.type.tensor_type.elem_type for v in model.graph.value_info}
@@ -164,7 +164,7 @@ def test_runtime_picks_the_gpu_encoder_on_ort_cuda_only(gpu_folder, tiny_engines
 
 def test_from_manifest_opens_the_gpu_encoder_for_ort_cuda(gpu_folder, monkeypatch):
     opened = []
-    monkeypatch.setattr("persense.runtime.sam.open_engine",
+    monkeypatch.setattr("persense.runtime.models.sam.open_engine",
                         lambda manifest, name, backend, threads, **_: opened.append((name, backend)))
     manifest = load_manifest(gpu_folder)
     SamEngines.from_manifest(manifest, "ort-cuda", precision="fp16")
@@ -174,7 +174,7 @@ def test_from_manifest_opens_the_gpu_encoder_for_ort_cuda(gpu_folder, monkeypatc
 
 
 def test_no_tensorrt_engine_is_built_for_the_gpu_encoder(gpu_folder, monkeypatch):
-    from persense.export import trt_build
+    from persense.export.precision import tensorrt as trt_build
 
     built = []
     monkeypatch.setattr(trt_build, "tensorrt_unavailable_reason", lambda: None)

@@ -16,11 +16,15 @@ from tokenizers import Tokenizer  # noqa: E402
 
 from persense.export.cli import main as export_main  # noqa: E402
 from persense.export.exporter import export_detector  # noqa: E402
-from persense.export.grounding_dino import DETECTOR, load_detector, random_detector  # noqa: E402
-from persense.export.grounding_dino_trace import GroundingDinoDetector, phrase_masks  # noqa: E402
-from persense.export.grounding_dino_vocab import (TOKENIZER_FILE, bert_tokenizer_json, generated_vocab,  # noqa: E402
-                                                  tokenizer_json)
-from persense.runtime.engine import OrtEngine  # noqa: E402
+from persense.export.grounding_dino.model import DETECTOR, load_detector, random_detector  # noqa: E402
+from persense.export.grounding_dino.trace import GroundingDinoDetector, phrase_masks  # noqa: E402
+from persense.export.grounding_dino.vocab import (
+    TOKENIZER_FILE,
+    bert_tokenizer_json,
+    generated_vocab,
+    tokenizer_json,
+)
+from persense.runtime.backends.ort_engine import OrtEngine  # noqa: E402
 from persense.runtime.errors import PersenseError  # noqa: E402
 from persense.runtime.manifest import load_manifest, sha256_file  # noqa: E402
 
@@ -107,7 +111,8 @@ def test_fp16_matches_pytorch_loosely(exported, tokenizer_text, torch_model, siz
 
 def test_phrase_masks_equal_transformers():
     from transformers.models.grounding_dino.modeling_grounding_dino import (
-        generate_masks_with_special_tokens_and_transfer_map as reference)
+        generate_masks_with_special_tokens_and_transfer_map as reference,
+    )
 
     special = torch.tensor([101, 102, 1012, 1029])
     alphabet = torch.tensor([101, 102, 1012, 1029, 2000, 3000])
@@ -134,7 +139,7 @@ def test_manifest_entry(exported, tokenizer_text):
 
 
 def test_runtime_opens_the_export(exported):
-    from persense.runtime.detector import GroundingDino
+    from persense.runtime.models.detector import GroundingDino
 
     folder, manifest = exported
     detector = GroundingDino.from_manifest(manifest)
@@ -265,7 +270,7 @@ def test_cli_requires_weights_or_random(tmp_path, capsys):
 
 
 # transformers name -> the original repository's name, written from the original's module names (the inverse of
-# persense.export.grounding_dino_original's rules, kept separate so one checks the other)
+# persense.export.grounding_dino.original_checkpoint's rules, kept separate so one checks the other)
 _ORIGINAL_NAMES = [
     (r"model\.backbone\.conv_encoder\.model\.swin\.embeddings\.patch_embeddings\.projection\.",
      "backbone.0.patch_embed.proj."),
@@ -331,7 +336,7 @@ def _original_layout(model) -> dict:
 
 
 def test_original_checkpoint_layout_loads_identically(tmp_path, torch_model, tokenizer_text):
-    from persense.export.grounding_dino_original import load_original
+    from persense.export.grounding_dino.original_checkpoint import load_original
 
     original = _original_layout(torch_model)
     assert "module.backbone.0.layers.0.blocks.0.attn.qkv.weight" in original

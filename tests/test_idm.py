@@ -7,9 +7,9 @@ import cv2
 import numpy as np
 import pytest
 
+from persense.export.oracle.glue import idm_points as original_idm
 from persense.runtime.errors import PersenseError
-from persense.runtime.idm import candidate_points
-from persense.export.reference_glue import idm_points as original_idm
+from persense.runtime.pipeline.idm import candidate_points
 
 
 def gaussians(shape: tuple[int, int], centres: np.ndarray, sigma: float, amps: np.ndarray | None = None) -> np.ndarray:

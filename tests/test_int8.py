@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 
 from persense.export.cli import main as export
-from persense.runtime.cli_infer import main as infer
+from persense.runtime.cli.infer import main as infer
 
 INT8_MASK_IOU = 0.9  # tiny random model vs its FP32 export (measured 0.98); vit_b measured in the bench
 

@@ -12,7 +12,7 @@ import onnx
 import pytest
 
 from persense.export.cli import main as export
-from persense.export.int8 import int8_method
+from persense.export.precision.int8 import int8_method
 
 ENCODER_COSINE = 0.999  # tiny random encoder, INT8 vs FP32 embedding on the test scene (measured 0.9998)
 
@@ -53,8 +53,8 @@ def test_encoder_quantises_every_matmul_decoder_only_weights(int8_engines: Path)
 
 
 def test_int8_encoder_embedding_matches_fp32(int8_engines: Path, scene) -> None:
-    from persense.runtime.engine import OrtEngine
-    from persense.runtime.transforms import SamTransform
+    from persense.runtime.backends.ort_engine import OrtEngine
+    from persense.runtime.geometry.transforms import SamTransform
 
     image = SamTransform(scene["image"].shape[:2]).image_tensor(scene["image"])
     embeddings = [OrtEngine(int8_engines / name, threads=2).run({"image": image})["image_embeddings"].ravel()

@@ -6,13 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from persense.export.persam_decoder import PerSamDecoder
-from persense.export.sam_export import decoder_example_inputs
-from persense.runtime.counters import NpyDensityCounter
-from persense.runtime.engine import OrtEngine
+from persense.export.sam.graphs import decoder_example_inputs
+from persense.export.sam.persam_decoder import PerSamDecoder
+from persense.runtime.backends.ort_engine import OrtEngine
+from persense.runtime.counters.base import NpyDensityCounter
 from persense.runtime.manifest import load_manifest
-from persense.runtime.pipeline import PerSensePipeline
-from persense.runtime.sam import Guidance, Prompts, SamEngines
+from persense.runtime.models.sam import Guidance, Prompts, SamEngines
+from persense.runtime.pipeline.flow import PerSensePipeline
 
 
 def _feeds(batch: int, scale: float = 1.0) -> dict[str, np.ndarray]:

@@ -19,16 +19,16 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-
 from conftest import TINY_SEED
+
 from persense.export import onnx_io
 from persense.export.artefacts import external_data_files
 from persense.export.cli import main as export
 from persense.export.parity import sample_feeds
-from persense.runtime.engine import open_engine
+from persense.runtime.backends.choice import open_engine
 from persense.runtime.errors import PersenseError
 from persense.runtime.manifest import load_manifest, sha256_file
-from persense.runtime.sam import SamEngines
+from persense.runtime.models.sam import SamEngines
 
 NAMES = ("sam_encoder", "sam_decoder")
 VARIANTS = ("", "_fp16", "_int8")

@@ -1,4 +1,4 @@
-"""The CPU encoder export (export/lean_encoder.py): lean windowed blocks and row-blocked global attention
+"""The CPU encoder export (export/cpu_encoder.py): lean windowed blocks and row-blocked global attention
 against segment-anything's modules, in PyTorch and through ONNX Runtime, with non-zero relative positions."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from persense.export.lean_encoder import RowBlockedAttention, WindowedBlock, key_positions, lean_encoder
 from persense.export.onnx_io import export_onnx
-from persense.export.sam_modeling import modeling
-from persense.runtime.engine import OrtEngine
+from persense.export.sam.cpu_encoder import RowBlockedAttention, WindowedBlock, cpu_encoder, key_positions
+from persense.export.sam.modeling import modeling
+from persense.runtime.backends.ort_engine import OrtEngine
 
 TORCH_ATOL = 2e-5  # same math, other summation order (float32, activations ~1-5)
 ORT_ATOL = 2e-4
@@ -63,7 +63,7 @@ def test_windowed_block_through_onnx_runtime(tmp_path) -> None:
 
 def test_lean_encoder_replaces_every_block_and_matches(tiny_sam) -> None:
     encoder = _with_rel_pos(copy.deepcopy(tiny_sam.image_encoder))  # the fixture is shared: not in place
-    lean = lean_encoder(encoder, rows=5)  # 5 does not divide 64: a short last row block
+    lean = cpu_encoder(encoder, rows=5)  # 5 does not divide 64: a short last row block
     kinds = [(isinstance(b, WindowedBlock), isinstance(b.attn, RowBlockedAttention)) for b in lean.blocks]
     assert kinds == [(b.window_size > 0, b.window_size == 0) for b in encoder.blocks]
     image = torch.randn(1, 3, 1024, 1024)

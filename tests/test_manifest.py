@@ -9,7 +9,7 @@ import pytest
 
 from persense.runtime.errors import PersenseError
 from persense.runtime.manifest import load_manifest
-from persense.runtime.sam import SamEngines
+from persense.runtime.models.sam import SamEngines
 
 
 @pytest.fixture

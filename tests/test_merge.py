@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from persense.runtime.merge import LARGE, rasterise
-from persense.runtime.transforms import SamTransform
+from persense.runtime.geometry.transforms import SamTransform
+from persense.runtime.pipeline.masks import LARGE, rasterise
 
 
 def oracle(logits: np.ndarray, transform: SamTransform, with_labels: bool):

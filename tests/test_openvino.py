@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 from persense import PerSense, PersenseError
-from persense.runtime.engine import BACKENDS, OrtEngine, resolve_backend
+from persense.runtime.backends.choice import BACKENDS, resolve_backend
+from persense.runtime.backends.ort_engine import OrtEngine
 from persense.runtime.manifest import load_manifest
-from persense.runtime.sam import DECODER, ENCODER, engine_names
+from persense.runtime.models.sam import DECODER, ENCODER, engine_names
 
 needs_openvino = pytest.mark.skipif(importlib.util.find_spec("openvino") is None,
                                     reason="OpenVINO is not installed (pip install 'persense[openvino]')")
@@ -30,7 +31,7 @@ def _bf16_reason() -> str | None:
 
 def _engines(folder, name: str, precision: str = "fp32"):
     """The artefact `name` on OpenVINO and on ONNX Runtime's CPU provider."""
-    from persense.runtime.openvino_engine import OvEngine
+    from persense.runtime.backends.openvino_engine import OvEngine
 
     path = load_manifest(folder).verified_path(name)
     return OvEngine(path, precision, threads=2), OrtEngine(path, threads=2)
@@ -133,7 +134,7 @@ def test_missing_openvino_is_a_clear_error(tiny_engines, monkeypatch):
 
 @needs_openvino
 def test_unknown_openvino_precision_is_refused(tiny_engines):
-    from persense.runtime.openvino_engine import OvEngine
+    from persense.runtime.backends.openvino_engine import OvEngine
 
     with pytest.raises(PersenseError, match="fp32 or bf16"):
         OvEngine(load_manifest(tiny_engines).verified_path(ENCODER), "fp8")
@@ -162,7 +163,7 @@ def test_counters_stay_on_ort_cpu_under_openvino(tiny_engines, tmp_path):
     import shutil
 
     from persense.export.cli import main as export
-    from persense.runtime.counter_choice import make_counter
+    from persense.runtime.counters.choice import make_counter
 
     shutil.copytree(tiny_engines, tmp_path, dirs_exist_ok=True)
     assert export(["--model", "tiny", "--seed", "0", "--out", str(tmp_path), "-q",

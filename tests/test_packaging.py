@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import re
-import tomllib
 from pathlib import Path, PurePosixPath
 
 import pytest
+import tomllib
 
-from persense.runtime import ort_check
-from persense.runtime.engine import OrtEngine, resolve_backend
+from persense.runtime.backends import ort_check
+from persense.runtime.backends.choice import resolve_backend
+from persense.runtime.backends.ort_check import Build, choose_build
+from persense.runtime.backends.ort_engine import OrtEngine
 from persense.runtime.errors import PersenseError
-from persense.runtime.ort_check import Build, choose_build
 
 ROOT = Path(__file__).resolve().parents[1]
 SITE, OTHER = Path("/venv/site-packages"), Path("/tmp/site")

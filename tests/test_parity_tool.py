@@ -11,11 +11,19 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from persense.export.parity import (TOLERANCES, ParityRow, check_parity, format_table, judge, main, mean_mask_iou,
-                                    parity_ok)
-from persense.export.trt_build import fp16_artefacts
+from persense.export.parity import (
+    TOLERANCES,
+    ParityRow,
+    check_parity,
+    format_table,
+    judge,
+    main,
+    mean_mask_iou,
+    parity_ok,
+)
+from persense.export.precision.tensorrt import fp16_artefacts
+from persense.runtime.backends.trt_engine import tensorrt_unavailable_reason
 from persense.runtime.manifest import load_manifest, sha256_file
-from persense.runtime.trt_engine import tensorrt_unavailable_reason
 
 TRT_REASON = tensorrt_unavailable_reason()
 

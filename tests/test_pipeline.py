@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from persense.export.reference import ReferencePipeline
-from persense.runtime.counters import NpyDensityCounter
+from persense.export.oracle.pipeline import ReferencePipeline
+from persense.runtime.counters.base import NpyDensityCounter
 from persense.runtime.manifest import load_manifest
-from persense.runtime.pipeline import PerSensePipeline
-from persense.runtime.sam import SamEngines
+from persense.runtime.models.sam import SamEngines
+from persense.runtime.pipeline.flow import PerSensePipeline
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -69,7 +69,7 @@ def test_zero_density_gives_an_empty_mask_with_a_warning(tiny_engines, scene, tm
 
 
 def test_count_sums_in_float32_as_torch_sum_does():
-    from persense.runtime.counters import dsalvanet_count
+    from persense.runtime.counters.base import dsalvanet_count
 
     tenths = np.full((2, 5), 0.1, np.float32)  # float64 sum 1.0000000149; float32 sum 1.0
     assert np.sum(tenths, dtype=np.float64) > 1 and dsalvanet_count(tenths) == 1.0
@@ -78,8 +78,8 @@ def test_count_sums_in_float32_as_torch_sum_does():
 
 
 def test_thirty_instance_synthetic_map_counts_thirty():
-    from persense.runtime.counters import dsalvanet_count
-    from persense.runtime.synth import random_template, render_scene
+    from persense.runtime.counters.base import dsalvanet_count
+    from persense.runtime.datasets.synth import random_template, render_scene
 
     rng = np.random.default_rng(10)  # a map whose float64 sum is 30.0000000001 (ceil 31, the case)
     density = render_scene(rng, random_template(rng), 30, (768, 576)).density
@@ -106,7 +106,7 @@ def box_results(tiny_sam, tiny_engines, scene, scene_files):
 
 
 def test_box_start_matches_the_reference(box_results, scene):
-    from persense.runtime.sam import transform_for
+    from persense.runtime.models.sam import transform_for
 
     got, expected, box, first_prompt = box_results
     centre = np.array([[(int(box[0]) + int(box[2])) // 2, (int(box[1]) + int(box[3])) // 2]], np.float64)
@@ -119,7 +119,7 @@ def test_box_start_matches_the_reference(box_results, scene):
 
 
 def test_box_centre_is_the_originals():
-    from persense.runtime.exemplar_box import box_centre
+    from persense.runtime.pipeline.exemplars import box_centre
 
     np.testing.assert_array_equal(box_centre(np.array([10.9, 3.2, 21.7, 8.99])), [15, 5])  # int32 cast, then //2
     np.testing.assert_array_equal(box_centre(np.array([0.0, 0.0, 1.0, 1.0])), [0, 0])

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from persense.runtime.errors import PersenseError
-from persense.runtime.ppsm import ppsm_threshold, select_points
+from persense.runtime.pipeline.ppsm import ppsm_threshold, select_points
 
 
 def torch_style_threshold(s_max: float, count: float) -> np.float32:
@@ -126,7 +126,7 @@ def test_huge_coordinates_raise_cleanly() -> None:
 
 
 def test_idm_points_feed_ppsm() -> None:
-    from persense.runtime.idm import candidate_points
+    from persense.runtime.pipeline.idm import candidate_points
 
     yy, xx = np.mgrid[0:40, 0:60].astype(np.float32)
     density = np.exp(-((xx - 15) ** 2 + (yy - 20) ** 2) / 8) + np.exp(-((xx - 45) ** 2 + (yy - 20) ** 2) / 8)

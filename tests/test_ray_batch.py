@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from eval_runs import predictions, run_eval, tiny_dataset
 
+from persense.runtime.datasets.ray_batch import import_ray
 from persense.runtime.errors import PersenseError
-from persense.runtime.ray_batch import import_ray
 
 HAS_RAY = importlib.util.find_spec("ray") is not None
 

@@ -11,9 +11,17 @@ import numpy as np
 import pytest
 
 from persense.runtime.manifest import Artefact
-from persense.runtime.prior import Target
+from persense.runtime.pipeline.prior import Target
 from persense.runtime.reference_cache import (
-    BadEntry, ReferenceCache, array_bytes, cache_key, default_cache_dir, encoder_digest, entry_bytes, read_entry)
+    BadEntry,
+    ReferenceCache,
+    array_bytes,
+    cache_key,
+    default_cache_dir,
+    encoder_digest,
+    entry_bytes,
+    read_entry,
+)
 
 DIGEST = "d" * 64
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from persense.runtime.counters import CountRequest
+from persense.runtime.counters.base import CountRequest
+from persense.runtime.counters.sam_prototype import SamPrototypeCounter
 from persense.runtime.errors import PersenseError
-from persense.runtime.idm import candidate_points
-from persense.runtime.sam_counter import SamPrototypeCounter
-from persense.runtime.transforms import SamTransform
+from persense.runtime.geometry.transforms import SamTransform
+from persense.runtime.pipeline.idm import candidate_points
 
 COUNT_RTOL = 0.15  # stated accuracy on these scenes (measured: at most 10 % over)
 

@@ -12,10 +12,10 @@ import cv2
 import numpy as np
 import pytest
 
-from persense.runtime.cli_synth import main
+from persense.runtime.cli.synth import main
+from persense.runtime.datasets.evaluate import miou
+from persense.runtime.datasets.synth import generate_dataset, random_template, render_scene
 from persense.runtime.errors import PersenseError
-from persense.runtime.evaluate import miou
-from persense.runtime.synth import generate_dataset, random_template, render_scene
 
 ARGS = {"classes": 2, "images": 3, "instances": (5, 40), "size": (256, 192)}
 
@@ -129,7 +129,7 @@ def test_cli_bad_syntax_exits_2() -> None:
 
 
 def test_python_m_writes_dataset(tmp_path: Path) -> None:
-    run = subprocess.run([sys.executable, "-m", "persense.runtime.cli_synth", "--out", str(tmp_path / "ds"),
+    run = subprocess.run([sys.executable, "-m", "persense.runtime.cli.synth", "--out", str(tmp_path / "ds"),
                           "--classes", "1", "--images", "1", "--instances", "3..6", "--size", "96x64", "--seed", "3"],
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr

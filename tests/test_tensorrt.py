@@ -13,13 +13,24 @@ from pathlib import Path
 
 import pytest
 
-from persense.export.trt_build import PROMPT_BATCH_MAX, build_engine, fp16_artefacts, input_profiles, record_engine
-from persense.runtime.engine import open_engine
+from persense.export.precision.tensorrt import (
+    PROMPT_BATCH_MAX,
+    build_engine,
+    fp16_artefacts,
+    input_profiles,
+    record_engine,
+)
+from persense.runtime.backends.choice import open_engine
+from persense.runtime.backends.trt_engine import (
+    check_engine_current,
+    engine_name,
+    open_trt_engine,
+    stale_reason,
+    tensorrt_unavailable_reason,
+)
 from persense.runtime.errors import PersenseError
 from persense.runtime.manifest import Artefact, Manifest, TensorSpec
-from persense.runtime.sam import DECODER_IO, ENCODER_IO
-from persense.runtime.trt_engine import (check_engine_current, engine_name, open_trt_engine, stale_reason,
-                                         tensorrt_unavailable_reason)
+from persense.runtime.models.sam import DECODER_IO, ENCODER_IO
 
 TRT_REASON = tensorrt_unavailable_reason()
 needs_trt = pytest.mark.skipif(TRT_REASON is not None, reason=f"TensorRT unavailable: {TRT_REASON}")
@@ -135,8 +146,8 @@ def test_fp16_step_writes_fp16_models_and_says_why_no_engines(tiny_engines: Path
 @needs_trt
 def test_decoder_engine_builds_runs_and_matches_onnx_runtime(tiny_engines: Path, tmp_path: Path) -> None:
     from persense.export.parity import compare_outputs, sample_feeds
+    from persense.runtime.backends.trt_engine import compute_capability, tensorrt_version
     from persense.runtime.manifest import load_manifest
-    from persense.runtime.trt_engine import compute_capability, tensorrt_version
 
     folder = tmp_path / "engines"
     shutil.copytree(tiny_engines, folder)

@@ -12,10 +12,10 @@ import pytest
 from fake_detector import add_fixed_detector
 
 from persense.runtime.api import PerSense
-from persense.runtime.cli_infer import main as infer
-from persense.runtime.detector import sigmoid
+from persense.runtime.cli.infer import main as infer
 from persense.runtime.errors import PersenseError
-from persense.runtime.exemplar_box import box_centre
+from persense.runtime.models.detector import sigmoid
+from persense.runtime.pipeline.exemplars import box_centre
 
 HALF = 20.0  # half the side of the fixed detector's best box, in pixels
 
@@ -158,7 +158,7 @@ def dino_engines(tiny_engines, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def dino_torch(dino_engines):
     """transformers' GroundingDinoForObjectDetection with the weights the export used (same config and seed)."""
-    from persense.export.grounding_dino import random_detector
+    from persense.export.grounding_dino.model import random_detector
 
     tokenizer = (dino_engines / "grounding_dino_tokenizer.json").read_text()
     return random_detector("grounding-dino-tiny", DETECTOR_SEED, tokenizer)
@@ -171,8 +171,8 @@ def test_detector_engine_matches_transformers(height, width, prompt, dino_engine
     same pixel_values and tokens: logits within 1e-4 (they reach about +-15), boxes within 1e-5 (normalised)."""
     import torch
 
-    from persense.runtime.detector import GroundingDino, postprocess, preprocess
     from persense.runtime.manifest import load_manifest
+    from persense.runtime.models.detector import GroundingDino, postprocess, preprocess
 
     detector = GroundingDino.from_manifest(load_manifest(dino_engines), "ort-cpu", 2)
     tokens = detector.encode_text(prompt)
@@ -194,10 +194,10 @@ def test_detector_engine_matches_transformers(height, width, prompt, dino_engine
 
 
 def test_infer_text_on_a_synthetic_scene(dino_engines, tmp_path, capsys):
-    from persense.runtime.detector import GroundingDino
+    from persense.runtime.datasets.synth import generate_dataset
     from persense.runtime.imageio import read_rgb
     from persense.runtime.manifest import load_manifest
-    from persense.runtime.synth import generate_dataset
+    from persense.runtime.models.detector import GroundingDino
 
     generate_dataset(tmp_path / "data", classes=1, images=1, instances=(6, 8), size=(384, 288))
     (folder,) = (tmp_path / "data" / "Images").iterdir()

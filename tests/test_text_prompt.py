@@ -12,11 +12,17 @@ import torch
 from fake_detector import write_tokenizer, write_vocab
 from PIL import Image
 
-from persense.runtime.detector import (BOX_THRESHOLD, TEXT_THRESHOLD, GroundingDino, postprocess, preprocess,
-                                       resized_size)
 from persense.runtime.errors import PersenseError
 from persense.runtime.manifest import sha256_file
-from persense.runtime.text_prompt import TextEncoder, caption_for
+from persense.runtime.models.detector import (
+    BOX_THRESHOLD,
+    TEXT_THRESHOLD,
+    GroundingDino,
+    postprocess,
+    preprocess,
+    resized_size,
+)
+from persense.runtime.models.text import TextEncoder, caption_for
 
 
 @pytest.fixture(scope="module")
@@ -264,7 +270,7 @@ def test_exported_tokenizer_matches_transformers_bert(prompt, tmp_path):
     tokenises as transformers' pure-Python BERT tokenizer does on the same vocab.txt."""
     from transformers.models.bert import BertTokenizerLegacy
 
-    from persense.export.grounding_dino_vocab import bert_tokenizer_json, generated_vocab
+    from persense.export.grounding_dino.vocab import bert_tokenizer_json, generated_vocab
 
     vocab = generated_vocab()
     (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from persense.export import train_tiny
-from persense.export.sam_build import read_checkpoint
-from persense.export.train_data import CROP, POINTS, TARGET, WINDOWS, sample_crops
-from persense.export.train_tiny import main
+from persense.export.checkpoints import read_checkpoint
+from persense.export.training import train_tiny
+from persense.export.training.data import CROP, POINTS, TARGET, WINDOWS, sample_crops
+from persense.export.training.train_tiny import main
 
 
 @pytest.fixture(autouse=True)

@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from persense.export.sam_build import BUNDLED_CHECKPOINTS, build_sam, read_checkpoint
-from persense.export.train_eval import held_out_scene, single_point_ious
-from persense.runtime.counters import NpyDensityCounter
+from persense.export.checkpoints import read_checkpoint
+from persense.export.sam.build import BUNDLED_CHECKPOINTS, build_sam
+from persense.export.training.evaluate import held_out_scene, single_point_ious
+from persense.runtime.counters.base import NpyDensityCounter
+from persense.runtime.datasets.synth import random_template, render_scene
 from persense.runtime.manifest import load_manifest
-from persense.runtime.pipeline import PerSensePipeline
-from persense.runtime.sam import SamEngines
-from persense.runtime.synth import random_template, render_scene
+from persense.runtime.models.sam import SamEngines
+from persense.runtime.pipeline.flow import PerSensePipeline
 
 WEIGHTS = BUNDLED_CHECKPOINTS["tiny-trained"]
 WEIGHTS_SHA256 = "cb2f8b3cfc99df31980b9b5dff909a344a4c5be38a8a0d80b541ca28671275ab"  # README "The trained tiny SAM" gives the command that reproduces it

@@ -12,10 +12,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from persense.runtime import resize
-from persense.runtime.resize import resize_bilinear_pil
-from persense.runtime.transforms import (PIXEL_MEAN, PIXEL_STD, AxisTaps, SamTransform, bilinear_matrix,
-                                         preprocess_shape, resize_bilinear, xyxy_to_yxyx, yxyx_to_xyxy)
+from persense.runtime.geometry import resampling as resize
+from persense.runtime.geometry.axis_taps import AxisTaps
+from persense.runtime.geometry.resampling import bilinear_matrix, resize_bilinear, resize_bilinear_pil
+from persense.runtime.geometry.transforms import (
+    PIXEL_MEAN,
+    PIXEL_STD,
+    SamTransform,
+    preprocess_shape,
+    xyxy_to_yxyx,
+    yxyx_to_xyxy,
+)
 
 BOUNDED = settings(max_examples=50, deadline=None)
 

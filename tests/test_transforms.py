@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from persense.runtime.prior import attention_similarity, reference_target, similarity_map
-from persense.runtime.resize import resize_bilinear_pil
-from persense.runtime.transforms import SamTransform, resize_bilinear, xyxy_to_yxyx, yxyx_to_xyxy
+from persense.runtime.geometry.resampling import resize_bilinear, resize_bilinear_pil
+from persense.runtime.geometry.transforms import SamTransform, xyxy_to_yxyx, yxyx_to_xyxy
+from persense.runtime.pipeline.prior import attention_similarity, reference_target, similarity_map
 
 SIZES = [(333, 517), (517, 333), (1024, 1024), (100, 90), (2000, 3000), (768, 1024)]
 
@@ -122,7 +122,7 @@ def test_box_format_conversions_round_trip():
 
 @pytest.mark.parametrize("size", [(300, 420), (420, 300)])
 def test_location_prior_equals_the_reference(size, tiny_sam):
-    from persense.export.reference import ReferencePipeline
+    from persense.export.oracle.pipeline import ReferencePipeline
 
     rng = np.random.default_rng(5)
     image = rng.integers(0, 256, size + (3,), dtype=np.uint8)

@@ -1,0 +1,1 @@
+"""The density counters in plain PyTorch (CounTR, DSALVANet), their checkpoints and exports."""

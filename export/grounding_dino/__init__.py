@@ -1,0 +1,1 @@
+"""Grounding DINO: config, checkpoints (Hugging Face and original layout), tokenizer, export."""

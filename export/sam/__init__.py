@@ -1,0 +1,1 @@
+"""SAM in PyTorch: segment-anything's modules, their build and load, and the graphs persense exports."""

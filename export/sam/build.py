@@ -1,0 +1,113 @@
+"""Build SAM (vit_h / vit_l / vit_b / tiny) with random weights or from the original checkpoints."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from persense.export.checkpoints import read_checkpoint
+from persense.export.sam.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+from persense.runtime.errors import PersenseError
+
+IMAGE_SIZE = 1024
+PATCH_SIZE = 16
+PROMPT_DIM = 256
+
+
+@dataclass(frozen=True)
+class SamConfig:
+    """Encoder/decoder hyper-parameters of one SAM variant."""
+
+    embed_dim: int
+    depth: int
+    num_heads: int
+    global_attn_indexes: tuple[int, ...]
+    window_size: int = 14
+    decoder_mlp_dim: int = 2048
+    iou_head_hidden_dim: int = 256
+
+
+SAM_CONFIGS: dict[str, SamConfig] = {
+    "vit_h": SamConfig(1280, 32, 16, (7, 15, 23, 31)),
+    "vit_l": SamConfig(1024, 24, 16, (5, 11, 17, 23)),
+    "vit_b": SamConfig(768, 12, 12, (2, 5, 8, 11)),
+    # Same I/O as the real models (1024 input, 256x64x64 embedding), a fraction of the compute: for tests.
+    "tiny": SamConfig(32, 2, 2, (1,), decoder_mlp_dim=128, iou_head_hidden_dim=64),
+}
+# The tiny configuration with the project's own weights: trained on persense-synth scenes by
+# persense-train-tiny (export/train_tiny.py) and committed; it really segments synthetic objects.
+SAM_CONFIGS["tiny-trained"] = SAM_CONFIGS["tiny"]
+BUNDLED_CHECKPOINTS = {"tiny-trained": Path(__file__).resolve().parent.parent / "assets" / "tiny_sam.pt"}
+
+CHECKPOINT_NAMES = {"vit_h": "sam_vit_h_4b8939.pth", "vit_l": "sam_vit_l_0b3195.pth", "vit_b": "sam_vit_b_01ec64.pth"}
+
+
+def build_sam(model_type: str) -> Sam:
+    """An eval-mode SAM of the given type with default (random) initialisation."""
+    if model_type not in SAM_CONFIGS:
+        raise PersenseError(f"unknown SAM model type {model_type!r}; choose one of {', '.join(SAM_CONFIGS)}")
+    cfg = SAM_CONFIGS[model_type]
+    grid = IMAGE_SIZE // PATCH_SIZE
+    sam = Sam(
+        image_encoder=ImageEncoderViT(
+            depth=cfg.depth, embed_dim=cfg.embed_dim, img_size=IMAGE_SIZE, mlp_ratio=4,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=cfg.num_heads, patch_size=PATCH_SIZE,
+            qkv_bias=True, use_rel_pos=True, global_attn_indexes=cfg.global_attn_indexes,
+            window_size=cfg.window_size, out_chans=PROMPT_DIM),
+        prompt_encoder=PromptEncoder(
+            embed_dim=PROMPT_DIM, image_embedding_size=(grid, grid), input_image_size=(IMAGE_SIZE, IMAGE_SIZE),
+            mask_in_chans=16),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(depth=2, embedding_dim=PROMPT_DIM, mlp_dim=cfg.decoder_mlp_dim, num_heads=8),
+            transformer_dim=PROMPT_DIM, iou_head_depth=3, iou_head_hidden_dim=cfg.iou_head_hidden_dim),
+        pixel_mean=[123.675, 116.28, 103.53],
+        pixel_std=[58.395, 57.12, 57.375],
+    )
+    return sam.eval()
+
+
+def random_sam(model_type: str, seed: int = 0) -> Sam:
+    """A SAM with seeded random weights (no checkpoint needed)."""
+    torch.manual_seed(seed)
+    return build_sam(model_type)
+
+
+def _guess_model_type(state_dict: dict[str, torch.Tensor]) -> str | None:
+    """Which SAM variant a state dict belongs to, from the encoder width and depth."""
+    weight = state_dict.get("image_encoder.patch_embed.proj.weight")
+    if weight is None:
+        return None
+    depth = len({k.split(".")[2] for k in state_dict if k.startswith("image_encoder.blocks.")})
+    for name, cfg in SAM_CONFIGS.items():
+        if cfg.embed_dim == weight.shape[0] and cfg.depth == depth:
+            return name
+    return None
+
+
+def bundled_or_random_sam(model_type: str, seed: int = 0) -> Sam:
+    """The weights this project ships for `model_type` (tiny-trained), else seeded random weights."""
+    if model_type in BUNDLED_CHECKPOINTS:
+        return load_sam(model_type, BUNDLED_CHECKPOINTS[model_type])
+    return random_sam(model_type, seed)
+
+
+def load_sam(model_type: str, checkpoint: str | Path) -> Sam:
+    """A SAM built for `model_type` with the original checkpoint's weights (strict key match)."""
+    state_dict = read_checkpoint(checkpoint)
+    if not isinstance(state_dict, dict) or "image_encoder.patch_embed.proj.weight" not in state_dict:
+        raise PersenseError(f"{checkpoint}: not a SAM checkpoint (no image_encoder weights)")
+    guessed = _guess_model_type(state_dict)
+    if guessed is None or SAM_CONFIGS[guessed] != SAM_CONFIGS[model_type]:
+        raise PersenseError(f"{checkpoint}: this is a {guessed or 'unknown'} SAM checkpoint but --model is "
+                            f"{model_type}; pass --model {guessed}" if guessed else
+                            f"{checkpoint}: SAM checkpoint of unknown size; expected {model_type}")
+    sam = build_sam(model_type)
+    try:
+        sam.load_state_dict(state_dict, strict=True)
+    except RuntimeError as exc:
+        raise PersenseError(f"{checkpoint}: does not fit SAM {model_type}: {str(exc).splitlines()[0]}") from exc
+    return sam

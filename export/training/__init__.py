@@ -1,0 +1,1 @@
+"""persense-train-tiny: training the tiny SAM on persense-synth scenes."""

@@ -1,0 +1,1 @@
+"""The runtime's command-line tools: persense-infer, persense-eval, persense-synth."""

@@ -1,0 +1,1 @@
+"""Image geometry: SAM's frame, Pillow- and torch-exact resampling, mask upsampling."""

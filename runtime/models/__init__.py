@@ -1,0 +1,1 @@
+"""The exported models as the runtime calls them: SAM, the Grounding DINO detector, its text prompt."""

@@ -1,0 +1,1 @@
+"""PerSense's stages in NumPy: location prior, exemplar cascade, IDM, PPSM, masks, the result."""
