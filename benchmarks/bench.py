@@ -59,9 +59,11 @@ QUICK = {"model": "tiny", "instances": "10", "warmup": 1, "repeat": 3}
 MASK_STAGE_MIN_REPEAT = 5  # timed runs of the mask stage on ground-truth extents (milliseconds each)
 SPEEDUPS = {"stages_ms": "speedup_vs_reference", "warm_stages_ms": "warm_speedup_vs_reference"}  # cold, warm
 SETTLE_S = 0.25  # pause between queries, so the previous worker's thread pool stops spinning
-MEMORY_METHOD = ("peak resident set size (getrusage ru_maxrss) of the worker process that ran only this pipeline "
-                 "on only this workload: loading the model or engines, warm-up and the timed queries; it includes "
-                 "the Python interpreter and the libraries the pipeline imports (torch for the reference only).")
+MEMORY_METHOD = (
+    "peak resident set size (getrusage ru_maxrss) of the worker process that ran only this pipeline "
+    "on only this workload: loading the model or engines, warm-up and the timed queries; it includes "
+    "the Python interpreter and the libraries the pipeline imports (torch for the reference only)."
+)
 
 
 @dataclass(frozen=True)
@@ -84,48 +86,81 @@ class Settings:
 
     def describe(self, inputs: str) -> dict[str, Any]:
         """JSON form."""
-        return {"model_type": self.model_type, "weights": weights_of(self.model_type), "seed": self.seed,
-                "warmup": self.warmup, "repeat": self.repeat, "threads": self.threads, "decode_chunk": self.decode_chunk,
-                "counter": self.counter, "variants": list(self.variants),
-                "reference_device": self.reference_device, "inputs": inputs,
-                "engines": str(self.engines), "detector": self.detector}
+        return {
+            "model_type": self.model_type,
+            "weights": weights_of(self.model_type),
+            "seed": self.seed,
+            "warmup": self.warmup,
+            "repeat": self.repeat,
+            "threads": self.threads,
+            "decode_chunk": self.decode_chunk,
+            "counter": self.counter,
+            "variants": list(self.variants),
+            "reference_device": self.reference_device,
+            "inputs": inputs,
+            "engines": str(self.engines),
+            "detector": self.detector,
+        }
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
-    parser = argparse.ArgumentParser(prog="persense-bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true",
-                        help=f"smoke run: {', '.join(f'--{k} {v}' for k, v in QUICK.items())} unless given")
+    parser = argparse.ArgumentParser(
+        prog="persense-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"smoke run: {', '.join(f'--{k} {v}' for k, v in QUICK.items())} unless given",
+    )
     parser.add_argument("--model", choices=MODELS, help=f"SAM variant (default {DEFAULTS['model']})")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and the scenes (default 0)")
-    parser.add_argument("--instances",
-                        help=f"instance counts of the synthetic scenes (default {DEFAULTS['instances']})")
-    parser.add_argument("--size", default="x".join(map(str, DEFAULT_SIZE)),
-                        help="synthetic scene WxH (default %(default)s)")
+    parser.add_argument(
+        "--instances", help=f"instance counts of the synthetic scenes (default {DEFAULTS['instances']})"
+    )
+    parser.add_argument(
+        "--size", default="x".join(map(str, DEFAULT_SIZE)), help="synthetic scene WxH (default %(default)s)"
+    )
     parser.add_argument("--image", type=Path, help="your own target image instead of synthetic scenes")
     parser.add_argument("--ref", type=Path, help="reference image (with --image)")
     parser.add_argument("--ref-mask", type=Path, help="0/255 mask of one object in the reference (with --image)")
     parser.add_argument("--density", type=Path, help=".npy density map the fixed counter returns (with --image)")
-    parser.add_argument("--counter", choices=("fixed", "sam"), default="fixed",
-                        help="fixed: the scene's ground-truth density (or --density); sam: the SAM-only counter")
-    parser.add_argument("--variants", default=",".join(RUNTIME_VARIANTS),
-                        help="runtime variants to try (default: all of %(default)s)")
-    parser.add_argument("--reference-device", choices=tuple(REFERENCES), default="cpu",
-                        help="where the PyTorch reference runs: cpu, or cuda to compare with torch on the same GPU "
-                             "(default %(default)s)")
-    parser.add_argument("--detector", choices=DETECTORS,
-                        help=f"also export Grounding DINO (random weights, --seed); both pipelines time it on each "
-                             f"target (prompt {DETECTOR_PROMPT!r}) as stage `detector` whenever the engines have it")
-    parser.add_argument("--warmup", type=int,
-                        help=f"untimed queries per pipeline and workload (default {DEFAULTS['warmup']})")
-    parser.add_argument("--repeat", type=int,
-                        help=f"timed queries per pipeline and workload (default {DEFAULTS['repeat']})")
+    parser.add_argument(
+        "--counter",
+        choices=("fixed", "sam"),
+        default="fixed",
+        help="fixed: the scene's ground-truth density (or --density); sam: the SAM-only counter",
+    )
+    parser.add_argument(
+        "--variants", default=",".join(RUNTIME_VARIANTS), help="runtime variants to try (default: all of %(default)s)"
+    )
+    parser.add_argument(
+        "--reference-device",
+        choices=tuple(REFERENCES),
+        default="cpu",
+        help="where the PyTorch reference runs: cpu, or cuda to compare with torch on the same GPU "
+        "(default %(default)s)",
+    )
+    parser.add_argument(
+        "--detector",
+        choices=DETECTORS,
+        help=f"also export Grounding DINO (random weights, --seed); both pipelines time it on each "
+        f"target (prompt {DETECTOR_PROMPT!r}) as stage `detector` whenever the engines have it",
+    )
+    parser.add_argument(
+        "--warmup", type=int, help=f"untimed queries per pipeline and workload (default {DEFAULTS['warmup']})"
+    )
+    parser.add_argument(
+        "--repeat", type=int, help=f"timed queries per pipeline and workload (default {DEFAULTS['repeat']})"
+    )
     parser.add_argument("--threads", type=int, help="CPU threads of torch and ONNX Runtime (default: all usable cores)")
     parser.add_argument("--decode-chunk", type=int, help="runtime prompts per decoder launch (default: per backend)")
     parser.add_argument("--out", type=Path, default=Path("bench-results"), help="output folder (default %(default)s)")
-    parser.add_argument("--engines-cache", type=Path,
-                        help="folder the benchmark exports its engines into (default OUT/engines-MODEL-seedN)")
+    parser.add_argument(
+        "--engines-cache",
+        type=Path,
+        help="folder the benchmark exports its engines into (default OUT/engines-MODEL-seedN)",
+    )
     add_common_flags(parser)
     return parser
 
@@ -142,9 +177,21 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
     unknown = [v for v in variants if v not in RUNTIME_VARIANTS]
     if unknown:
         raise PersenseError(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(RUNTIME_VARIANTS)}")
-    return Settings(model, args.seed, warmup, repeat, args.threads or default_threads(), args.decode_chunk,
-                    args.counter, variants, args.reference_device, args.out,
-                    args.engines_cache or args.out / f"engines-{model}-seed{args.seed}", args.quiet, args.detector)
+    return Settings(
+        model,
+        args.seed,
+        warmup,
+        repeat,
+        args.threads or default_threads(),
+        args.decode_chunk,
+        args.counter,
+        variants,
+        args.reference_device,
+        args.out,
+        args.engines_cache or args.out / f"engines-{model}-seed{args.seed}",
+        args.quiet,
+        args.detector,
+    )
 
 
 def make_workloads(args: argparse.Namespace, settings: Settings) -> list[Workload]:
@@ -198,9 +245,13 @@ def note(message: str, quiet: bool) -> None:
 def _stats(values: list[float]) -> dict[str, Any]:
     """p50/p90/min/max and the samples, in ms."""
     array = np.asarray(values, dtype=np.float64)
-    return {"p50": round(float(np.percentile(array, 50)), 3), "p90": round(float(np.percentile(array, 90)), 3),
-            "min": round(float(array.min()), 3), "max": round(float(array.max()), 3),
-            "samples": [round(float(v), 3) for v in array]}
+    return {
+        "p50": round(float(np.percentile(array, 50)), 3),
+        "p90": round(float(np.percentile(array, 90)), 3),
+        "min": round(float(array.min()), 3),
+        "max": round(float(array.max()), 3),
+        "samples": [round(float(v), 3) for v in array],
+    }
 
 
 def _stage_stats(samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -217,26 +268,38 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
     return mask_stage.mask_iou(np.unpackbits(a).astype(bool), np.unpackbits(b).astype(bool))
 
 
-def summarise(workload: Workload, variant: Variant, worker: Worker, queries: dict[str, list[dict[str, Any]]],
-              peak: int | None) -> dict[str, Any]:
+def summarise(
+    workload: Workload, variant: Variant, worker: Worker, queries: dict[str, list[dict[str, Any]]], peak: int | None
+) -> dict[str, Any]:
     """The JSON record of one pipeline on one workload: cold queries as `stages_ms`, warm ones as `warm_stages_ms`."""
     samples, warm = queries["cold"], queries["warm"]
     measured = worker.error is None and bool(samples) and len(warm) == len(samples)
     first = samples[0] if measured else {}
-    return {"workload": workload.name, "instances": workload.instances,
-            "ground_truth_count": workload.ground_truth_count, "pipeline": variant.name,
-            "backend": variant.backend, "precision": variant.precision,
-            "status": "measured" if measured else "failed", "error": worker.error, "repetitions": len(samples),
-            "stages_ms": _stage_stats(samples) if measured else None,
-            "warm_stages_ms": _stage_stats(warm) if measured else None,
-            "decoder_launches": first.get("decoder_launches"), "decoder_prompts": first.get("decoder_prompts"),
-            "points": first.get("points"), "count_estimate": first.get("count_estimate"),
-            "peak_rss_mb": None if peak is None else round(peak / 2**20, 1),
-            "load_s": round(worker.info["load_s"], 3) if "load_s" in worker.info else None,
-            "torch_in_process": worker.info.get("torch_imported"),
-            "union_iou_vs_reference": None, "speedup_vs_reference": None, "warm_speedup_vs_reference": None,
-            "warm_union_equals_cold": bool(measured and np.array_equal(samples[0]["union"], warm[0]["union"])),
-            "warnings": sorted({w for s in samples + warm for w in s["warnings"]})}
+    return {
+        "workload": workload.name,
+        "instances": workload.instances,
+        "ground_truth_count": workload.ground_truth_count,
+        "pipeline": variant.name,
+        "backend": variant.backend,
+        "precision": variant.precision,
+        "status": "measured" if measured else "failed",
+        "error": worker.error,
+        "repetitions": len(samples),
+        "stages_ms": _stage_stats(samples) if measured else None,
+        "warm_stages_ms": _stage_stats(warm) if measured else None,
+        "decoder_launches": first.get("decoder_launches"),
+        "decoder_prompts": first.get("decoder_prompts"),
+        "points": first.get("points"),
+        "count_estimate": first.get("count_estimate"),
+        "peak_rss_mb": None if peak is None else round(peak / 2**20, 1),
+        "load_s": round(worker.info["load_s"], 3) if "load_s" in worker.info else None,
+        "torch_in_process": worker.info.get("torch_imported"),
+        "union_iou_vs_reference": None,
+        "speedup_vs_reference": None,
+        "warm_speedup_vs_reference": None,
+        "warm_union_equals_cold": bool(measured and np.array_equal(samples[0]["union"], warm[0]["union"])),
+        "warnings": sorted({w for s in samples + warm for w in s["warnings"]}),
+    }
 
 
 def _compare_with_reference(records: list[dict[str, Any]], unions: dict[str, np.ndarray]) -> None:
@@ -253,12 +316,25 @@ def _compare_with_reference(records: list[dict[str, Any]], unions: dict[str, np.
             record[speedup] = round(reference[stages]["total"]["p50"] / record[stages]["total"]["p50"], 3)
 
 
-def measure_workload(settings: Settings, workload: Workload, variants: list[Variant],
-                     progress: Progress) -> list[dict[str, Any]]:
+def measure_workload(
+    settings: Settings, workload: Workload, variants: list[Variant], progress: Progress
+) -> list[dict[str, Any]]:
     """Start one worker per pipeline, warm up, alternate the timed queries, stop the workers; their records."""
-    workers = {v.name: Worker(WorkerSpec(v, settings.model_type, settings.seed, settings.engines, workload,
-                                         settings.counter, settings.threads, settings.decode_chunk))
-               for v in variants}
+    workers = {
+        v.name: Worker(
+            WorkerSpec(
+                v,
+                settings.model_type,
+                settings.seed,
+                settings.engines,
+                workload,
+                settings.counter,
+                settings.threads,
+                settings.decode_chunk,
+            )
+        )
+        for v in variants
+    }
     for worker in workers.values():
         worker.ready()
     samples: dict[str, dict[str, list[dict[str, Any]]]] = {name: {q: [] for q in QUERIES} for name in workers}
@@ -277,8 +353,7 @@ def measure_workload(settings: Settings, workload: Workload, variants: list[Vari
                     time.sleep(SETTLE_S)
     peaks = {name: worker.stop() for name, worker in workers.items()}
     records = [summarise(workload, v, workers[v.name], samples[v.name], peaks[v.name]) for v in variants]
-    _compare_with_reference(records, {name: runs["cold"][0]["union"] for name, runs in samples.items()
-                                      if runs["cold"]})
+    _compare_with_reference(records, {name: runs["cold"][0]["union"] for name, runs in samples.items() if runs["cold"]})
     return records
 
 
@@ -288,8 +363,13 @@ def _pipelines(requested: list[Variant], skipped: dict[str, str], records: list[
     for variant in requested:
         errors = [r["error"] for r in records if r["pipeline"] == variant.name and r["status"] == "failed"]
         status = "skipped" if variant.name in skipped else "failed" if errors else "measured"
-        entries.append({**variant.describe(), "status": status,
-                        "reason": skipped.get(variant.name) or (errors[0] if errors else None)})
+        entries.append(
+            {
+                **variant.describe(),
+                "status": status,
+                "reason": skipped.get(variant.name) or (errors[0] if errors else None),
+            }
+        )
     return entries
 
 
@@ -304,20 +384,35 @@ def measure_mask_stages(workloads: list[Workload], repeat: int) -> list[dict[str
     return entries
 
 
-def _document(args: argparse.Namespace, argv: list[str], settings: Settings, workloads: list[Workload],
-              pipelines: list[dict[str, Any]], records: list[dict[str, Any]],
-              mask_stages: list[dict[str, Any]]) -> dict[str, Any]:
+def _document(
+    args: argparse.Namespace,
+    argv: list[str],
+    settings: Settings,
+    workloads: list[Workload],
+    pipelines: list[dict[str, Any]],
+    records: list[dict[str, Any]],
+    mask_stages: list[dict[str, Any]],
+) -> dict[str, Any]:
     """The bench.json document (schema in benchmarks/README.md)."""
     manifest = load_manifest(settings.engines)
-    return {"schema": SCHEMA, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join(["persense-bench", *argv]),
-            "settings": settings.describe("files" if args.image else "synthetic"),
-            "environment": report.environment(),
-            "engines": {"folder": str(settings.engines), "model_type": manifest.model_type,
-                        "manifest_digest": manifest.digest()},
-            "memory_method": MEMORY_METHOD, "pipelines": pipelines,
-            "stages": [*STAGES, *([DETECTOR_STAGE] if DETECTOR in manifest.artefacts else []), "total"],
-            "workloads": [w.describe() for w in workloads], "runs": records, "mask_stage": mask_stages}
+    return {
+        "schema": SCHEMA,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["persense-bench", *argv]),
+        "settings": settings.describe("files" if args.image else "synthetic"),
+        "environment": report.environment(),
+        "engines": {
+            "folder": str(settings.engines),
+            "model_type": manifest.model_type,
+            "manifest_digest": manifest.digest(),
+        },
+        "memory_method": MEMORY_METHOD,
+        "pipelines": pipelines,
+        "stages": [*STAGES, *([DETECTOR_STAGE] if DETECTOR in manifest.artefacts else []), "total"],
+        "workloads": [w.describe() for w in workloads],
+        "runs": records,
+        "mask_stage": mask_stages,
+    }
 
 
 def prepare_variants(settings: Settings) -> tuple[list[Variant], dict[str, str]]:
@@ -325,11 +420,19 @@ def prepare_variants(settings: Settings) -> tuple[list[Variant], dict[str, str]]
     requested = [REFERENCES[settings.reference_device], *(RUNTIME_VARIANTS[name] for name in settings.variants)]
     skipped = {v.name: reason for v in requested if (reason := platform_reason(v)) is not None}
     flags = sorted({v.export_flag for v in requested if v.export_flag is not None and v.name not in skipped})
-    note(f"engines: persense-export SAM {settings.model_type} (seed {settings.seed}{', ' if flags else ''}"
-         f"{' '.join(flags)}) into {settings.engines}, reusing unchanged artefacts", settings.quiet)
+    note(
+        f"engines: persense-export SAM {settings.model_type} (seed {settings.seed}{', ' if flags else ''}"
+        f"{' '.join(flags)}) into {settings.engines}, reusing unchanged artefacts",
+        settings.quiet,
+    )
     export_errors = export_engines(settings.model_type, settings.seed, settings.engines, flags, settings.detector)
-    skipped.update({v.name: reason for v in requested[1:] if v.name not in skipped
-                    and (reason := engines_reason(v, settings.engines, export_errors)) is not None})
+    skipped.update(
+        {
+            v.name: reason
+            for v in requested[1:]
+            if v.name not in skipped and (reason := engines_reason(v, settings.engines, export_errors)) is not None
+        }
+    )
     for name, reason in skipped.items():
         note(f"{name} skipped: {reason}", settings.quiet)
     return requested, skipped
@@ -342,8 +445,9 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
     workloads = make_workloads(args, settings)
     requested, skipped = prepare_variants(settings)
     variants = [v for v in requested if v.name not in skipped]
-    progress = Progress(len(workloads) * len(variants) * (settings.warmup + settings.repeat) * len(QUERIES),
-                        settings.quiet)
+    progress = Progress(
+        len(workloads) * len(variants) * (settings.warmup + settings.repeat) * len(QUERIES), settings.quiet
+    )
     records = [r for w in workloads for r in measure_workload(settings, w, variants, progress)]
     progress.close()
     mask_stages = measure_mask_stages(workloads, settings.repeat)

@@ -38,11 +38,24 @@ from persense.runtime.errors import PersenseError
 PLAN = {"vit_b": (50, 200), "vit_h": (50,)}  # instance counts of the pipeline benchmark per model
 SIZE = (1024, 768)
 SEED = 0
-PART_MIN_S = {"export": {"vit_b": 45, "vit_h": 150}, "export_fp16": {"vit_b": 20, "vit_h": 60}, "parity": 30,
-              "bench": 60, "torch": 30}
+PART_MIN_S = {
+    "export": {"vit_b": 45, "vit_h": 150},
+    "export_fp16": {"vit_b": 20, "vit_h": 60},
+    "parity": 30,
+    "bench": 60,
+    "torch": 30,
+}
 REPORT_RESERVE_S = 10  # kept back from every part's deadline for writing the report
-BENCH_ARGS = ["--variants", "ort-cuda-fp32,ort-cuda-fp16", "--reference-device", "cuda", "--warmup", "1",
-              "--repeat", "3"]
+BENCH_ARGS = [
+    "--variants",
+    "ort-cuda-fp32,ort-cuda-fp16",
+    "--reference-device",
+    "cuda",
+    "--warmup",
+    "1",
+    "--repeat",
+    "3",
+]
 PARITY_ARGS: list[str] = []  # gpu_parity's defaults: the device under test is CUDA
 TORCH_ARGS = ["--prompts", "150", "--repeat", "10"]
 
@@ -70,8 +83,10 @@ def gpu_absent_reason() -> str | None:
 
     providers = ort.get_available_providers()
     if "CUDAExecutionProvider" not in providers:
-        return (f"onnxruntime {ort.__version__} lists no CUDAExecutionProvider ({', '.join(providers)}); "
-                "install persense[gpu] (onnxruntime-gpu)")
+        return (
+            f"onnxruntime {ort.__version__} lists no CUDAExecutionProvider ({', '.join(providers)}); "
+            "install persense[gpu] (onnxruntime-gpu)"
+        )
     if not report.gpu_names():
         return "nvidia-smi names no NVIDIA GPU"
     return None
@@ -118,24 +133,53 @@ def check_model(model: str, budget: Budget, work: Path, out: Path, slug: str) ->
     """Export, parity, bench and torch parts of one model, each only while time is left; their results."""
     engines, log = work / f"engines-{model}", work / f"{model}.log"
     parts: dict[str, dict[str, Any]] = {}
-    result: dict[str, Any] = {"model": model, "instances": list(PLAN[model]), "parts": parts,
-                              "parity": None, "bench": None, "torch": None}
+    result: dict[str, Any] = {
+        "model": model,
+        "instances": list(PLAN[model]),
+        "parts": parts,
+        "parity": None,
+        "bench": None,
+        "torch": None,
+    }
     image = synthetic_workloads(work / "workloads", (PLAN[model][0],), SIZE, SEED)[0].image
     bench_out = work / f"bench-{model}"
-    outputs = {"parity": work / f"parity-{model}.json", "bench": bench_out / "bench.json",
-               "torch": work / f"torch-{model}.json"}
+    outputs = {
+        "parity": work / f"parity-{model}.json",
+        "bench": bench_out / "bench.json",
+        "torch": work / f"torch-{model}.json",
+    }
     for stale in outputs.values():  # an earlier run's results must not pass for this run's
         stale.unlink(missing_ok=True)
-    export = _module("export.cli", "--model", model, "--random-weights", "--seed", str(SEED), "--out", str(engines),
-                     "-q")
+    export = _module(
+        "export.cli", "--model", model, "--random-weights", "--seed", str(SEED), "--out", str(engines), "-q"
+    )
     commands = {  # FP32 first, so that a failed FP16 conversion leaves the FP32 parts something to measure
         "export": ([*export, *_gpu_encoder_flags()], None),
         "export_fp16": ([*export, "--fp16", *_gpu_encoder_flags()], None),
-        "parity": (_module("benchmarks.gpu_parity", str(engines), str(image), str(outputs["parity"]), *PARITY_ARGS),
-                   None),
-        "bench": (_module("benchmarks.bench", "--model", model, "--instances", ",".join(map(str, PLAN[model])),
-                          "--size", "x".join(map(str, SIZE)), "--seed", str(SEED), *BENCH_ARGS,
-                          "--out", str(bench_out), "--engines-cache", str(engines), "-q"), None),
+        "parity": (
+            _module("benchmarks.gpu_parity", str(engines), str(image), str(outputs["parity"]), *PARITY_ARGS),
+            None,
+        ),
+        "bench": (
+            _module(
+                "benchmarks.bench",
+                "--model",
+                model,
+                "--instances",
+                ",".join(map(str, PLAN[model])),
+                "--size",
+                "x".join(map(str, SIZE)),
+                "--seed",
+                str(SEED),
+                *BENCH_ARGS,
+                "--out",
+                str(bench_out),
+                "--engines-cache",
+                str(engines),
+                "-q",
+            ),
+            None,
+        ),
         "torch": (_module("benchmarks.torch_cuda", "--model", model, *TORCH_ARGS), outputs["torch"]),
     }
     for name, (command, stdout) in commands.items():
@@ -143,8 +187,11 @@ def check_model(model: str, budget: Budget, work: Path, out: Path, slug: str) ->
         if name != "export" and parts["export"]["status"] != "ok":
             parts[name] = {"status": "skipped", "seconds": 0.0, "error": "no engines: the export was skipped or failed"}
         elif budget.left() < needed:
-            parts[name] = {"status": "skipped", "seconds": 0.0,
-                           "error": f"out of time: {max(budget.left(), 0):.0f} s left, the part needs {needed} s"}
+            parts[name] = {
+                "status": "skipped",
+                "seconds": 0.0,
+                "error": f"out of time: {max(budget.left(), 0):.0f} s left, the part needs {needed} s",
+            }
         else:
             parts[name] = run_part(command, budget.left(), log, stdout)
             if name == "export" and parts[name]["status"] == "failed" and _gpu_encoder_flags():
@@ -157,13 +204,17 @@ def check_model(model: str, budget: Budget, work: Path, out: Path, slug: str) ->
     return result
 
 
-def _export_without_gpu_encoder(command: list[str], failed: dict[str, Any], budget: Budget,
-                                log: Path) -> dict[str, Any]:
+def _export_without_gpu_encoder(
+    command: list[str], failed: dict[str, Any], budget: Budget, log: Path
+) -> dict[str, Any]:
     """Export again without --gpu-encoder after a failure with it, so that the other parts still run."""
     retry = run_part([c for c in command if c != "--gpu-encoder"], budget.left(), log)
     note = f"with --gpu-encoder: {failed['error']}; again without it"
-    return {**retry, "seconds": round(failed["seconds"] + retry["seconds"], 1),
-            "error": note if retry["error"] is None else f"{note}: {retry['error']}"}
+    return {
+        **retry,
+        "seconds": round(failed["seconds"] + retry["seconds"], 1),
+        "error": note if retry["error"] is None else f"{note}: {retry['error']}",
+    }
 
 
 def _read_json(path: Path) -> Any:
@@ -180,23 +231,35 @@ def run(models: list[str], budget: Budget, work: Path, out: Path, argv: list[str
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     results = [check_model(model, budget, work, out, gpu_report.slug(gpu)) for model in models]
-    return {"schema": gpu_report.SCHEMA,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join(["python -m persense.benchmarks.gpu_check", *argv]), "gpu": gpu,
-            "environment": report.environment(), "budget_s": budget.seconds, "elapsed_s": round(budget.elapsed(), 1),
-            "models": results}
+    return {
+        "schema": gpu_report.SCHEMA,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["python -m persense.benchmarks.gpu_check", *argv]),
+        "gpu": gpu,
+        "environment": report.environment(),
+        "budget_s": budget.seconds,
+        "elapsed_s": round(budget.elapsed(), 1),
+        "models": results,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: one line and exit 0 without a GPU; else the check and its report paths."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = argparse.ArgumentParser(prog="python -m persense.benchmarks.gpu_check", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m persense.benchmarks.gpu_check",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--models", default=",".join(PLAN), help="models in order (default %(default)s)")
     parser.add_argument("--budget-s", type=float, default=540.0, help="wall-clock budget (default %(default)s)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="report folder")
-    parser.add_argument("--work", type=Path, default=Path("bench-results/gpu-check"),
-                        help="engines, workloads and logs (default %(default)s)")
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=Path("bench-results/gpu-check"),
+        help="engines, workloads and logs (default %(default)s)",
+    )
     args = parser.parse_args(argv)
     models = [m for m in args.models.split(",") if m]
     try:

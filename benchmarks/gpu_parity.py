@@ -13,8 +13,9 @@ import argparse
 import json
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -26,9 +27,11 @@ from persense.runtime.manifest import Manifest, load_manifest
 from persense.runtime.models.sam import DECODER, ENCODER, GPU_ENCODER, Prompts, SamEngines, engine_names
 
 # Tolerances against the CPU FP32 reference. FP32 on CUDA runs its GEMMs on TF32 tensor cores by default.
-TOLERANCES = {"fp32": {"cosine": 0.9999, "max_abs_fraction": 0.02},
-              "fp16": {"cosine": 0.999, "max_abs_fraction": 0.05},
-              "mask_iou_mean": 0.99}
+TOLERANCES = {
+    "fp32": {"cosine": 0.9999, "max_abs_fraction": 0.02},
+    "fp16": {"cosine": 0.999, "max_abs_fraction": 0.05},
+    "mask_iou_mean": 0.99,
+}
 ENCODERS = (ENCODER, f"{ENCODER}_fp16", GPU_ENCODER, f"{GPU_ENCODER}_fp16")
 PROMPT_GRID = 8  # 8 x 8 one-point prompts spread over the image
 WARMUP, REPEAT = 3, 10
@@ -43,8 +46,11 @@ def timed_ms(run: Callable[[], object], warmup: int, repeat: int) -> dict[str, f
         start = time.perf_counter()
         run()
         samples.append((time.perf_counter() - start) * 1000.0)
-    return {"p50": round(statistics.median(samples), 3), "p90": round(float(np.percentile(samples, 90)), 3),
-            "min": round(min(samples), 3)}
+    return {
+        "p50": round(statistics.median(samples), 3),
+        "p90": round(float(np.percentile(samples, 90)), 3),
+        "min": round(min(samples), 3),
+    }
 
 
 def embedding_agreement(test: np.ndarray, reference: np.ndarray, precision: str) -> dict[str, Any]:
@@ -54,23 +60,34 @@ def embedding_agreement(test: np.ndarray, reference: np.ndarray, precision: str)
     max_abs, scale = float(np.abs(a - b).max()), float(np.abs(b).max())
     tolerance = TOLERANCES[precision]
     passed = cosine >= tolerance["cosine"] and max_abs <= tolerance["max_abs_fraction"] * scale
-    return {"max_abs": round(max_abs, 6), "reference_max_abs": round(scale, 6), "cosine": round(cosine, 7),
-            "passed": passed}
+    return {
+        "max_abs": round(max_abs, 6),
+        "reference_max_abs": round(scale, 6),
+        "cosine": round(cosine, 7),
+        "passed": passed,
+    }
 
 
 def grid_prompts(transform: SamTransform) -> Prompts:
     """PROMPT_GRID^2 one-point prompts at the centres of a grid over the image, in SAM's input frame."""
     height, width = transform.original_size
-    ys, xs = np.meshgrid((np.arange(PROMPT_GRID) + 0.5) * height / PROMPT_GRID,
-                         (np.arange(PROMPT_GRID) + 0.5) * width / PROMPT_GRID, indexing="ij")
+    ys, xs = np.meshgrid(
+        (np.arange(PROMPT_GRID) + 0.5) * height / PROMPT_GRID,
+        (np.arange(PROMPT_GRID) + 0.5) * width / PROMPT_GRID,
+        indexing="ij",
+    )
     return Prompts.points(transform.coords_to_input(np.stack([xs.ravel(), ys.ravel()], axis=1)))
 
 
 def mask_agreement(test: np.ndarray, reference: np.ndarray) -> dict[str, Any]:
     """Per-prompt IoU of the chosen low-res masks (logits > 0): mean, min and the verdict."""
     ious = [mask_iou(t > 0, r > 0) for t, r in zip(test, reference)]
-    return {"prompts": len(ious), "mean_iou": round(float(np.mean(ious)), 6), "min_iou": round(float(np.min(ious)), 6),
-            "passed": float(np.mean(ious)) >= TOLERANCES["mask_iou_mean"]}
+    return {
+        "prompts": len(ious),
+        "mean_iou": round(float(np.mean(ious)), 6),
+        "min_iou": round(float(np.min(ious)), 6),
+        "passed": float(np.mean(ious)) >= TOLERANCES["mask_iou_mean"],
+    }
 
 
 def _failure(exc: Exception) -> str:
@@ -78,8 +95,9 @@ def _failure(exc: Exception) -> str:
     return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
 
-def _encoder(manifest: Manifest, name: str, device: str, threads: int | None, feed: dict[str, np.ndarray],
-             reference: np.ndarray) -> tuple[dict[str, Any], OrtEngine | None]:
+def _encoder(
+    manifest: Manifest, name: str, device: str, threads: int | None, feed: dict[str, np.ndarray], reference: np.ndarray
+) -> tuple[dict[str, Any], OrtEngine | None]:
     """One encoder artefact on `device`: agreement with the reference embedding and latency; and its engine."""
     precision = "fp16" if name.endswith("_fp16") else "fp32"
     try:
@@ -88,17 +106,31 @@ def _encoder(manifest: Manifest, name: str, device: str, threads: int | None, fe
         latency = timed_ms(lambda: engine.run(feed), WARMUP, REPEAT)
     except Exception as exc:  # noqa: BLE001 - a diagnostic run reports each artefact's failure and goes on
         return {"artefact": name, "precision": precision, "passed": False, "error": _failure(exc)}, None
-    return {"artefact": name, "precision": precision, **embedding_agreement(embedding, reference, precision),
-            "latency_ms": latency, "error": None}, engine
+    return {
+        "artefact": name,
+        "precision": precision,
+        **embedding_agreement(embedding, reference, precision),
+        "latency_ms": latency,
+        "error": None,
+    }, engine
 
 
-def _decoder(manifest: Manifest, names: dict[str, str], encoder: OrtEngine, device: str, threads: int | None,
-             image: np.ndarray, prompts: Prompts, reference_logits: np.ndarray) -> dict[str, Any]:
+def _decoder(
+    manifest: Manifest,
+    names: dict[str, str],
+    encoder: OrtEngine,
+    device: str,
+    threads: int | None,
+    image: np.ndarray,
+    prompts: Prompts,
+    reference_logits: np.ndarray,
+) -> dict[str, Any]:
     """The runtime's engine pair on `device` end to end: its chosen masks against the reference's."""
     entry = {"encoder": names[ENCODER], "decoder": names[DECODER]}
     try:
-        engines = SamEngines(encoder, OrtEngine(manifest.verified_path(names[DECODER]), device, threads),
-                             decode_chunk=PROMPT_GRID ** 2)
+        engines = SamEngines(
+            encoder, OrtEngine(manifest.verified_path(names[DECODER]), device, threads), decode_chunk=PROMPT_GRID**2
+        )
         logits, _ = engines.decode_best(engines.encode(image)[0], prompts)
     except Exception as exc:  # noqa: BLE001 - as in _encoder
         return {**entry, "passed": False, "error": _failure(exc)}
@@ -108,8 +140,11 @@ def _decoder(manifest: Manifest, names: dict[str, str], encoder: OrtEngine, devi
 def check(manifest: Manifest, image: np.ndarray, threads: int | None = None, device: str = "cuda") -> dict[str, Any]:
     """Encoder agreement and latency per encoder artefact on `device` (CUDA; "cpu" tests this code), and decoder
     mask IoU per precision."""
-    cpu = SamEngines(OrtEngine(manifest.verified_path(ENCODER), "cpu", threads, arena=False),
-                     OrtEngine(manifest.verified_path(DECODER), "cpu", threads), decode_chunk=PROMPT_GRID ** 2)
+    cpu = SamEngines(
+        OrtEngine(manifest.verified_path(ENCODER), "cpu", threads, arena=False),
+        OrtEngine(manifest.verified_path(DECODER), "cpu", threads),
+        decode_chunk=PROMPT_GRID**2,
+    )
     reference, transform = cpu.encode(image)
     prompts = grid_prompts(transform)
     reference_logits, _ = cpu.decode_best(reference, prompts)
@@ -122,17 +157,30 @@ def check(manifest: Manifest, image: np.ndarray, threads: int | None = None, dev
     for precision in ("fp32", "fp16"):
         names = engine_names(manifest, f"ort-{device}", precision)
         if all(name in manifest.artefacts for name in names.values()) and engines[names[ENCODER]] is not None:
-            decoders.append({"precision": precision, **_decoder(manifest, names, engines[names[ENCODER]], device,
-                                                                 threads, image, prompts, reference_logits)})
-    return {"reference": "ONNX Runtime CPU, sam_encoder + sam_decoder (FP32)", "tolerances": TOLERANCES,
-            "encoders": encoders, "decoders": decoders,
-            "passed": all(e["passed"] for e in encoders) and all(d["passed"] for d in decoders)}
+            decoders.append(
+                {
+                    "precision": precision,
+                    **_decoder(
+                        manifest, names, engines[names[ENCODER]], device, threads, image, prompts, reference_logits
+                    ),
+                }
+            )
+    return {
+        "reference": "ONNX Runtime CPU, sam_encoder + sam_decoder (FP32)",
+        "tolerances": TOLERANCES,
+        "encoders": encoders,
+        "decoders": decoders,
+        "passed": all(e["passed"] for e in encoders) and all(d["passed"] for d in decoders),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m persense.benchmarks.gpu_parity ENGINES IMAGE OUT.json`: run `check` and write its JSON."""
-    parser = argparse.ArgumentParser(prog="python -m persense.benchmarks.gpu_parity", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m persense.benchmarks.gpu_parity",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("engines", type=Path, help="engines folder (persense-export --fp16 [--gpu-encoder])")
     parser.add_argument("image", type=Path, help="RGB image to encode")
     parser.add_argument("out", type=Path, help="JSON file to write")

@@ -12,8 +12,13 @@ from persense.runtime.imageio import atomic_write_bytes
 SCHEMA = "persense-gpu-check/1"
 DECODER_STAGES = ("exemplar_cascade", "feedback", "final_decoding")
 PIPELINE_STAGES = ("image_encoding", *DECODER_STAGES, "merge", "total")
-TORCH_KEYS = ("encoder_fp32_ms", "encoder_fp16_ms", "decoder_sequential_fp32_ms", "decoder_batched_fp32_ms",
-              "decoder_batched_fp16_ms")
+TORCH_KEYS = (
+    "encoder_fp32_ms",
+    "encoder_fp16_ms",
+    "decoder_sequential_fp32_ms",
+    "decoder_batched_fp32_ms",
+    "decoder_batched_fp16_ms",
+)
 
 
 def _model(doc: dict[str, Any], name: str) -> dict[str, Any] | None:
@@ -54,6 +59,7 @@ def _ratio(numerator: float | None, denominator: float | None) -> float | None:
 
 def _decoder_speedup(model: dict[str, Any] | None, instances: int) -> float | None:
     """Decoder stages (cascade, feedback, final decoding) of the torch-CUDA reference over the fastest ORT-CUDA."""
+
     def decoder_ms(run: dict[str, Any]) -> float:
         return sum(_p50(run, stage) or 0.0 for stage in DECODER_STAGES)
 
@@ -76,20 +82,39 @@ def targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
         ("vit_b query, 200 instances, ORT-CUDA (ms)", "<=", 250.0, _best_cuda_query(vit_b, 200)),
         ("vit_h query, 50 instances, ORT-CUDA (ms)", "<=", 250.0, _best_cuda_query(vit_h, 50)),
         ("vit_h encoder FP16, ORT-CUDA (ms)", "<=", 45.0, _encoder_ms(vit_h, "fp16")),
-        ("vit_b encoder FP16 speed-up over FP32 (x)", ">=", 1.7,
-         _ratio(_encoder_ms(vit_b, "fp32"), _encoder_ms(vit_b, "fp16"))),
-        ("vit_h encoder FP16 speed-up over FP32 (x)", ">=", 1.7,
-         _ratio(_encoder_ms(vit_h, "fp32"), _encoder_ms(vit_h, "fp16"))),
+        (
+            "vit_b encoder FP16 speed-up over FP32 (x)",
+            ">=",
+            1.7,
+            _ratio(_encoder_ms(vit_b, "fp32"), _encoder_ms(vit_b, "fp16")),
+        ),
+        (
+            "vit_h encoder FP16 speed-up over FP32 (x)",
+            ">=",
+            1.7,
+            _ratio(_encoder_ms(vit_h, "fp32"), _encoder_ms(vit_h, "fp16")),
+        ),
         ("mask stage, 200-instance scene, ground-truth extents (ms)", "<=", 10.0, _mask_stage_ms(vit_b, 200)),
-        ("vit_b decoder stages, 200 instances: torch-CUDA reference / ORT-CUDA (x)", ">=", 25.0,
-         _decoder_speedup(vit_b, 200)),
+        (
+            "vit_b decoder stages, 200 instances: torch-CUDA reference / ORT-CUDA (x)",
+            ">=",
+            25.0,
+            _decoder_speedup(vit_b, 200),
+        ),
     ]
-    return [{"target": name, "goal": f"{op} {goal:g}", "value": None if value is None else round(value, 3),
-             "met": None if value is None else (value <= goal if op == "<=" else value >= goal)}
-            for name, op, goal, value in rows]
+    return [
+        {
+            "target": name,
+            "goal": f"{op} {goal:g}",
+            "value": None if value is None else round(value, 3),
+            "met": None if value is None else (value <= goal if op == "<=" else value >= goal),
+        }
+        for name, op, goal, value in rows
+    ]
 
 
 # ---------------------------------------------------------------------------------------------- Markdown
+
 
 def _num(value: float | None, digits: int = 1) -> str:
     """A number for a table cell ('-' when absent)."""
@@ -103,41 +128,97 @@ def _verdict(met: bool | None) -> str:
 
 def _parity_lines(parity: dict[str, Any]) -> list[str]:
     """Encoder agreement and latency, decoder mask IoU."""
-    encoders = [[e["artefact"], e["precision"], "failed: " + e["error"], "-", "-", "-", _verdict(False)] if e["error"]
-                else [e["artefact"], e["precision"], _num(e["latency_ms"]["p50"]), _num(e["latency_ms"]["p90"]),
-                      f"{e['max_abs']:.2e} (of {e['reference_max_abs']:.2f})", f"{e['cosine']:.6f}",
-                      _verdict(e["passed"])] for e in parity["encoders"]]
-    decoders = [[d["precision"], f"{d['encoder']} + {d['decoder']}", "failed: " + d["error"], "-", "-", _verdict(False)]
-                if d["error"] else [d["precision"], f"{d['encoder']} + {d['decoder']}", str(d["prompts"]),
-                                    f"{d['mean_iou']:.4f}", f"{d['min_iou']:.4f}", _verdict(d["passed"])]
-                for d in parity["decoders"]]
-    return [f"Against {parity['reference']}; tolerances {json.dumps(parity['tolerances'])}.", "",
-            *table(["encoder on ORT-CUDA", "precision", "p50 ms", "p90 ms", "embedding max abs diff", "cosine",
-                    "within tolerance"], encoders),
-            *table(["precision", "engines (runtime's choice)", "prompts", "mean mask IoU", "min mask IoU",
-                    "within tolerance"], decoders)]
+    encoders = [
+        [e["artefact"], e["precision"], "failed: " + e["error"], "-", "-", "-", _verdict(False)]
+        if e["error"]
+        else [
+            e["artefact"],
+            e["precision"],
+            _num(e["latency_ms"]["p50"]),
+            _num(e["latency_ms"]["p90"]),
+            f"{e['max_abs']:.2e} (of {e['reference_max_abs']:.2f})",
+            f"{e['cosine']:.6f}",
+            _verdict(e["passed"]),
+        ]
+        for e in parity["encoders"]
+    ]
+    decoders = [
+        [d["precision"], f"{d['encoder']} + {d['decoder']}", "failed: " + d["error"], "-", "-", _verdict(False)]
+        if d["error"]
+        else [
+            d["precision"],
+            f"{d['encoder']} + {d['decoder']}",
+            str(d["prompts"]),
+            f"{d['mean_iou']:.4f}",
+            f"{d['min_iou']:.4f}",
+            _verdict(d["passed"]),
+        ]
+        for d in parity["decoders"]
+    ]
+    return [
+        f"Against {parity['reference']}; tolerances {json.dumps(parity['tolerances'])}.",
+        "",
+        *table(
+            [
+                "encoder on ORT-CUDA",
+                "precision",
+                "p50 ms",
+                "p90 ms",
+                "embedding max abs diff",
+                "cosine",
+                "within tolerance",
+            ],
+            encoders,
+        ),
+        *table(
+            ["precision", "engines (runtime's choice)", "prompts", "mean mask IoU", "min mask IoU", "within tolerance"],
+            decoders,
+        ),
+    ]
 
 
 def _bench_lines(bench: dict[str, Any]) -> list[str]:
     """Per instance count and pipeline: stage p50s, speed-up and IoU against the reference."""
     skipped = [f"{p['name']}: {p['status']} ({p['reason']})" for p in bench["pipelines"] if p["status"] != "measured"]
-    rows = [[str(r["instances"]), r["pipeline"], r["backend"], *(_num(_p50(r, s)) for s in PIPELINE_STAGES),
-             _num(r["speedup_vs_reference"], 2), _num(r["union_iou_vs_reference"], 4)]
-            for r in sorted(bench["runs"], key=lambda r: (r["instances"] or 0, r["pipeline"]))
-            if r["status"] == "measured"]
+    rows = [
+        [
+            str(r["instances"]),
+            r["pipeline"],
+            r["backend"],
+            *(_num(_p50(r, s)) for s in PIPELINE_STAGES),
+            _num(r["speedup_vs_reference"], 2),
+            _num(r["union_iou_vs_reference"], 4),
+        ]
+        for r in sorted(bench["runs"], key=lambda r: (r["instances"] or 0, r["pipeline"]))
+        if r["status"] == "measured"
+    ]
     masks = [[str(e["instances"]), str(e["masks"]), _num(e["rasterise_ms"]["p50"], 2)] for e in bench["mask_stage"]]
-    return ["persense-bench, p50 ms of " + str(bench["settings"]["repeat"]) + " timed queries "
-            "(a query = reference encoding + segmentation), synthetic scenes, ground-truth density as counter.", "",
-            *table(["instances", "pipeline", "backend", *(STAGE_LABELS[s] for s in PIPELINE_STAGES),
-                    "speed-up vs reference", "union IoU vs reference"], rows),
-            *(["Not measured: " + "; ".join(skipped), ""] if skipped else []),
-            *table(["instances", "ground-truth masks", "mask stage (rasterise) p50 ms"], masks)]
+    return [
+        "persense-bench, p50 ms of " + str(bench["settings"]["repeat"]) + " timed queries "
+        "(a query = reference encoding + segmentation), synthetic scenes, ground-truth density as counter.",
+        "",
+        *table(
+            [
+                "instances",
+                "pipeline",
+                "backend",
+                *(STAGE_LABELS[s] for s in PIPELINE_STAGES),
+                "speed-up vs reference",
+                "union IoU vs reference",
+            ],
+            rows,
+        ),
+        *(["Not measured: " + "; ".join(skipped), ""] if skipped else []),
+        *table(["instances", "ground-truth masks", "mask stage (rasterise) p50 ms"], masks),
+    ]
 
 
 def _model_lines(model: dict[str, Any]) -> list[str]:
     """One model's section."""
-    parts = "; ".join(f"{name} {p['status']} ({p['seconds']:.0f} s)" + (f": {p['error']}" if p["error"] else "")
-                      for name, p in model["parts"].items())
+    parts = "; ".join(
+        f"{name} {p['status']} ({p['seconds']:.0f} s)" + (f": {p['error']}" if p["error"] else "")
+        for name, p in model["parts"].items()
+    )
     lines = [f"## {model['model']}", "", f"Parts: {parts}.", ""]
     if model["parity"]:
         lines += ["### ORT-CUDA against ORT-CPU", "", *_parity_lines(model["parity"])]
@@ -146,8 +227,11 @@ def _model_lines(model: dict[str, Any]) -> list[str]:
     if model["torch"]:
         torch = model["torch"]
         header = ["torch " + torch["torch"], *(k.removesuffix("_ms").replace("_", " ") + " ms" for k in TORCH_KEYS)]
-        lines += ["### torch eager on the same GPU (`persense.benchmarks.torch_cuda`)", "",
-                  *table(header, [[f"{torch['prompts']} prompts", *(_num(torch.get(k)) for k in TORCH_KEYS)]])]
+        lines += [
+            "### torch eager on the same GPU (`persense.benchmarks.torch_cuda`)",
+            "",
+            *table(header, [[f"{torch['prompts']} prompts", *(_num(torch.get(k)) for k in TORCH_KEYS)]]),
+        ]
     return lines
 
 
@@ -156,13 +240,20 @@ def markdown(doc: dict[str, Any]) -> str:
     env = doc["environment"]
     versions = env["versions"]
     ort = versions.get("onnxruntime-gpu") or versions.get("onnxruntime", "?")
-    lines = [f"# GPU check: {doc['gpu']}", "",
-             f"{doc['gpu']}; {env['cpu']} ({env['cpu_cores_usable']} usable cores); onnxruntime {ort} "
-             f"({', '.join(env['onnxruntime_providers'])}); torch {versions.get('torch', '-')}; random weights "
-             f"(seed 0). {doc['elapsed_s']:.0f} s of a {doc['budget_s']:.0f} s budget. `{doc['command']}`", "",
-             "## Targets (issue 12)", "",
-             *table(["target", "goal", "measured", "met"],
-                    [[t["target"], t["goal"], _num(t["value"], 2), _verdict(t["met"])] for t in doc["targets"]])]
+    lines = [
+        f"# GPU check: {doc['gpu']}",
+        "",
+        f"{doc['gpu']}; {env['cpu']} ({env['cpu_cores_usable']} usable cores); onnxruntime {ort} "
+        f"({', '.join(env['onnxruntime_providers'])}); torch {versions.get('torch', '-')}; random weights "
+        f"(seed 0). {doc['elapsed_s']:.0f} s of a {doc['budget_s']:.0f} s budget. `{doc['command']}`",
+        "",
+        "## Targets (issue 12)",
+        "",
+        *table(
+            ["target", "goal", "measured", "met"],
+            [[t["target"], t["goal"], _num(t["value"], 2), _verdict(t["met"])] for t in doc["targets"]],
+        ),
+    ]
     for model in doc["models"]:
         lines += _model_lines(model)
     return "\n".join(lines)

@@ -30,8 +30,9 @@ def logits_from_labels(labels: np.ndarray, transform: SamTransform) -> np.ndarra
     logits = np.full((count, LOW_RES, LOW_RES), -LOGIT_SCALE, dtype=np.float32)
     padded = np.zeros((transform.long_side, transform.long_side), dtype=np.float32)
     for i in range(count):
-        padded[:height, :width] = cv2.resize((labels == i + 1).astype(np.float32), (width, height),
-                                             interpolation=cv2.INTER_LINEAR)
+        padded[:height, :width] = cv2.resize(
+            (labels == i + 1).astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR
+        )
         cover = cv2.resize(padded, (LOW_RES, LOW_RES), interpolation=cv2.INTER_AREA)
         logits[i] = (2.0 * cover - 1.0) * LOGIT_SCALE
     return logits
@@ -51,9 +52,16 @@ def measure(workload: Workload, repeat: int) -> dict[str, Any] | None:
         rasterise(logits, transform, with_labels=True)
         samples.append((time.perf_counter() - start) * 1000.0)
     areas = np.bincount(labels.ravel(), minlength=len(logits) + 1)[1:] / labels.size
-    return {"workload": workload.name, "instances": workload.instances, "extent": "ground_truth", "label": LABEL,
-            "masks": len(logits), "mean_mask_area": round(float(areas.mean()), 6) if len(areas) else 0.0,
-            "union_iou_vs_ground_truth": round(mask_iou(instances.labels > 0, labels > 0), 6), "samples_ms": samples}
+    return {
+        "workload": workload.name,
+        "instances": workload.instances,
+        "extent": "ground_truth",
+        "label": LABEL,
+        "masks": len(logits),
+        "mean_mask_area": round(float(areas.mean()), 6) if len(areas) else 0.0,
+        "union_iou_vs_ground_truth": round(mask_iou(instances.labels > 0, labels > 0), 6),
+        "samples_ms": samples,
+    }
 
 
 def mask_iou(a: np.ndarray, b: np.ndarray) -> float:

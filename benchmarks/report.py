@@ -18,17 +18,35 @@ from persense.runtime.manifest import installed_versions
 log = logging.getLogger(__name__)
 
 STAGE_LABELS = {
-    "reference_encoding": "reference encoding", "image_encoding": "image encoding",
-    "location_prior": "location prior", "exemplar_cascade": "exemplar cascade", "counter": "counter",
-    "idm": "IDM", "ppsm": "PPSM", "feedback": "feedback", "final_decoding": "final decoding",
-    "merge": "merge/output", "total": "total",
+    "reference_encoding": "reference encoding",
+    "image_encoding": "image encoding",
+    "location_prior": "location prior",
+    "exemplar_cascade": "exemplar cascade",
+    "counter": "counter",
+    "idm": "IDM",
+    "ppsm": "PPSM",
+    "feedback": "feedback",
+    "final_decoding": "final decoding",
+    "merge": "merge/output",
+    "total": "total",
 }
 QUERY_KEYS = {"cold": ("stages_ms", "speedup_vs_reference"), "warm": ("warm_stages_ms", "warm_speedup_vs_reference")}
-PACKAGES = ("persense", "torch", "onnxruntime", "onnxruntime-gpu", "onnx", "tensorrt", "numpy",
-            "opencv-python-headless", "opencv-python", "matplotlib")
+PACKAGES = (
+    "persense",
+    "torch",
+    "onnxruntime",
+    "onnxruntime-gpu",
+    "onnx",
+    "tensorrt",
+    "numpy",
+    "opencv-python-headless",
+    "opencv-python",
+    "matplotlib",
+)
 
 
 # ------------------------------------------------------------------------------------------ environment
+
 
 def _cpu_name() -> str:
     """The CPU model name (from /proc/cpuinfo on Linux)."""
@@ -45,8 +63,9 @@ def gpu_names() -> list[str]:
     if shutil.which("nvidia-smi") is None:
         return []
     try:
-        done = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                              text=True, timeout=20)
+        done = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, timeout=20
+        )
     except (OSError, subprocess.TimeoutExpired):
         return []
     return [line.strip() for line in done.stdout.splitlines() if line.strip()] if done.returncode == 0 else []
@@ -62,12 +81,20 @@ def environment() -> dict[str, Any]:
     import onnxruntime as ort
 
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return {"platform": platform.platform(), "cpu": _cpu_name(), "cpu_cores": os.cpu_count(),
-            "cpu_cores_usable": len(os.sched_getaffinity(0)), "memory_gb": round(memory / 2**30, 1),
-            "gpus": gpu_names(), "onnxruntime_providers": ort.get_available_providers(), "versions": _versions()}
+    return {
+        "platform": platform.platform(),
+        "cpu": _cpu_name(),
+        "cpu_cores": os.cpu_count(),
+        "cpu_cores_usable": len(os.sched_getaffinity(0)),
+        "memory_gb": round(memory / 2**30, 1),
+        "gpus": gpu_names(),
+        "onnxruntime_providers": ort.get_available_providers(),
+        "versions": _versions(),
+    }
 
 
 # ---------------------------------------------------------------------------------------------- writers
+
 
 def write_json(path: Path, doc: dict[str, Any]) -> None:
     """The report as indented JSON, written atomically."""
@@ -129,13 +156,18 @@ def _header_lines(doc: dict[str, Any]) -> list[str]:
     versions = env["versions"]
     ort = versions.get("onnxruntime-gpu", versions.get("onnxruntime", "?"))
     gpu = ", ".join(env["gpus"]) or "no GPU"
-    return [f"# persense-bench: SAM {s['model_type']}, {weights_label(s)}", "",
-            f"{env['cpu']} ({env['cpu_cores_usable']} usable cores), {gpu}; python {versions['python']}, "
-            f"torch {versions.get('torch', '-')}, onnxruntime {ort}, tensorrt {versions.get('tensorrt', '-')}.  ",
-            f"threads: {s['threads']}; rounds (a cold and a warm query each) per pipeline and workload: "
-            f"{s['warmup']} warm-up, {s['repeat']} timed, pipelines alternating; counter `{s['counter']}`; inputs {s['inputs']}. Times in ms, p50 / p90. "
-            "A cold query = reference encoding + segmentation of one image; a warm query = the segmentation "
-            "with the reference encoded beforehand (what every further image with the same reference costs).", ""]
+    return [
+        f"# persense-bench: SAM {s['model_type']}, {weights_label(s)}",
+        "",
+        f"{env['cpu']} ({env['cpu_cores_usable']} usable cores), {gpu}; python {versions['python']}, "
+        f"torch {versions.get('torch', '-')}, onnxruntime {ort}, tensorrt {versions.get('tensorrt', '-')}.  ",
+        f"threads: {s['threads']}; rounds (a cold and a warm query each) per pipeline and workload: "
+        f"{s['warmup']} warm-up, {s['repeat']} timed, pipelines alternating; counter `{s['counter']}`; "
+        f"inputs {s['inputs']}. Times in ms, p50 / p90. "
+        "A cold query = reference encoding + segmentation of one image; a warm query = the segmentation "
+        "with the reference encoded beforehand (what every further image with the same reference costs).",
+        "",
+    ]
 
 
 def _scaling_lines(doc: dict[str, Any], pipelines: list[str], query: str) -> list[str]:
@@ -148,32 +180,52 @@ def _scaling_lines(doc: dict[str, Any], pipelines: list[str], query: str) -> lis
             speedup = run and run.get(QUERY_KEYS[query][1])
             cells.append(_cell(run, "total", query) + (f" (x{speedup:.2f})" if speedup else ""))
         rows.append(cells)
-    return [f"## Total latency, {query} query (speed-up over the reference at p50)", "",
-            *table(["instances", *pipelines], rows)]
+    return [
+        f"## Total latency, {query} query (speed-up over the reference at p50)",
+        "",
+        *table(["instances", *pipelines], rows),
+    ]
 
 
 def _stage_lines(doc: dict[str, Any], pipelines: list[str], workload: dict[str, Any]) -> list[str]:
     """Per-stage table of one workload, a cold and a warm column per pipeline, then speed-ups, decoder work,
     memory and agreement with the reference."""
     columns = [(_run(doc, workload["name"], name), query) for name in pipelines for query in QUERY_KEYS]
-    rows = [[STAGE_LABELS.get(stage, stage), *(_cell(run, stage, query) for run, query in columns)]
-            for stage in doc["stages"]]
+    rows = [
+        [STAGE_LABELS.get(stage, stage), *(_cell(run, stage, query) for run, query in columns)]
+        for stage in doc["stages"]
+    ]
     rows[-1] = [f"**{c}**" if c != "-" else c for c in rows[-1]]
 
     def field(label: str, key: str | None, fmt: str = "{}") -> list[str]:
         """A table row of one per-run value (key None: the column's speed-up over the reference)."""
         keys = [key or QUERY_KEYS[query][1] for _, query in columns]
-        return [label, *("-" if run is None or run.get(k) is None else fmt.format(run[k])
-                         for (run, _), k in zip(columns, keys, strict=True))]
+        return [
+            label,
+            *(
+                "-" if run is None or run.get(k) is None else fmt.format(run[k])
+                for (run, _), k in zip(columns, keys, strict=True)
+            ),
+        ]
 
-    rows += [field("speed-up vs reference (total p50)", None, "x{:.2f}"),
-             field("decoder launches", "decoder_launches"), field("decoder prompts", "decoder_prompts"),
-             field("instances found", "points"), field("peak RSS (MB)", "peak_rss_mb", "{:,.0f}"),
-             field("union IoU vs reference", "union_iou_vs_reference", "{:.4f}")]
-    title = workload["name"] if workload["instances"] is None else (
-        f"{workload['instances']} instances ({workload['ground_truth_count']} visible)")
-    return [f"## Per stage: {title}", "",
-            *table(["stage", *(f"{name} {query}" for name in pipelines for query in QUERY_KEYS)], rows)]
+    rows += [
+        field("speed-up vs reference (total p50)", None, "x{:.2f}"),
+        field("decoder launches", "decoder_launches"),
+        field("decoder prompts", "decoder_prompts"),
+        field("instances found", "points"),
+        field("peak RSS (MB)", "peak_rss_mb", "{:,.0f}"),
+        field("union IoU vs reference", "union_iou_vs_reference", "{:.4f}"),
+    ]
+    title = (
+        workload["name"]
+        if workload["instances"] is None
+        else (f"{workload['instances']} instances ({workload['ground_truth_count']} visible)")
+    )
+    return [
+        f"## Per stage: {title}",
+        "",
+        *table(["stage", *(f"{name} {query}" for name in pipelines for query in QUERY_KEYS)], rows),
+    ]
 
 
 def _mask_stage_lines(doc: dict[str, Any]) -> list[str]:
@@ -184,29 +236,57 @@ def _mask_stage_lines(doc: dict[str, Any]) -> list[str]:
     runtimes = [p["name"] for p in doc["pipelines"] if p["kind"] == "runtime" and p["name"] in _measured(doc)]
     rows = []
     for entry in entries:
-        cells = [str(entry["instances"]), str(entry["masks"]), f"{100 * entry['mean_mask_area']:.2f} %",
-                 f"{entry['union_iou_vs_ground_truth']:.4f}", _stats_cell(entry["rasterise_ms"])]
+        cells = [
+            str(entry["instances"]),
+            str(entry["masks"]),
+            f"{100 * entry['mean_mask_area']:.2f} %",
+            f"{entry['union_iou_vs_ground_truth']:.4f}",
+            _stats_cell(entry["rasterise_ms"]),
+        ]
         for name in runtimes:
             run = _run(doc, entry["workload"], name)
-            cells.append("-" if run is None or run["stages_ms"] is None else
-                         f"{_cell(run, 'merge')} ({run['points']} masks)")
+            cells.append(
+                "-" if run is None or run["stages_ms"] is None else f"{_cell(run, 'merge')} ({run['points']} masks)"
+            )
         rows.append(cells)
-    return ["## Mask stage on realistic extents", "",
-            f"`merge.rasterise` with the label map, as the runtime's merge/output stage runs it, on "
-            f"{entries[0]['label']}, timed in the benchmark's own process; next to it the merge/output stage of "
-            "each runtime pipeline, whose masks come from the benchmarked weights (random weights: masks that cover "
-            "most of the image, the stage's worst case).", "",
-            *table(["instances", "masks", "mean mask area", "union IoU vs ground truth",
-                    "ground-truth extents", *(f"{name}, {weights_label(s)}" for name in runtimes)], rows)]
+    return [
+        "## Mask stage on realistic extents",
+        "",
+        f"`merge.rasterise` with the label map, as the runtime's merge/output stage runs it, on "
+        f"{entries[0]['label']}, timed in the benchmark's own process; next to it the merge/output stage of "
+        "each runtime pipeline, whose masks come from the benchmarked weights (random weights: masks that cover "
+        "most of the image, the stage's worst case).",
+        "",
+        *table(
+            [
+                "instances",
+                "masks",
+                "mean mask area",
+                "union IoU vs ground truth",
+                "ground-truth extents",
+                *(f"{name}, {weights_label(s)}" for name in runtimes),
+            ],
+            rows,
+        ),
+    ]
 
 
 def markdown(doc: dict[str, Any]) -> str:
     """The human-readable report: settings, pipelines (with skip reasons), scaling and per-stage tables."""
     pipelines = _measured(doc)
     lines = _header_lines(doc)
-    lines += ["## Pipelines", "", *table(["pipeline", "backend", "precision", "status"], [
-        [p["name"], p["backend"], p["precision"], p["status"] + (f": {p['reason']}" if p["reason"] else "")]
-        for p in doc["pipelines"]], numeric=False)]
+    lines += [
+        "## Pipelines",
+        "",
+        *table(
+            ["pipeline", "backend", "precision", "status"],
+            [
+                [p["name"], p["backend"], p["precision"], p["status"] + (f": {p['reason']}" if p["reason"] else "")]
+                for p in doc["pipelines"]
+            ],
+            numeric=False,
+        ),
+    ]
     if pipelines:
         for query in QUERY_KEYS:
             lines += _scaling_lines(doc, pipelines, query)
@@ -227,6 +307,7 @@ def write_markdown(path: Path, doc: dict[str, Any]) -> None:
 
 # ------------------------------------------------------------------------------------------------- plot
 
+
 def _x_value(workload: dict[str, Any], run: dict[str, Any]) -> float:
     """Where a run sits on the scaling curve: instances asked for, else the instances it found."""
     return workload["instances"] if workload["instances"] is not None else run["points"]
@@ -244,13 +325,29 @@ def _stacked_bars(axis: Any, doc: dict[str, Any], pipelines: list[str], colours:
             x, bottom = i + (j - (len(pipelines) - 1) / 2) * width, 0.0
             for k, stage in enumerate(stages):
                 value = (run["stages_ms"][stage] or {"p50": 0.0})["p50"] / 1000.0  # null: stage not timed
-                axis.bar(x, value, width * 0.92, bottom=bottom, color=colours[k % len(colours)],
-                         label=STAGE_LABELS.get(stage, stage) if i == 0 and j == 0 else None)
+                axis.bar(
+                    x,
+                    value,
+                    width * 0.92,
+                    bottom=bottom,
+                    color=colours[k % len(colours)],
+                    label=STAGE_LABELS.get(stage, stage) if i == 0 and j == 0 else None,
+                )
                 bottom += value
-            axis.annotate(name, (x, bottom), xytext=(0, 3), textcoords="offset points", rotation=90,
-                          ha="center", va="bottom", fontsize=8)
-    axis.set_xticks(range(len(doc["workloads"])), [
-        w["name"] if w["instances"] is None else f"{w['instances']} instances" for w in doc["workloads"]])
+            axis.annotate(
+                name,
+                (x, bottom),
+                xytext=(0, 3),
+                textcoords="offset points",
+                rotation=90,
+                ha="center",
+                va="bottom",
+                fontsize=8,
+            )
+    axis.set_xticks(
+        range(len(doc["workloads"])),
+        [w["name"] if w["instances"] is None else f"{w['instances']} instances" for w in doc["workloads"]],
+    )
     axis.set_ylabel("p50 latency of one query (s)")
     axis.set_title("Where the time goes (cold query, stacked per-stage p50)")
     axis.margins(y=0.2)
@@ -262,14 +359,24 @@ def _scaling_curve(axis: Any, doc: dict[str, Any], pipelines: list[str]) -> None
     ticks: set[float] = set()
     for name in pipelines:
         for query, (key, _) in QUERY_KEYS.items():
-            points = sorted((_x_value(w, run), run[key]["total"]) for w in doc["workloads"]
-                            if (run := _run(doc, w["name"], name)) is not None and run.get(key) is not None)
+            points = sorted(
+                (_x_value(w, run), run[key]["total"])
+                for w in doc["workloads"]
+                if (run := _run(doc, w["name"], name)) is not None and run.get(key) is not None
+            )
             xs = [x for x, _ in points]
             p50 = [t["p50"] / 1000.0 for _, t in points]
             above = [(t["p90"] - t["p50"]) / 1000.0 for _, t in points]
-            axis.errorbar(xs, p50, yerr=[[0.0] * len(xs), above], marker="o", capsize=3,
-                          mfc="none" if query == "warm" else None,
-                          linestyle="--" if name == "reference" else "-", label=f"{name} {query}")
+            axis.errorbar(
+                xs,
+                p50,
+                yerr=[[0.0] * len(xs), above],
+                marker="o",
+                capsize=3,
+                mfc="none" if query == "warm" else None,
+                linestyle="--" if name == "reference" else "-",
+                label=f"{name} {query}",
+            )
             ticks.update(xs)
     axis.set_xticks(sorted(ticks))
     axis.set_xlabel("instances in the image")
@@ -298,8 +405,10 @@ def write_plot(path: Path, doc: dict[str, Any]) -> bool:
     _scaling_curve(curve, doc, pipelines)
     s, env = doc["settings"], doc["environment"]
     machine = ", ".join([env["cpu"], *env["gpus"]])
-    figure.suptitle(f"persense-bench: SAM {s['model_type']} ({weights_label(s)}), {machine}; "
-                    f"timed queries per pipeline: {s['repeat']}")
+    figure.suptitle(
+        f"persense-bench: SAM {s['model_type']} ({weights_label(s)}), {machine}; "
+        f"timed queries per pipeline: {s['repeat']}"
+    )
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110)

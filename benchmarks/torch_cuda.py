@@ -16,7 +16,7 @@ import argparse
 import json
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -50,8 +50,16 @@ def _inputs(prompts: int, device: torch.device, dtype: torch.dtype) -> tuple[tor
     g = torch.Generator().manual_seed(0)
     coords = torch.cat([torch.rand(prompts, 1, 2, generator=g) * 1024, torch.zeros(prompts, 1, 2)], dim=1)
     labels = torch.tensor([[1.0, -1.0]]).repeat(prompts, 1)
-    tensors = (torch.randn(1, 256, 64, 64, generator=g), coords, labels, torch.zeros(prompts, 1, 256, 256),
-               torch.zeros(prompts), torch.zeros(1, 256), torch.zeros(1, 4096), torch.zeros(prompts))
+    tensors = (
+        torch.randn(1, 256, 64, 64, generator=g),
+        coords,
+        labels,
+        torch.zeros(prompts, 1, 256, 256),
+        torch.zeros(prompts),
+        torch.zeros(1, 256),
+        torch.zeros(1, 4096),
+        torch.zeros(prompts),
+    )
     return tuple(t.to(device=device, dtype=dtype) for t in tensors)
 
 
@@ -71,7 +79,7 @@ def measure(model_type: str, prompts: int, repeat: int, device: torch.device) ->
 
     def sequential() -> None:
         for i in range(prompts):
-            one = [t[i:i + 1] if k in PER_PROMPT else t for k, t in enumerate(inputs)]
+            one = [t[i : i + 1] if k in PER_PROMPT else t for k, t in enumerate(inputs)]
             low, iou = literal(*one)
             masks = _postprocess(low[:, 1:])
             masks.cpu(), iou.cpu()  # the original predictor returns numpy arrays
@@ -80,19 +88,24 @@ def measure(model_type: str, prompts: int, repeat: int, device: torch.device) ->
         def run() -> None:
             chosen, _ = module(*feeds)  # the best multimask output, chosen in the module as in the graph
             _postprocess(chosen[:, None].float()).cpu()
+
         return run
 
-    result: dict[str, object] = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                                 "torch": torch.__version__, "model_type": model_type, "prompts": prompts}
+    result: dict[str, object] = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "model_type": model_type,
+        "prompts": prompts,
+    }
     result["decoder_sequential_fp32_ms"] = statistics.median(_timed(sequential, device, max(1, repeat // 5)))
     result["decoder_batched_fp32_ms"] = statistics.median(_timed(batched(fast, inputs), device, repeat))
     result["decoder_module_only_fp32_ms"] = statistics.median(_timed(lambda: fast(*inputs), device, repeat))
-    result["literal_decoder_module_only_fp32_ms"] = statistics.median(
-        _timed(lambda: literal(*inputs), device, repeat))
+    result["literal_decoder_module_only_fp32_ms"] = statistics.median(_timed(lambda: literal(*inputs), device, repeat))
     half = ReassociatedDecoder(sam, best_only=True).eval().half() if device.type == "cuda" else None
     if half is not None:
         result["decoder_batched_fp16_ms"] = statistics.median(
-            _timed(batched(half, _inputs(prompts, device, torch.float16)), device, repeat))
+            _timed(batched(half, _inputs(prompts, device, torch.float16)), device, repeat)
+        )
         half.float()
     image = torch.randn(1, 3, 1024, 1024, device=device)
     encoder = sam.image_encoder
@@ -108,8 +121,11 @@ def measure(model_type: str, prompts: int, repeat: int, device: torch.device) ->
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point."""
-    parser = argparse.ArgumentParser(prog="python -m persense.benchmarks.torch_cuda", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m persense.benchmarks.torch_cuda",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--model", default="vit_h", help="SAM type (random weights)")
     parser.add_argument("--prompts", type=int, default=150, help="prompts in the decoder stage")
     parser.add_argument("--repeat", type=int, default=10, help="timed runs per measurement")

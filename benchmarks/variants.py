@@ -2,8 +2,8 @@
 
 Every pipeline runs in its own worker process (multiprocessing, spawn): the parent sends "cold" or "warm"
 and gets one query's timings back (cold: encode the reference, then segment; warm: segment with the
-reference encoded once when the worker started), so the parent can alternate pipelines while each process's peak resident
-memory (ru_maxrss) stays its own. Runtime workers never import torch.
+reference encoded once when the worker started), so the parent can alternate pipelines while each process's peak
+resident memory (ru_maxrss) stays its own. Runtime workers never import torch.
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -50,25 +51,33 @@ class Variant:
 
     def describe(self) -> dict[str, str]:
         """JSON form."""
-        return {"name": self.name, "kind": "reference" if self.is_reference else "runtime",
-                "backend": self.backend, "precision": self.precision}
+        return {
+            "name": self.name,
+            "kind": "reference" if self.is_reference else "runtime",
+            "backend": self.backend,
+            "precision": self.precision,
+        }
 
 
 REFERENCE_NAME = "reference"
 REFERENCES = {device: Variant(REFERENCE_NAME, f"torch-{device}", "fp32") for device in ("cpu", "cuda")}
-RUNTIME_VARIANTS = {v.name: v for v in (
-    Variant("ort-cpu-fp32", "ort-cpu", "fp32"),
-    Variant("ort-cpu-fp16", "ort-cpu", "fp16", "--fp16"),
-    Variant("ort-cpu-int8", "ort-cpu", "int8", "--int8"),
-    Variant("ort-cuda-fp32", "ort-cuda", "fp32"),
-    Variant("ort-cuda-fp16", "ort-cuda", "fp16", "--fp16"),
-    Variant("trt-fp16", "trt", "fp16", "--fp16"),
-    Variant("ov-cpu-fp32", "openvino", "fp32"),
-    Variant("ov-cpu-bf16", "openvino", "bf16"),
-)}
+RUNTIME_VARIANTS = {
+    v.name: v
+    for v in (
+        Variant("ort-cpu-fp32", "ort-cpu", "fp32"),
+        Variant("ort-cpu-fp16", "ort-cpu", "fp16", "--fp16"),
+        Variant("ort-cpu-int8", "ort-cpu", "int8", "--int8"),
+        Variant("ort-cuda-fp32", "ort-cuda", "fp32"),
+        Variant("ort-cuda-fp16", "ort-cuda", "fp16", "--fp16"),
+        Variant("trt-fp16", "trt", "fp16", "--fp16"),
+        Variant("ov-cpu-fp32", "openvino", "fp32"),
+        Variant("ov-cpu-bf16", "openvino", "bf16"),
+    )
+}
 
 
 # ----------------------------------------------------------------------------------------------- engines
+
 
 def _run_module(module: str, *args: str) -> str | None:
     """Run `python -m module args -q`; None on success, else the last line it wrote to stderr."""
@@ -87,8 +96,9 @@ def weights_of(model_type: str) -> str:
     return "bundled" if model_type in TRAINED_MODELS else "random"
 
 
-def export_engines(model_type: str, seed: int, folder: Path, flags: list[str],
-                   detector: str | None = None) -> dict[str, str]:
+def export_engines(
+    model_type: str, seed: int, folder: Path, flags: list[str], detector: str | None = None
+) -> dict[str, str]:
     """`persense-export` (random weights with `seed`, or the bundled ones) into the cache folder (it reuses
     unchanged artefacts), with the Grounding DINO configuration `detector` (random weights with `seed`) when
     given, then once per extra flag (--fp16, --int8), so that a failed conversion only skips its variants;
@@ -97,8 +107,9 @@ def export_engines(model_type: str, seed: int, folder: Path, flags: list[str],
     command = ["persense.export.cli", "--model", model_type, *weights, "--out", str(folder)]
     error = _run_module(*command)
     if error is None and detector is not None:
-        error = _run_module("persense.export.cli", "--detector", detector, "--random-weights", "--seed", str(seed),
-                            "--out", str(folder))
+        error = _run_module(
+            "persense.export.cli", "--detector", detector, "--random-weights", "--seed", str(seed), "--out", str(folder)
+        )
     if error is not None:
         raise PersenseError(f"exporting the {model_type} engines into {folder} failed: {error}")
     errors = {flag: _run_module(*command, flag) for flag in flags}
@@ -112,14 +123,19 @@ def _ort_cuda_reason() -> str | None:
     providers = ort.get_available_providers()
     if "CUDAExecutionProvider" in providers:
         return None
-    return (f"onnxruntime {ort.__version__} has no CUDAExecutionProvider (providers: {', '.join(providers)}); "
-            "install the `gpu` extra (onnxruntime-gpu) on a machine with an NVIDIA GPU")
+    return (
+        f"onnxruntime {ort.__version__} has no CUDAExecutionProvider (providers: {', '.join(providers)}); "
+        "install the `gpu` extra (onnxruntime-gpu) on a machine with an NVIDIA GPU"
+    )
 
 
 def _torch_cuda_reason() -> str | None:
     """None when torch sees a CUDA GPU here, else why not (asked in a child process: the parent stays torch-free)."""
-    done = subprocess.run([sys.executable, "-c", "import torch; print(torch.__version__, torch.cuda.is_available())"],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-c", "import torch; print(torch.__version__, torch.cuda.is_available())"],
+        capture_output=True,
+        text=True,
+    )
     if done.returncode != 0:
         return "torch cannot be imported here: install the `export` extra"
     version, available = done.stdout.split()
@@ -156,6 +172,7 @@ def engines_reason(variant: Variant, folder: Path, export_errors: dict[str, str]
 
 
 # ------------------------------------------------------------------------------------------ worker side
+
 
 @dataclass(frozen=True)
 class WorkerSpec:
@@ -199,8 +216,9 @@ def _build_pipeline(spec: WorkerSpec) -> Any:
     from persense.runtime.pipeline.flow import PerSensePipeline
 
     variant = spec.variant
-    sam = SamEngines.from_manifest(load_manifest(spec.engines), variant.backend, spec.threads, spec.decode_chunk,
-                                   variant.precision)
+    sam = SamEngines.from_manifest(
+        load_manifest(spec.engines), variant.backend, spec.threads, spec.decode_chunk, variant.precision
+    )
     return PerSensePipeline(sam, _counter(spec))
 
 
@@ -236,8 +254,10 @@ def detector_stage(spec: WorkerSpec) -> Detector | None:
     tokens = text.encode(DETECTOR_PROMPT)
     entry = manifest.artefact(DETECTOR)
     if entry.source_checkpoint != "random":
-        raise PersenseError(f"{manifest.folder}: the reference rebuilds only a random-weight detector (persense-bench "
-                            f"--detector exports one); this one comes from {entry.source_checkpoint}")
+        raise PersenseError(
+            f"{manifest.folder}: the reference rebuilds only a random-weight detector (persense-bench "
+            f"--detector exports one); this one comes from {entry.source_checkpoint}"
+        )
     tokenizer = (manifest.folder / entry.extra["tokenizer"]["file"]).read_text()
     device = spec.variant.backend.removeprefix("torch-")
     model = random_detector(entry.extra["config"], spec.seed, tokenizer).to(device)
@@ -246,7 +266,7 @@ def detector_stage(spec: WorkerSpec) -> Detector | None:
     def run(image: np.ndarray) -> tuple[np.ndarray, float] | None:
         with torch.no_grad():
             out = model(pixel_values=torch.from_numpy(preprocess(image, min_side)).to(device), **feeds)
-        logits = out.logits[0, :, :tokens.input_ids.shape[1]].cpu().numpy()
+        logits = out.logits[0, :, : tokens.input_ids.shape[1]].cpu().numpy()
         found = postprocess(logits, out.pred_boxes[0].cpu().numpy(), image.shape[:2])
         best = found.best()
         return None if best is None else (found.boxes[best], float(found.confidence[best]))
@@ -263,8 +283,9 @@ def _timed_detector(detector: Detector | None, image: np.ndarray) -> dict[str, f
     return {DETECTOR_STAGE: (time.perf_counter() - start) * 1000.0}
 
 
-def cold_query(pipeline: Any, image: np.ndarray, ref_image: np.ndarray, ref_mask: np.ndarray,
-               detector: Detector | None = None) -> dict[str, Any]:
+def cold_query(
+    pipeline: Any, image: np.ndarray, ref_image: np.ndarray, ref_mask: np.ndarray, detector: Detector | None = None
+) -> dict[str, Any]:
     """One cold query: encode the reference, run the detector if any, segment the target; timings and decoder work."""
     start = time.perf_counter()
     target = pipeline.reference(ref_image, ref_mask)
@@ -281,10 +302,15 @@ def warm_query(pipeline: Any, image: np.ndarray, target: Any, detector: Detector
 
 def _record(result: Any, timings_ms: dict[str, float]) -> dict[str, Any]:
     """A query's timings (`timings_ms` first, then the segmentation's stages), decoder work and packed union."""
-    return {"timings_ms": {**timings_ms, **result.timings_ms},
-            "decoder_prompts": int(result.decoder_prompts), "decoder_launches": int(result.decoder_launches),
-            "points": int(len(result.points)), "count_estimate": float(result.count),
-            "warnings": list(result.warnings), "union": np.packbits(result.union > 0)}
+    return {
+        "timings_ms": {**timings_ms, **result.timings_ms},
+        "decoder_prompts": int(result.decoder_prompts),
+        "decoder_launches": int(result.decoder_launches),
+        "points": int(len(result.points)),
+        "count_estimate": float(result.count),
+        "warnings": list(result.warnings),
+        "union": np.packbits(result.union > 0),
+    }
 
 
 def peak_rss_bytes() -> int:
@@ -305,8 +331,14 @@ def serve(conn: Connection, spec: WorkerSpec) -> None:
         target = pipeline.reference(ref_image, ref_mask)
         conn.send(("ok", {"load_s": time.perf_counter() - start, "torch_imported": "torch" in sys.modules}))
         while (message := conn.recv()) in QUERIES:
-            conn.send(("ok", cold_query(pipeline, image, ref_image, ref_mask, detector) if message == "cold"
-                       else warm_query(pipeline, image, target, detector)))
+            conn.send(
+                (
+                    "ok",
+                    cold_query(pipeline, image, ref_image, ref_mask, detector)
+                    if message == "cold"
+                    else warm_query(pipeline, image, target, detector),
+                )
+            )
         conn.send(("ok", {"peak_rss_bytes": peak_rss_bytes()}))
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which marks the pipeline failed
         conn.send(("error", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"))
@@ -314,14 +346,14 @@ def serve(conn: Connection, spec: WorkerSpec) -> None:
 
 # ------------------------------------------------------------------------------------------ parent side
 
+
 class Worker:
     """Parent-side handle of one worker process; after a failure `error` says why and calls return None."""
 
     def __init__(self, spec: WorkerSpec) -> None:
         context = multiprocessing.get_context("spawn")
         self.conn, child = context.Pipe()
-        self.process = context.Process(target=serve, args=(child, spec), name=f"bench-{spec.variant.name}",
-                                       daemon=True)
+        self.process = context.Process(target=serve, args=(child, spec), name=f"bench-{spec.variant.name}", daemon=True)
         self.process.start()
         child.close()
         self.error: str | None = None

@@ -46,11 +46,18 @@ class Workload:
 
     def describe(self) -> dict[str, Any]:
         """JSON form."""
-        return {"name": self.name, "instances": self.instances, "ground_truth_count": self.ground_truth_count,
-                "width": self.size[0], "height": self.size[1], "image": str(self.image),
-                "reference": str(self.reference), "reference_mask": str(self.reference_mask),
-                "density": None if self.density is None else str(self.density),
-                "labels": None if self.labels is None else str(self.labels)}
+        return {
+            "name": self.name,
+            "instances": self.instances,
+            "ground_truth_count": self.ground_truth_count,
+            "width": self.size[0],
+            "height": self.size[1],
+            "image": str(self.image),
+            "reference": str(self.reference),
+            "reference_mask": str(self.reference_mask),
+            "density": None if self.density is None else str(self.density),
+            "labels": None if self.labels is None else str(self.labels),
+        }
 
 
 def parse_instances(text: str) -> tuple[int, ...]:
@@ -80,8 +87,7 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def synthetic_workloads(folder: Path, instances: tuple[int, ...], size: tuple[int, int],
-                        seed: int) -> list[Workload]:
+def synthetic_workloads(folder: Path, instances: tuple[int, ...], size: tuple[int, int], seed: int) -> list[Workload]:
     """Render the reference scene and one target scene per instance count into `folder` (lossless PNG + .npy)."""
     folder = Path(folder) / f"seed{seed}-{size[0]}x{size[1]}"
     template = random_template(np.random.default_rng([seed, 0]))
@@ -103,8 +109,16 @@ def synthetic_workloads(folder: Path, instances: tuple[int, ...], size: tuple[in
 
 def user_workload(image: Path, reference: Path, reference_mask: Path, density: Path | None) -> Workload:
     """The user's own target image, reference image and mask (and optional density map), checked up front."""
-    workload = Workload(Path(image).stem, None, None, (0, 0), Path(image), Path(reference), Path(reference_mask),
-                        None if density is None else Path(density))
+    workload = Workload(
+        Path(image).stem,
+        None,
+        None,
+        (0, 0),
+        Path(image),
+        Path(reference),
+        Path(reference_mask),
+        None if density is None else Path(density),
+    )
     target, _, _ = workload.load()
     if density is not None:
         NpyDensityCounter(density)

@@ -15,8 +15,13 @@ from persense.runtime.manifest import Artefact, Manifest, TensorSpec, installed_
 
 FP16_SUFFIX = "_fp16"
 INT8_SUFFIX = "_int8"
-_ONNX_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
-                onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT32: "int32", onnx.TensorProto.BOOL: "bool"}
+_ONNX_DTYPES = {
+    onnx.TensorProto.FLOAT: "float32",
+    onnx.TensorProto.FLOAT16: "float16",
+    onnx.TensorProto.INT64: "int64",
+    onnx.TensorProto.INT32: "int32",
+    onnx.TensorProto.BOOL: "bool",
+}
 _PACKAGES = ("persense", "torch", "onnx", "onnxruntime", "onnxslim", "onnxconverter-common", "tensorrt")
 
 
@@ -42,12 +47,18 @@ def _specs(values) -> list[TensorSpec]:
 
 def external_data_files(model: onnx.ModelProto) -> set[str]:
     """The files (relative locations) that a model's initializers keep their data in."""
-    return {entry.value for tensor in model.graph.initializer if tensor.data_location == onnx.TensorProto.EXTERNAL
-            for entry in tensor.external_data if entry.key == "location"}
+    return {
+        entry.value
+        for tensor in model.graph.initializer
+        if tensor.data_location == onnx.TensorProto.EXTERNAL
+        for entry in tensor.external_data
+        if entry.key == "location"
+    }
 
 
-def describe(path: Path, kind: str, precision: str, model_type: str, source_checkpoint: str,
-             extra: dict[str, Any] | None = None) -> Artefact:
+def describe(
+    path: Path, kind: str, precision: str, model_type: str, source_checkpoint: str, extra: dict[str, Any] | None = None
+) -> Artefact:
     """The manifest entry of an exported ONNX file (hash, opset, I/O, and its external data file if any)."""
     model = onnx.load(str(path), load_external_data=False)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
@@ -58,9 +69,18 @@ def describe(path: Path, kind: str, precision: str, model_type: str, source_chec
     if files:
         data_path = path.parent / files.pop()
         extra.update(data_file=data_path.name, data_sha256=sha256_file(data_path))
-    return Artefact(file=path.name, sha256=sha256_file(path), kind=kind, precision=precision, model_type=model_type,
-                    source_checkpoint=source_checkpoint, opset=opset, inputs=_specs(model.graph.input),
-                    outputs=_specs(model.graph.output), extra=extra)
+    return Artefact(
+        file=path.name,
+        sha256=sha256_file(path),
+        kind=kind,
+        precision=precision,
+        model_type=model_type,
+        source_checkpoint=source_checkpoint,
+        opset=opset,
+        inputs=_specs(model.graph.input),
+        outputs=_specs(model.graph.output),
+        extra=extra,
+    )
 
 
 def intact(previous: Manifest, name: str) -> bool:
@@ -95,8 +115,13 @@ def reusable_variant(previous: Manifest | None, name: str, artefact: Artefact, s
 
 def variant_extra(artefact: Artefact, seconds: float, **fields: Any) -> dict[str, Any]:
     """The `extra` of an entry converted from an FP32 artefact: what it came from, how, and how long it took."""
-    return {"source_key": artefact.extra.get("source_key"), "fp32_file": artefact.file,
-            "fp32_sha256": artefact.sha256, **fields, "convert_seconds": round(seconds, 2)}
+    return {
+        "source_key": artefact.extra.get("source_key"),
+        "fp32_file": artefact.file,
+        "fp32_sha256": artefact.sha256,
+        **fields,
+        "convert_seconds": round(seconds, 2),
+    }
 
 
 def add_artefact(folder: Path, name: str, artefact: Artefact) -> None:

@@ -28,8 +28,11 @@ def read_checkpoint(path: str | Path) -> dict:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=not trusted)
     except pickle.UnpicklingError as exc:
-        raise PersenseError(f"{path}: the checkpoint pickles objects other than tensors; if you trust the file, "
-                            f"set {TRUST_ENV}=1 ({str(exc).splitlines()[0][:160]})") from exc
+        raise PersenseError(
+            f"{path}: the checkpoint pickles objects other than tensors; if you trust the file, "
+            f"set {TRUST_ENV}=1 ({str(exc).splitlines()[0][:160]})"
+        ) from exc
     except Exception as exc:  # truncated zip, not a torch file at all
-        raise PersenseError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: "
-                            f"{str(exc).splitlines()[0][:200]})") from exc
+        raise PersenseError(
+            f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+        ) from exc

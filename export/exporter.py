@@ -6,9 +6,9 @@ import functools
 import hashlib
 import logging
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from tqdm import tqdm
 
@@ -55,8 +55,9 @@ class Job:
     export: Callable[[object, Path, str], Artefact]
 
 
-def resolve_checkpoint(model_type: str, checkpoint: Path | None, random_weights: bool,
-                       weights_dir: Path) -> Path | None:
+def resolve_checkpoint(
+    model_type: str, checkpoint: Path | None, random_weights: bool, weights_dir: Path
+) -> Path | None:
     """The checkpoint to load: the given path, the official file in `weights_dir`, or None for random weights."""
     from persense.export.sam.build import BUNDLED_CHECKPOINTS, CHECKPOINT_NAMES
 
@@ -71,8 +72,10 @@ def resolve_checkpoint(model_type: str, checkpoint: Path | None, random_weights:
     default = weights_dir / CHECKPOINT_NAMES[model_type]
     if default.is_file():
         return default
-    raise PersenseError(f"no SAM checkpoint: put {CHECKPOINT_NAMES[model_type]} in {weights_dir}/, pass --checkpoint "
-                        f"PATH, or use --random-weights for a demo with random weights")
+    raise PersenseError(
+        f"no SAM checkpoint: put {CHECKPOINT_NAMES[model_type]} in {weights_dir}/, pass --checkpoint "
+        f"PATH, or use --random-weights for a demo with random weights"
+    )
 
 
 def _previous_manifest(out: Path) -> Manifest | None:
@@ -92,20 +95,35 @@ def _sam_jobs(request: ExportRequest) -> list[Job]:
 
     source = sha256_file(request.checkpoint) if request.checkpoint else "random"
     key = f"{request.model_type}:{source}:{'' if request.checkpoint else request.seed}:r{EXPORT_RECIPE}"
-    build = functools.cache(lambda: load_sam(request.model_type, request.checkpoint) if request.checkpoint
-                            else random_sam(request.model_type, request.seed))
-    jobs = [Job(name, source, key, build, lambda m, path, src, f=fn: f(m, path, request.model_type, src))
-            for name, fn in (("sam_encoder", export_encoder), ("sam_decoder", export_decoder))]
+    build = functools.cache(
+        lambda: (
+            load_sam(request.model_type, request.checkpoint)
+            if request.checkpoint
+            else random_sam(request.model_type, request.seed)
+        )
+    )
+    jobs = [
+        Job(name, source, key, build, lambda m, path, src, f=fn: f(m, path, request.model_type, src))
+        for name, fn in (("sam_encoder", export_encoder), ("sam_decoder", export_decoder))
+    ]
     form = request.gpu_encoder
     if form is not None:
         from persense.export.sam.gpu_encoder import ATTENTION_FORMS, export_gpu_encoder
         from persense.runtime.models.sam import GPU_ENCODER
 
         if form not in ATTENTION_FORMS:
-            raise PersenseError(f"unknown attention form {form!r} for the GPU encoder; choose one of "
-                                f"{', '.join(ATTENTION_FORMS)}")
-        jobs.append(Job(GPU_ENCODER, source, f"{key}:{form}", build,
-                        lambda m, path, src: export_gpu_encoder(m, path, request.model_type, src, form)))
+            raise PersenseError(
+                f"unknown attention form {form!r} for the GPU encoder; choose one of {', '.join(ATTENTION_FORMS)}"
+            )
+        jobs.append(
+            Job(
+                GPU_ENCODER,
+                source,
+                f"{key}:{form}",
+                build,
+                lambda m, path, src: export_gpu_encoder(m, path, request.model_type, src, form),
+            )
+        )
     return jobs
 
 
@@ -118,8 +136,11 @@ def _counter_job(request: ExportRequest) -> Job:
     if request.counter == "countr":
         from persense.export.counters.countr import export_countr, load_countr, random_countr
 
-        build = (lambda: load_countr(checkpoint)) if checkpoint else (
-            lambda: random_countr(request.seed, request.counter_config))
+        build = (
+            (lambda: load_countr(checkpoint))
+            if checkpoint
+            else (lambda: random_countr(request.seed, request.counter_config))
+        )
         key = f"countr-{request.counter_config}:{source}:{'' if checkpoint else request.seed}:r{EXPORT_RECIPE}"
         return Job("counter_countr", source, key, build, lambda m, path, src: export_countr(m, path.parent, src))
     if request.counter == "dsalvanet":
@@ -145,12 +166,20 @@ def _detector_job(request: ExportRequest) -> Job:
     checkpoint, config = request.detector_checkpoint, request.detector
     tokenizer = detector_tokenizer(checkpoint, request.detector_tokenizer)
     write_tokenizer(request.out, tokenizer)
-    source = "random" if checkpoint is None else (sha256_file(checkpoint) if checkpoint.is_file() else
-                                                  _folder_hash(checkpoint))
-    key = (f"{config}:{source}:{'' if checkpoint else request.seed}:"
-           f"{hashlib.sha256(tokenizer.encode()).hexdigest()[:16]}:r{EXPORT_RECIPE}")
-    build = (lambda: load_detector(config, checkpoint, tokenizer)) if checkpoint else (
-        lambda: random_detector(config, request.seed, tokenizer))
+    source = (
+        "random"
+        if checkpoint is None
+        else (sha256_file(checkpoint) if checkpoint.is_file() else _folder_hash(checkpoint))
+    )
+    key = (
+        f"{config}:{source}:{'' if checkpoint else request.seed}:"
+        f"{hashlib.sha256(tokenizer.encode()).hexdigest()[:16]}:r{EXPORT_RECIPE}"
+    )
+    build = (
+        (lambda: load_detector(config, checkpoint, tokenizer))
+        if checkpoint
+        else (lambda: random_detector(config, request.seed, tokenizer))
+    )
     return Job(DETECTOR, source, key, build, lambda m, path, src: export_onnx(m, path, config, src, tokenizer))
 
 
@@ -171,7 +200,7 @@ def _kept(previous: Manifest | None, artefacts: dict[str, Artefact]) -> dict[str
     """Earlier artefacts this run does not rewrite (other counters, FP16 models, engines) that are intact
     and were made from the same source as what the folder now holds."""
     kept: dict[str, Artefact] = {}
-    for name, art in (previous.artefacts.items() if previous else ()):
+    for name, art in previous.artefacts.items() if previous else ():
         # sam_encoder_gpu (its key: SAM's key + ":<form>") is made from the SAM build that sam_encoder is
         base = artefacts.get(_base_name(name)) or artefacts.get(_base_name(name).removesuffix("_gpu"))
         key = art.extra.get("source_key", "")
@@ -192,8 +221,11 @@ def export_all(request: ExportRequest) -> tuple[Path, str | None]:
     if previous is not None and request.model_type is not None and previous.model_type != request.model_type:
         previous = None
     model_type = request.model_type or (previous.model_type if previous is not None else "none")
-    jobs = ((_sam_jobs(request) if request.model_type else []) + ([_counter_job(request)] if request.counter else [])
-            + ([_detector_job(request)] if request.detector else []))
+    jobs = (
+        (_sam_jobs(request) if request.model_type else [])
+        + ([_counter_job(request)] if request.counter else [])
+        + ([_detector_job(request)] if request.detector else [])
+    )
     artefacts: dict[str, Artefact] = {}
     for job in tqdm(jobs, desc="persense-export", unit="artefact", file=sys.stderr, disable=len(jobs) < 3):
         reused = reusable(previous, job.name, job.source_key)
@@ -217,18 +249,31 @@ def export_all(request: ExportRequest) -> tuple[Path, str | None]:
         from persense.export.precision.int8 import int8_artefacts
 
         artefacts.update(int8_artefacts(artefacts, request.out, previous))
-    manifest = Manifest(folder=request.out, model_type=model_type, versions=package_versions(),
-                        artefacts=artefacts)
+    manifest = Manifest(folder=request.out, model_type=model_type, versions=package_versions(), artefacts=artefacts)
     return manifest.save(), note
 
 
-def export_detector(out_dir: Path, config: str, checkpoint: Path | None = None, tokenizer: Path | None = None,
-                    seed: int = 0, fp16: bool = False) -> list[Artefact]:
+def export_detector(
+    out_dir: Path,
+    config: str,
+    checkpoint: Path | None = None,
+    tokenizer: Path | None = None,
+    seed: int = 0,
+    fp16: bool = False,
+) -> list[Artefact]:
     """Export the detector (reusing an unchanged one) into `out_dir`'s manifest; returns its manifest entries."""
     from persense.export.grounding_dino.model import DETECTOR
 
-    request = ExportRequest(model_type=None, checkpoint=None, seed=seed, out=Path(out_dir), fp16=fp16,
-                            detector=config, detector_checkpoint=checkpoint, detector_tokenizer=tokenizer)
+    request = ExportRequest(
+        model_type=None,
+        checkpoint=None,
+        seed=seed,
+        out=Path(out_dir),
+        fp16=fp16,
+        detector=config,
+        detector_checkpoint=checkpoint,
+        detector_tokenizer=tokenizer,
+    )
     export_all(request)
     manifest = load_manifest(Path(out_dir))
     return [art for name, art in manifest.artefacts.items() if name.startswith(DETECTOR)]

@@ -32,9 +32,15 @@ EXTERNAL_MIN_BYTES = 1024  # initializers from this size on go to the external d
 _ALIGNMENT = 4096  # external tensors start on page boundaries, so ONNX Runtime can memory-map them
 
 
-def export_onnx(module: torch.nn.Module, args: tuple[torch.Tensor, ...], path: Path, input_names: list[str],
-                output_names: list[str], dynamic_shapes: dict[str, Any] | None = None,
-                options: dict[str, Any] | None = None) -> float:
+def export_onnx(
+    module: torch.nn.Module,
+    args: tuple[torch.Tensor, ...],
+    path: Path,
+    input_names: list[str],
+    output_names: list[str],
+    dynamic_shapes: dict[str, Any] | None = None,
+    options: dict[str, Any] | None = None,
+) -> float:
     """Export with torch's dynamo exporter (extra torch.onnx.export `options`, e.g. opset_version), simplify with
     onnxslim, check, save; returns seconds taken."""
     import torch
@@ -44,9 +50,17 @@ def export_onnx(module: torch.nn.Module, args: tuple[torch.Tensor, ...], path: P
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # e.g. "torchvision is not installed" notices
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(module, args, dynamo=True, optimize=True, input_names=input_names,
-                                    output_names=output_names, dynamic_shapes=dynamic_shapes, verbose=False,
-                                    **(options or {}))
+        program = torch.onnx.export(
+            module,
+            args,
+            dynamo=True,
+            optimize=True,
+            input_names=input_names,
+            output_names=output_names,
+            dynamic_shapes=dynamic_shapes,
+            verbose=False,
+            **(options or {}),
+        )
     weights = sum(v.const_value.nbytes for v in program.model.graph.initializers.values() if v.const_value is not None)
     if weights > LARGE_MODEL_BYTES:
         log.info("%s: %.2f GB of weights, simplified with weights detached", path.name, weights / 1e9)
@@ -76,20 +90,31 @@ def save_onnx(model: onnx.ModelProto, path: Path) -> None:
     data_path = data_file(path)
     data_path.unlink(missing_ok=True)
     large = sum(t.ByteSize() for t in model.graph.initializer) > LARGE_MODEL_BYTES  # never the whole proto's size
-    onnx.save_model(model, str(path), save_as_external_data=large, all_tensors_to_one_file=True,
-                    location=data_path.name if large else None, size_threshold=EXTERNAL_MIN_BYTES)
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=large,
+        all_tensors_to_one_file=True,
+        location=data_path.name if large else None,
+        size_threshold=EXTERNAL_MIN_BYTES,
+    )
 
 
 def _detachable(value: Any) -> bool:
     """A large weight none of whose consumers could be constant-folded (each also takes a computed input)."""
+
     def computed(node_input: Any) -> bool:
         """An input that is neither a weight nor a Constant node's output."""
         producer = node_input.producer() if node_input is not None else None
-        return node_input is not None and not node_input.is_initializer() and not (
-            producer is not None and producer.op_type == "Constant")
+        return (
+            node_input is not None
+            and not node_input.is_initializer()
+            and not (producer is not None and producer.op_type == "Constant")
+        )
 
     return value.const_value.nbytes >= DETACH_MIN_BYTES and all(
-        any(computed(i) for i in use.node.inputs) for use in value.uses())
+        any(computed(i) for i in use.node.inputs) for use in value.uses()
+    )
 
 
 def _slim_detached(model: Any) -> tuple[onnx.ModelProto, dict[str, Any]]:
@@ -109,8 +134,11 @@ def _slim_detached(model: Any) -> tuple[onnx.ModelProto, dict[str, Any]]:
         graph.inputs.clear()
         graph.inputs.extend(inputs)
         graph.initializers.update(detached)
-    log.info("simplifying with %d weights (%.2f GB) detached", len(detached),
-             sum(v.const_value.nbytes for v in detached.values()) / 1e9)
+    log.info(
+        "simplifying with %d weights (%.2f GB) detached",
+        len(detached),
+        sum(v.const_value.nbytes for v in detached.values()) / 1e9,
+    )
     return simplify(proto), {name: v.const_value for name, v in detached.items()}
 
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -88,11 +89,13 @@ def _alternating(period: int) -> Callable[[np.random.Generator, tuple[int, ...]]
 
 def _roi(index: int) -> Callable[[np.random.Generator, tuple[int, ...]], np.ndarray]:
     """DSALVANet's ROI bin indices (rows for 0, columns for 1) of three fixed exemplar boxes."""
+
     def make(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
         """The indices (shape fixed by the boxes)."""
         from persense.runtime.counters.dsalvanet import roi_indices
 
         return roi_indices(DSALVANET_SAMPLE_BOXES)[index]
+
     return make
 
 
@@ -102,11 +105,18 @@ def _token_ids(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
 
 
 _FEEDS: dict[str, Callable[[np.random.Generator, tuple[int, ...]], np.ndarray]] = {
-    "input_ids": _token_ids, "attention_mask": lambda rng, shape: np.ones(shape, np.int64),
+    "input_ids": _token_ids,
+    "attention_mask": lambda rng, shape: np.ones(shape, np.int64),
     "token_type_ids": lambda rng, shape: np.zeros(shape, np.int64),
-    "point_coords": _uniform(1024.0), "point_labels": _point_labels, "has_mask_input": _alternating(1),
-    "persam_weight": _alternating(2), "attn_sim": _uniform(1.0), "windows": _uniform(1.0),
-    "exemplars": _uniform(1.0), "roi_rows": _roi(0), "roi_cols": _roi(1),
+    "point_coords": _uniform(1024.0),
+    "point_labels": _point_labels,
+    "has_mask_input": _alternating(1),
+    "persam_weight": _alternating(2),
+    "attn_sim": _uniform(1.0),
+    "windows": _uniform(1.0),
+    "exemplars": _uniform(1.0),
+    "roi_rows": _roi(0),
+    "roi_cols": _roi(1),
 }
 
 
@@ -142,8 +152,11 @@ def compare_outputs(reference: np.ndarray, candidate: np.ndarray, name: str) -> 
     ref = reference.astype(np.float64).ravel()
     got = candidate.astype(np.float64).ravel()
     diff = np.abs(got - ref)
-    metrics = {"max_abs": float(diff.max(initial=0.0)), "mean_abs": float(diff.mean()) if diff.size else 0.0,
-               "cosine": _cosine(ref, got)}
+    metrics = {
+        "max_abs": float(diff.max(initial=0.0)),
+        "mean_abs": float(diff.mean()) if diff.size else 0.0,
+        "cosine": _cosine(ref, got),
+    }
     if name in MASK_OUTPUTS:
         metrics["mask_iou"] = mean_mask_iou(reference, candidate)
     return metrics
@@ -154,8 +167,12 @@ def measure_error(artefact: Artefact, fp32_path: Path, variant_path: Path, seed:
     feeds = sample_feeds(artefact, seed)
     reference = OrtEngine(fp32_path).run(feeds)
     candidate = OrtEngine(variant_path).run(feeds)
-    return {"backend": "onnxruntime-cpu", "reference": "fp32 onnx", "inputs": f"parity.sample_feeds(seed={seed})",
-            "outputs": {name: compare_outputs(reference[name], candidate[name], name) for name in reference}}
+    return {
+        "backend": "onnxruntime-cpu",
+        "reference": "fp32 onnx",
+        "inputs": f"parity.sample_feeds(seed={seed})",
+        "outputs": {name: compare_outputs(reference[name], candidate[name], name) for name in reference},
+    }
 
 
 def judge(reference: np.ndarray, candidate: np.ndarray, name: str, tol: Tolerance) -> tuple[dict[str, float], bool]:
@@ -164,8 +181,11 @@ def judge(reference: np.ndarray, candidate: np.ndarray, name: str, tol: Toleranc
     ref = reference.astype(np.float64)
     outside = np.abs(candidate.astype(np.float64) - ref) > tol.atol + tol.rtol * np.abs(ref)
     metrics["outliers"] = float(outside.mean()) if outside.size else 0.0
-    ok = (metrics["outliers"] <= tol.max_outliers and metrics["cosine"] >= tol.min_cosine
-          and metrics.get("mask_iou", 1.0) >= tol.min_iou)
+    ok = (
+        metrics["outliers"] <= tol.max_outliers
+        and metrics["cosine"] >= tol.min_cosine
+        and metrics.get("mask_iou", 1.0) >= tol.min_iou
+    )
     return metrics, ok
 
 
@@ -184,8 +204,9 @@ class _References:
                 self.hashes[path] = sha256_file(path)
             if self.hashes[path] == source:
                 return path
-        raise PersenseError(f"no given checkpoint has sha256 {source[:12]}...: "
-                            "pass the checkpoint it was exported from")
+        raise PersenseError(
+            f"no given checkpoint has sha256 {source[:12]}...: pass the checkpoint it was exported from"
+        )
 
     def module(self, art: Artefact) -> Any:
         """The torch module an artefact was exported from (PersenseError when it cannot be rebuilt)."""
@@ -244,8 +265,9 @@ def torch_outputs(module: Any, art: Artefact, feeds: dict[str, np.ndarray]) -> d
     return {spec.name: value.numpy() for spec, value in zip(art.outputs, result)}
 
 
-def _engine_rows(manifest: Manifest, name: str, backend: str, reference: dict[str, np.ndarray],
-                 feeds: dict[str, np.ndarray]) -> list[ParityRow]:
+def _engine_rows(
+    manifest: Manifest, name: str, backend: str, reference: dict[str, np.ndarray], feeds: dict[str, np.ndarray]
+) -> list[ParityRow]:
     """Rows of one engine (run on `backend`) against the PyTorch outputs."""
     art = manifest.artefacts[name]
     tol = TOLERANCES[art.precision]
@@ -254,8 +276,21 @@ def _engine_rows(manifest: Manifest, name: str, backend: str, reference: dict[st
     rows = []
     for output, ref in reference.items():
         metrics, ok = judge(ref, outputs[output], output, tol)
-        rows.append(ParityRow(name, backend, output, "pass" if ok else "FAIL", metrics["max_abs"], metrics["mean_abs"],
-                              metrics["cosine"], metrics.get("mask_iou"), metrics["outliers"], tol.atol, tol.rtol))
+        rows.append(
+            ParityRow(
+                name,
+                backend,
+                output,
+                "pass" if ok else "FAIL",
+                metrics["max_abs"],
+                metrics["mean_abs"],
+                metrics["cosine"],
+                metrics.get("mask_iou"),
+                metrics["outliers"],
+                tol.atol,
+                tol.rtol,
+            )
+        )
     return rows
 
 
@@ -291,14 +326,36 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def format_table(rows: Sequence[ParityRow]) -> str:
     """The rows as an aligned text table (skipped rows carry their reason)."""
-    header = ("artefact", "backend", "output", "max_abs", "mean_abs", "cosine", "mask_iou", "outliers",
-              "atol/rtol", "result")
+    header = (
+        "artefact",
+        "backend",
+        "output",
+        "max_abs",
+        "mean_abs",
+        "cosine",
+        "mask_iou",
+        "outliers",
+        "atol/rtol",
+        "result",
+    )
     lines = [header]
     for r in rows:
         tol = "-" if r.atol is None else f"{r.atol:g}/{r.rtol:g}"
         result = r.status if not r.note else f"{r.status}: {r.note}"
-        lines.append((r.artefact, r.backend, r.output, _fmt(r.max_abs, ".3g"), _fmt(r.mean_abs, ".3g"),
-                      _fmt(r.cosine, ".6f"), _fmt(r.mask_iou, ".4f"), _fmt(r.outliers, ".2g"), tol, result))
+        lines.append(
+            (
+                r.artefact,
+                r.backend,
+                r.output,
+                _fmt(r.max_abs, ".3g"),
+                _fmt(r.mean_abs, ".3g"),
+                _fmt(r.cosine, ".6f"),
+                _fmt(r.mask_iou, ".4f"),
+                _fmt(r.outliers, ".2g"),
+                tol,
+                result,
+            )
+        )
     widths = [max(len(line[i]) for line in lines) for i in range(len(header) - 1)]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)) + "  " + line[-1] for line in lines)
 
@@ -314,8 +371,13 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="persense.export.parity", description=main.__doc__)
     parser.add_argument("folder", type=Path, help="engines folder with manifest.json")
-    parser.add_argument("--checkpoint", type=Path, action="append", default=[],
-                        help="checkpoint an artefact was exported from (matched by sha256; repeatable)")
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        action="append",
+        default=[],
+        help="checkpoint an artefact was exported from (matched by sha256; repeatable)",
+    )
     add_common_flags(parser)
 
     def body(args: argparse.Namespace) -> int:

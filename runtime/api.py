@@ -74,16 +74,21 @@ class Reference:
     def save(self, path: str | os.PathLike) -> Path:
         """Write the reference to an .npz file atomically (arrays, identity of the engines, a checksum)."""
         path = Path(path)
-        meta = {"format": REFERENCE_FORMAT, "manifest": self.manifest, "precision": self.precision,
-                "backend": self.backend, "warnings": list(self.warnings),
-                "checksum": _checksum(self.target, self.manifest, self.precision)}
+        meta = {
+            "format": REFERENCE_FORMAT,
+            "manifest": self.manifest,
+            "precision": self.precision,
+            "backend": self.backend,
+            "warnings": list(self.warnings),
+            "checksum": _checksum(self.target, self.manifest, self.precision),
+        }
         buffer = io.BytesIO()
         np.savez(buffer, embedding=self.target.embedding, feature=self.target.feature, meta=np.array(json.dumps(meta)))
         atomic_write_bytes(path, buffer.getvalue())
         return path
 
     @staticmethod
-    def load(path: str | os.PathLike) -> "Reference":
+    def load(path: str | os.PathLike) -> Reference:
         """A reference saved by `save`; a file that is not one, or was altered, is refused."""
         path = Path(path)
         if not path.is_file():
@@ -92,18 +97,25 @@ class Reference:
             with np.load(path, allow_pickle=False) as data:
                 arrays = {name: data[name] for name in ("embedding", "feature", "meta")}
             meta = json.loads(str(arrays["meta"]))
-            target = Target(checked_vector(arrays["embedding"], "embedding", ValueError),
-                            checked_vector(arrays["feature"], "feature", ValueError))
+            target = Target(
+                checked_vector(arrays["embedding"], "embedding", ValueError),
+                checked_vector(arrays["feature"], "feature", ValueError),
+            )
             expected = _checksum(target, meta["manifest"], meta["precision"])
             ok = meta["format"] == REFERENCE_FORMAT and meta["checksum"] == expected
         except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as exc:
-            raise PersenseError(f"{path}: not a persense reference file ({type(exc).__name__}: {exc}); "
-                                f"write one with persense-infer --save-reference") from exc
+            raise PersenseError(
+                f"{path}: not a persense reference file ({type(exc).__name__}: {exc}); "
+                f"write one with persense-infer --save-reference"
+            ) from exc
         if not ok:
-            raise PersenseError(f"{path}: reference file is corrupt or of another format version; "
-                                f"write it again with persense-infer --save-reference")
-        return Reference(target, meta["manifest"], meta["precision"], meta["backend"], tuple(meta["warnings"]),
-                         source="file")
+            raise PersenseError(
+                f"{path}: reference file is corrupt or of another format version; "
+                f"write it again with persense-infer --save-reference"
+            )
+        return Reference(
+            target, meta["manifest"], meta["precision"], meta["backend"], tuple(meta["warnings"]), source="file"
+        )
 
 
 def _checksum(target: Target, manifest: str, precision: str) -> str:
@@ -117,8 +129,16 @@ def _checksum(target: Target, manifest: str, precision: str) -> str:
 class PerSense:
     """Engines opened once; `reference` then `segment` as often as needed, from any thread."""
 
-    def __init__(self, sam: SamEngines, counter: Counter, manifest: Manifest, backend: str, precision: str,
-                 cache: ReferenceCache | None = None, threads: int | None = None) -> None:
+    def __init__(
+        self,
+        sam: SamEngines,
+        counter: Counter,
+        manifest: Manifest,
+        backend: str,
+        precision: str,
+        cache: ReferenceCache | None = None,
+        threads: int | None = None,
+    ) -> None:
         self.sam = sam
         self.counter = counter
         self.manifest = manifest
@@ -132,10 +152,17 @@ class PerSense:
         self._detector_lock = threading.Lock()
 
     @staticmethod
-    def open(engines: str | os.PathLike = "engines", backend: str = "auto", precision: str = "fp32",
-             counter: str = "auto", threads: int | None = None, decode_chunk: int | None = None,
-             density: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None,
-             cache: bool = True) -> "PerSense":
+    def open(
+        engines: str | os.PathLike = "engines",
+        backend: str = "auto",
+        precision: str = "fp32",
+        counter: str = "auto",
+        threads: int | None = None,
+        decode_chunk: int | None = None,
+        density: str | os.PathLike | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        cache: bool = True,
+    ) -> PerSense:
         """Open and verify the SAM engines and the counter of an engines folder (see persense-infer's flags).
 
         `cache`: look encoded references up in (and add them to) the reference cache in `cache_dir`,
@@ -155,8 +182,15 @@ class PerSense:
         sam = SamEngines.from_manifest(manifest, resolved, threads, decode_chunk, precision)
         density = Path(density) if density is not None else None
         references = ReferenceCache(cache_dir or default_cache_dir()) if cache else ReferenceCache.disabled()
-        return PerSense(sam, make_counter(counter, manifest, resolved, threads, density), manifest, resolved,
-                        precision, references, threads)
+        return PerSense(
+            sam,
+            make_counter(counter, manifest, resolved, threads, density),
+            manifest,
+            resolved,
+            precision,
+            references,
+            threads,
+        )
 
     @property
     def counter_name(self) -> str:
@@ -171,8 +205,7 @@ class PerSense:
         """
         warnings: list[str] = []
         rgb = _image(image, warnings)
-        binary = (read_mask(mask, rgb.shape[:2], warnings) if _is_path(mask)
-                  else mask_from_array(mask, rgb.shape[:2]))
+        binary = read_mask(mask, rgb.shape[:2], warnings) if _is_path(mask) else mask_from_array(mask, rgb.shape[:2])
         identity = (self.manifest.digest(), self.precision, self.backend, tuple(warnings))
         key = self._cache_key_or_none(image, mask)
         cached = self.cache.get(key) if key is not None else None
@@ -200,8 +233,14 @@ class PerSense:
         """The reference-cache key of an image and mask (file bytes, or array bytes with shape and dtype)."""
         return cache_key(_identity_bytes(image), _identity_bytes(mask), self._encoder, self.precision, self.backend)
 
-    def segment(self, image: ImageLike, reference: Reference, box: np.ndarray | list[float] | None = None,
-                density: np.ndarray | str | os.PathLike | None = None, text: str | None = None) -> SegmentResult:
+    def segment(
+        self,
+        image: ImageLike,
+        reference: Reference,
+        box: np.ndarray | list[float] | None = None,
+        density: np.ndarray | str | os.PathLike | None = None,
+        text: str | None = None,
+    ) -> SegmentResult:
         """Every instance of the reference object in `image` (RGB array or path).
 
         `box` (x0, y0, x1, y1): the first exemplar, as a detector would give it; `text`: a prompt for the
@@ -240,13 +279,15 @@ class PerSense:
     def check_reference(self, reference: Reference) -> None:
         """Refuse a reference encoded by other engines or another precision."""
         if not isinstance(reference, Reference):
-            raise PersenseError(f"expected a Reference from PerSense.reference or Reference.load, "
-                                f"got {type(reference).__name__}")
+            raise PersenseError(
+                f"expected a Reference from PerSense.reference or Reference.load, got {type(reference).__name__}"
+            )
         if (reference.manifest, reference.precision) != (self.manifest.digest(), self.precision):
             raise PersenseError(
                 f"the reference was encoded by other engines (manifest {reference.manifest}, {reference.precision}) "
                 f"than these ({self.manifest.folder}: manifest {self.manifest.digest()}, {self.precision}); "
-                f"encode it again with these engines")
+                f"encode it again with these engines"
+            )
 
 
 def _is_path(value: object) -> bool:

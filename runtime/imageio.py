@@ -54,8 +54,10 @@ def _decode_quietly(data: np.ndarray, flags: int) -> tuple[np.ndarray | None, st
 def _refusal(path: Path, message: str) -> PersenseError:
     """The error for an image OpenCV could not decode, with the codec's own reason when it gave one."""
     if "CV_IO_MAX_IMAGE_PIXELS" in message:
-        return PersenseError(f"{path}: image has more pixels than OpenCV allows (2^30 by default; set "
-                             f"OPENCV_IO_MAX_IMAGE_PIXELS to raise the limit if the file is genuine)")
+        return PersenseError(
+            f"{path}: image has more pixels than OpenCV allows (2^30 by default; set "
+            f"OPENCV_IO_MAX_IMAGE_PIXELS to raise the limit if the file is genuine)"
+        )
     reason = f" ({message[:200]})" if message else ""
     return PersenseError(f"{path}: not a readable image (truncated, corrupt or unsupported format){reason}")
 
@@ -123,9 +125,9 @@ def png_palette_background(data: bytes) -> tuple[int, int, int] | None:
         return None
     offset = len(_PNG_SIGNATURE)
     while offset + 8 <= len(data):
-        length, kind = struct.unpack(">I4s", data[offset:offset + 8])
+        length, kind = struct.unpack(">I4s", data[offset : offset + 8])
         if kind == b"PLTE" and length >= 3 and offset + 11 <= len(data):
-            return tuple(data[offset + 8:offset + 11])
+            return tuple(data[offset + 8 : offset + 11])
         if kind == b"IDAT":
             return None
         offset += 12 + length
@@ -144,8 +146,9 @@ def _foreground(path: Path, mask: np.ndarray, palette_background: tuple[int, int
     return mask > 0
 
 
-def read_mask(path: str | os.PathLike, expected_size: tuple[int, int] | None = None,
-              warnings: list[str] | None = None) -> np.ndarray:
+def read_mask(
+    path: str | os.PathLike, expected_size: tuple[int, int] | None = None, warnings: list[str] | None = None
+) -> np.ndarray:
     """A mask file as an HxW bool array.
 
     Foreground: value > 0 for single-channel masks, which must hold at most two values (8/16-bit, 1-bit);
@@ -155,20 +158,17 @@ def read_mask(path: str | os.PathLike, expected_size: tuple[int, int] | None = N
     path = Path(path)
     data = _file_bytes(path)
     background = png_palette_background(data[:_PNG_HEADER_BYTES].tobytes())
-    return _checked_mask(path, _foreground(path, _decode(path, data, READ_FLAGS, warnings), background),
-                         expected_size)
+    return _checked_mask(path, _foreground(path, _decode(path, data, READ_FLAGS, warnings), background), expected_size)
 
 
-def mask_from_array(mask: np.ndarray, expected_size: tuple[int, int] | None = None,
-                    name: str = "mask") -> np.ndarray:
+def mask_from_array(mask: np.ndarray, expected_size: tuple[int, int] | None = None, name: str = "mask") -> np.ndarray:
     """An in-memory HxW mask (bool, or numbers with at most two values; > 0 is foreground) as HxW bool,
     checked as `read_mask` checks files."""
     mask = np.asarray(mask)
     if mask.ndim == 3 and mask.shape[2] == 1:
         mask = mask[..., 0]
     if mask.ndim != 2 or mask.dtype.kind not in "biuf":
-        raise PersenseError(f"{name}: expected an HxW mask array of numbers, got shape {mask.shape} "
-                            f"dtype {mask.dtype}")
+        raise PersenseError(f"{name}: expected an HxW mask array of numbers, got shape {mask.shape} dtype {mask.dtype}")
     return _checked_mask(name, _foreground(name, mask, None), expected_size)
 
 
@@ -177,7 +177,8 @@ def _checked_mask(path: str | os.PathLike, binary: np.ndarray, expected_size: tu
     if expected_size is not None and binary.shape != tuple(expected_size):
         raise PersenseError(
             f"{path}: mask is {binary.shape[1]}x{binary.shape[0]} but the reference image is "
-            f"{expected_size[1]}x{expected_size[0]}; they must have the same size")
+            f"{expected_size[1]}x{expected_size[0]}; they must have the same size"
+        )
     if not binary.any():
         raise PersenseError(f"{path}: mask is empty (no foreground pixel)")
     return binary

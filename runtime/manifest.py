@@ -46,7 +46,7 @@ class TensorSpec:
     dtype: str
 
     @staticmethod
-    def from_dict(data: dict[str, Any]) -> "TensorSpec":
+    def from_dict(data: dict[str, Any]) -> TensorSpec:
         """Build from the manifest's JSON form."""
         return TensorSpec(data["name"], tuple(data["shape"]), data["dtype"])
 
@@ -67,7 +67,7 @@ class Artefact:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @staticmethod
-    def from_dict(data: dict[str, Any]) -> "Artefact":
+    def from_dict(data: dict[str, Any]) -> Artefact:
         """Build from the manifest's JSON form."""
         fields = dict(data)
         fields["inputs"] = [TensorSpec.from_dict(t) for t in data["inputs"]]
@@ -112,10 +112,11 @@ class Manifest:
         """The named artefact, or a PersenseError naming the fix."""
         if name not in self.artefacts:
             raise PersenseError(
-                f"{self.folder}: manifest has no '{name}' artefact; " + REEXPORT_HINT.format(folder=self.folder))
+                f"{self.folder}: manifest has no '{name}' artefact; " + REEXPORT_HINT.format(folder=self.folder)
+            )
         return self.artefacts[name]
 
-    def verified_path(self, name: str, expected: "Artefact | None" = None) -> Path:
+    def verified_path(self, name: str, expected: Artefact | None = None) -> Path:
         """Path of an artefact after checking its file and external data file exist, their hashes, and its I/O."""
         art = self.artefact(name)
         hint = REEXPORT_HINT.format(folder=self.folder)
@@ -139,7 +140,8 @@ def _check_hash(path: Path, expected: str, hint: str) -> None:
     if actual != expected:
         raise PersenseError(
             f"{path}: sha256 {actual[:12]}... does not match the manifest ({expected[:12]}...): "
-            f"the file was modified or replaced; {hint}")
+            f"the file was modified or replaced; {hint}"
+        )
 
 
 def check_io(name: str, art: Artefact, inputs: list[TensorSpec], outputs: list[TensorSpec], hint: str) -> None:
@@ -150,11 +152,15 @@ def check_io(name: str, art: Artefact, inputs: list[TensorSpec], outputs: list[T
             got = have_by_name.get(spec.name)
             if got is None:
                 raise PersenseError(f"{name}: {role} '{spec.name}' missing from the artefact; {hint}")
-            if got.dtype != spec.dtype or len(got.shape) != len(spec.shape) or any(
-                    isinstance(a, int) and isinstance(b, int) and a != b for a, b in zip(got.shape, spec.shape)):
+            if (
+                got.dtype != spec.dtype
+                or len(got.shape) != len(spec.shape)
+                or any(isinstance(a, int) and isinstance(b, int) and a != b for a, b in zip(got.shape, spec.shape))
+            ):
                 raise PersenseError(
                     f"{name}: {role} '{spec.name}' is {got.dtype}{list(got.shape)}, expected "
-                    f"{spec.dtype}{list(spec.shape)}; {hint}")
+                    f"{spec.dtype}{list(spec.shape)}; {hint}"
+                )
 
 
 def load_manifest(folder: str | Path) -> Manifest:
@@ -163,14 +169,17 @@ def load_manifest(folder: str | Path) -> Manifest:
     path = folder / MANIFEST_NAME
     hint = REEXPORT_HINT.format(folder=folder)
     if not folder.is_dir():
-        raise PersenseError(f"{folder}: engines folder not found; export engines first with `persense-export --out {folder}`")
+        raise PersenseError(
+            f"{folder}: engines folder not found; export engines first with `persense-export --out {folder}`"
+        )
     if not path.is_file():
         raise PersenseError(f"{path}: no manifest; {hint}")
     try:
         data = json.loads(path.read_text())
         if data.get("format") != MANIFEST_FORMAT:
             raise PersenseError(
-                f"{path}: manifest format {data.get('format')} is not the supported {MANIFEST_FORMAT}; {hint}")
+                f"{path}: manifest format {data.get('format')} is not the supported {MANIFEST_FORMAT}; {hint}"
+            )
         return Manifest(
             folder=folder,
             model_type=data["model_type"],

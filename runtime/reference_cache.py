@@ -56,8 +56,13 @@ def default_cache_dir() -> Path:
 
 def encoder_digest(artefact: Artefact) -> str:
     """Hex sha256 naming an encoder artefact's numbers: file and external-data hashes, precision, model type."""
-    fields = ("persense-encoder", artefact.sha256, str(artefact.extra.get("data_sha256", "")),
-              artefact.precision, artefact.model_type)
+    fields = (
+        "persense-encoder",
+        artefact.sha256,
+        str(artefact.extra.get("data_sha256", "")),
+        artefact.precision,
+        artefact.model_type,
+    )
     return _hash_fields(field.encode() for field in fields)
 
 
@@ -69,8 +74,9 @@ def array_bytes(array: np.ndarray) -> bytes:
 
 def cache_key(image_bytes: bytes, mask_bytes: bytes, manifest_digest: str, precision: str, backend: str) -> str:
     """Hex sha256 over the reference inputs and everything that decides the numbers computed from them."""
-    return _hash_fields([b"persense-reference", image_bytes, mask_bytes, manifest_digest.encode(),
-                         precision.encode(), backend.encode()])
+    return _hash_fields(
+        [b"persense-reference", image_bytes, mask_bytes, manifest_digest.encode(), precision.encode(), backend.encode()]
+    )
 
 
 def _hash_fields(fields) -> str:
@@ -92,8 +98,14 @@ def entry_bytes(key: str, target: Target) -> bytes:
     embedding = checked_vector(target.embedding, "embedding", ValueError)
     feature = checked_vector(target.feature, "feature", ValueError)
     buffer = io.BytesIO()
-    np.savez(buffer, format=np.array(ENTRY_FORMAT), key=np.array(key), embedding=embedding, feature=feature,
-             checksum=np.array(_payload_checksum(embedding, feature)))
+    np.savez(
+        buffer,
+        format=np.array(ENTRY_FORMAT),
+        key=np.array(key),
+        embedding=embedding,
+        feature=feature,
+        checksum=np.array(_payload_checksum(embedding, feature)),
+    )
     return buffer.getvalue()
 
 
@@ -145,7 +157,7 @@ class ReferenceCache:
         self._warned = False
 
     @staticmethod
-    def disabled() -> "ReferenceCache":
+    def disabled() -> ReferenceCache:
         """A cache that never stores nor finds anything (`--no-cache`)."""
         return ReferenceCache(None)
 
@@ -190,8 +202,9 @@ class ReferenceCache:
             return write_entry(path, key, target)
         except OSError as exc:
             if not self._warned:
-                log.warning("reference cache disabled: cannot write to %s (%s); use --cache-dir or --no-cache",
-                            self.folder, exc)
+                log.warning(
+                    "reference cache disabled: cannot write to %s (%s); use --cache-dir or --no-cache", self.folder, exc
+                )
                 self._warned = True
             self.folder = None
             return None

@@ -38,8 +38,9 @@ def tiny_engines(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def draw_scene(height: int = 288, width: int = 384, rows: int = 3, cols: int = 4, radius: int = 18,
-               seed: int = 0) -> dict[str, np.ndarray]:
+def draw_scene(
+    height: int = 288, width: int = 384, rows: int = 3, cols: int = 4, radius: int = 18, seed: int = 0
+) -> dict[str, np.ndarray]:
     """A grid of red discs on a noisy background: image, union mask, one-object reference mask, density."""
     rng = np.random.default_rng(seed)
     image = rng.integers(60, 90, (height, width, 3)).astype(np.uint8)
@@ -59,8 +60,13 @@ def draw_scene(height: int = 288, width: int = 384, rows: int = 3, cols: int = 4
     for cx, cy in centres:
         blob = np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * (radius / 3) ** 2))
         density += (blob / blob.sum()).astype(np.float32)
-    return {"image": image, "union": union, "reference": reference, "density": density,
-            "centres": np.array(centres, dtype=np.float64)}
+    return {
+        "image": image,
+        "union": union,
+        "reference": reference,
+        "density": density,
+        "centres": np.array(centres, dtype=np.float64),
+    }
 
 
 @pytest.fixture(scope="session")

@@ -20,8 +20,24 @@ def tiny_dataset(out: Path, classes: int, images: int) -> Path:
 
 def eval_command(data: Path, pred: Path, engines: Path, *extra: str) -> list[str]:
     """persense-eval --run on the tiny engines with the dataset's own density maps (fast, deterministic)."""
-    return [sys.executable, "-m", "persense.runtime.cli.eval", "--data", str(data), "--pred", str(pred), "--run",
-            "--engines", str(engines), "--density-dir", str(data / "meta"), "--threads", "1", "-q", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "persense.runtime.cli.eval",
+        "--data",
+        str(data),
+        "--pred",
+        str(pred),
+        "--run",
+        "--engines",
+        str(engines),
+        "--density-dir",
+        str(data / "meta"),
+        "--threads",
+        "1",
+        "-q",
+        *extra,
+    ]
 
 
 def run_eval(data: Path, pred: Path, engines: Path, *extra: str) -> tuple[int, int]:

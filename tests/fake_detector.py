@@ -21,8 +21,19 @@ WORDS = ["apple", "red", "car", "person", "bottle", "orange", "-", "?"]
 def write_vocab(folder: Path) -> Path:
     """vocab.txt: specials, '.', whole words, and single letters/digits with their ## forms (any ASCII word fits)."""
     letters = list(string.ascii_lowercase + string.digits)
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", *WORDS, *letters, *(f"##{c}" for c in letters),
-             "##s", "##le"]
+    vocab = [
+        "[PAD]",
+        "[UNK]",
+        "[CLS]",
+        "[SEP]",
+        "[MASK]",
+        ".",
+        *WORDS,
+        *letters,
+        *(f"##{c}" for c in letters),
+        "##s",
+        "##le",
+    ]
     path = folder / "vocab.txt"
     path.write_text("\n".join(dict.fromkeys(vocab)) + "\n")
     return path
@@ -40,27 +51,36 @@ def fixed_detector(path: Path, query_logits: list[float], boxes_cxcywh: list[lis
     """An ONNX detector whose outputs are `query_logits` (one per query, over every token) and the boxes."""
     queries = len(query_logits)
     inputs = [helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT, [1, 3, "H", "W"])]
-    inputs += [helper.make_tensor_value_info(name, TensorProto.INT64, [1, "T"])
-               for name in ("input_ids", "attention_mask", "token_type_ids")]
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, queries, "T"]),
-               helper.make_tensor_value_info("boxes", TensorProto.FLOAT, [1, queries, 4])]
-    constants = [numpy_helper.from_array(np.float32(query_logits).reshape(1, queries, 1), "query_logits"),
-                 numpy_helper.from_array(np.float32(boxes_cxcywh).reshape(1, queries, 4), "fixed_boxes"),
-                 numpy_helper.from_array(np.array([1, queries], np.int64), "leading"),
-                 numpy_helper.from_array(np.array([1], np.int64), "one"),
-                 numpy_helper.from_array(np.array([2], np.int64), "two")]
-    nodes = [helper.make_node("Shape", ["input_ids"], ["ids_shape"]),
-             helper.make_node("Slice", ["ids_shape", "one", "two"], ["length"]),
-             helper.make_node("Concat", ["leading", "length"], ["logits_shape"], axis=0),
-             helper.make_node("Expand", ["query_logits", "logits_shape"], ["logits"]),
-             helper.make_node("Identity", ["fixed_boxes"], ["boxes"])]
+    inputs += [
+        helper.make_tensor_value_info(name, TensorProto.INT64, [1, "T"])
+        for name in ("input_ids", "attention_mask", "token_type_ids")
+    ]
+    outputs = [
+        helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, queries, "T"]),
+        helper.make_tensor_value_info("boxes", TensorProto.FLOAT, [1, queries, 4]),
+    ]
+    constants = [
+        numpy_helper.from_array(np.float32(query_logits).reshape(1, queries, 1), "query_logits"),
+        numpy_helper.from_array(np.float32(boxes_cxcywh).reshape(1, queries, 4), "fixed_boxes"),
+        numpy_helper.from_array(np.array([1, queries], np.int64), "leading"),
+        numpy_helper.from_array(np.array([1], np.int64), "one"),
+        numpy_helper.from_array(np.array([2], np.int64), "two"),
+    ]
+    nodes = [
+        helper.make_node("Shape", ["input_ids"], ["ids_shape"]),
+        helper.make_node("Slice", ["ids_shape", "one", "two"], ["length"]),
+        helper.make_node("Concat", ["leading", "length"], ["logits_shape"], axis=0),
+        helper.make_node("Expand", ["query_logits", "logits_shape"], ["logits"]),
+        helper.make_node("Identity", ["fixed_boxes"], ["boxes"]),
+    ]
     graph = helper.make_graph(nodes, "fixed_detector", inputs, outputs, constants)
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     return path
 
 
-def add_fixed_detector(engines: Path, folder: Path, query_logits: list[float], boxes_cxcywh: list[list[float]],
-                       max_text_len: int = 256) -> Path:
+def add_fixed_detector(
+    engines: Path, folder: Path, query_logits: list[float], boxes_cxcywh: list[list[float]], max_text_len: int = 256
+) -> Path:
     """A copy of an engines folder with a fixed detector and the test tokenizer recorded in its manifest."""
     from persense.export.artefacts import describe
     from persense.runtime.manifest import load_manifest, sha256_file
@@ -71,8 +91,16 @@ def add_fixed_detector(engines: Path, folder: Path, query_logits: list[float], b
     model = fixed_detector(folder / "grounding_dino.onnx", query_logits, boxes_cxcywh)
     manifest = load_manifest(folder)
     manifest.artefacts[DETECTOR] = describe(
-        model, "detector", "fp32", "fixed-test-detector", "random",
-        {"tokenizer": {"file": tokenizer.name, "sha256": sha256_file(tokenizer)}, "max_text_len": max_text_len,
-         "num_queries": len(query_logits)})
+        model,
+        "detector",
+        "fp32",
+        "fixed-test-detector",
+        "random",
+        {
+            "tokenizer": {"file": tokenizer.name, "sha256": sha256_file(tokenizer)},
+            "max_text_len": max_text_len,
+            "num_queries": len(query_logits),
+        },
+    )
     manifest.save()
     return folder

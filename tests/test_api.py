@@ -45,8 +45,9 @@ def test_segment_matches_the_pipeline_it_wraps(ps, apple, result, scene, scene_f
     from persense.runtime.imageio import read_rgb
 
     pipeline = PerSensePipeline(ps.sam, NpyDensityCounter(scene_files["density"]))
-    expected = pipeline.segment(read_rgb(scene_files["image"]), pipeline.reference(scene["image"],
-                                                                                    scene["reference"] > 0))
+    expected = pipeline.segment(
+        read_rgb(scene_files["image"]), pipeline.reference(scene["image"], scene["reference"] > 0)
+    )
     assert len(result.points) >= 12 and result.count == expected.count
     np.testing.assert_array_equal(result.points, expected.points)
     np.testing.assert_array_equal(result.union, expected.union)
@@ -101,8 +102,12 @@ def test_damaged_reference_files_are_refused(apple, tmp_path, damage):
     if damage == "text":
         path.write_text("not a reference\n")
     elif damage == "flip":  # a changed number (same layout): the checksum catches it
-        np.savez(path, embedding=apple.target.embedding + np.float32(1e-3), feature=apple.target.feature,
-                 meta=np.load(path)["meta"])
+        np.savez(
+            path,
+            embedding=apple.target.embedding + np.float32(1e-3),
+            feature=apple.target.feature,
+            meta=np.load(path)["meta"],
+        )
     elif damage == "truncate":
         path.write_bytes(path.read_bytes()[:200])
     else:

@@ -81,7 +81,7 @@ def density_with_blocks(shape: tuple[int, int], centres: list[tuple[int, int]], 
     """A density map with a 3x3 block of `value` at each (x, y): one IDM candidate per block."""
     density = np.zeros(shape, np.float32)
     for x, y in centres:
-        density[y - 1:y + 2, x - 1:x + 2] = value
+        density[y - 1 : y + 2, x - 1 : x + 2] = value
     return density
 
 
@@ -120,13 +120,29 @@ class Kit:
         captured = self.capfd.readouterr()
         return Outcome(code, captured.out, captured.err, out or self.out)
 
-    def infer(self, *paths: Path | str, extra: tuple = (), engines: Path | None = None,
-              density: Path | None = None, out: Path | None = None) -> Outcome:
+    def infer(
+        self,
+        *paths: Path | str,
+        extra: tuple = (),
+        engines: Path | None = None,
+        density: Path | None = None,
+        out: Path | None = None,
+    ) -> Outcome:
         """persense-infer on the given paths (default: scene image, scene image, scene mask)."""
         paths = paths or (self.files["image"], self.files["image"], self.files["mask"])
         out = out or self.out
-        argv = [*paths, "--engines", engines or self.engines, "--density", density or self.density,
-                "--out", out, "--threads", "2", *extra]
+        argv = [
+            *paths,
+            "--engines",
+            engines or self.engines,
+            "--density",
+            density or self.density,
+            "--out",
+            out,
+            "--threads",
+            "2",
+            *extra,
+        ]
         return self.run("infer", argv, out)
 
     def same_as_baseline(self, outcome: Outcome) -> None:
@@ -148,9 +164,22 @@ def baseline(tiny_engines, scene, scene_files, tmp_path_factory) -> Outcome:
     root = tmp_path_factory.mktemp("baseline")
     np.save(root / "density.npy", baseline_density(scene))
     out = root / "out"
-    code = infer_main([str(scene_files["image"]), str(scene_files["image"]), str(scene_files["mask"]), "--engines",
-                       str(tiny_engines), "--density", str(root / "density.npy"), "--out", str(out), "--threads", "2",
-                       "-q"])
+    code = infer_main(
+        [
+            str(scene_files["image"]),
+            str(scene_files["image"]),
+            str(scene_files["mask"]),
+            "--engines",
+            str(tiny_engines),
+            "--density",
+            str(root / "density.npy"),
+            "--out",
+            str(out),
+            "--threads",
+            "2",
+            "-q",
+        ]
+    )
     assert code == 0
     return Outcome(code, "", "", out)
 
@@ -192,18 +221,29 @@ def stub_decoder_engines(kit: Kit) -> Path:
     def value_info(tensor: dict):
         return helper.make_tensor_value_info(tensor["name"], TensorProto.FLOAT, tensor["shape"])
 
-    constants = {"zero": np.array([0], np.int64), "one": np.array([1], np.int64),
-                 "mask_dims": np.array([256, 256], np.int64), "iou_dims": np.zeros(0, np.int64), "logit": np.full((1, 1, 1), -1.0, np.float32),
-                 "scores": np.array([0.4], np.float32)}
-    nodes = [helper.make_node("Shape", ["point_coords"], ["coords_shape"]),
-             helper.make_node("Slice", ["coords_shape", "zero", "one"], ["batch"]),
-             helper.make_node("Concat", ["batch", "mask_dims"], ["mask_shape"], axis=0),
-             helper.make_node("Concat", ["batch", "iou_dims"], ["iou_shape"], axis=0),
-             helper.make_node("Expand", ["logit", "mask_shape"], ["low_res_masks"]),
-             helper.make_node("Expand", ["scores", "iou_shape"], ["iou_predictions"])]
-    graph = helper.make_graph(nodes, "stub_decoder", [value_info(t) for t in spec["inputs"]],
-                              [value_info(t) for t in spec["outputs"]],
-                              [numpy_helper.from_array(v, k) for k, v in constants.items()])
+    constants = {
+        "zero": np.array([0], np.int64),
+        "one": np.array([1], np.int64),
+        "mask_dims": np.array([256, 256], np.int64),
+        "iou_dims": np.zeros(0, np.int64),
+        "logit": np.full((1, 1, 1), -1.0, np.float32),
+        "scores": np.array([0.4], np.float32),
+    }
+    nodes = [
+        helper.make_node("Shape", ["point_coords"], ["coords_shape"]),
+        helper.make_node("Slice", ["coords_shape", "zero", "one"], ["batch"]),
+        helper.make_node("Concat", ["batch", "mask_dims"], ["mask_shape"], axis=0),
+        helper.make_node("Concat", ["batch", "iou_dims"], ["iou_shape"], axis=0),
+        helper.make_node("Expand", ["logit", "mask_shape"], ["low_res_masks"]),
+        helper.make_node("Expand", ["scores", "iou_shape"], ["iou_predictions"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "stub_decoder",
+        [value_info(t) for t in spec["inputs"]],
+        [value_info(t) for t in spec["outputs"]],
+        [numpy_helper.from_array(v, k) for k, v in constants.items()],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     onnx.save(model, folder / "sam_decoder.onnx")
     rehash(folder, "sam_decoder")
@@ -214,8 +254,9 @@ def run_measured(argv: list[str]) -> tuple[int, str, int]:
     """persense-infer in a child process: (exit code, stderr, peak resident memory in bytes)."""
     err_path = Path(argv[argv.index("--out") + 1]).with_suffix(".stderr")
     with open(err_path, "wb") as err:
-        child = subprocess.Popen([sys.executable, "-m", "persense.runtime.cli.infer", *argv],
-                                 stdout=subprocess.DEVNULL, stderr=err)
+        child = subprocess.Popen(
+            [sys.executable, "-m", "persense.runtime.cli.infer", *argv], stdout=subprocess.DEVNULL, stderr=err
+        )
         _, status, usage = os.wait4(child.pid, 0)
         child.returncode = os.waitstatus_to_exitcode(status)
     return child.returncode, err_path.read_text(), usage.ru_maxrss * 1024
@@ -232,10 +273,12 @@ def row(func: Callable[[Kit], None]) -> Callable[[Kit], None]:
 
 # --- image files ------------------------------------------------------------------------------------------
 
+
 @row
 def missing_target(kit: Kit) -> None:
-    expect_error(kit.infer(kit.path("absent.jpg"), kit.files["image"], kit.files["mask"]), "infer",
-                 "no such file or folder")
+    expect_error(
+        kit.infer(kit.path("absent.jpg"), kit.files["image"], kit.files["mask"]), "infer", "no such file or folder"
+    )
 
 
 @row
@@ -256,16 +299,19 @@ def not_an_image(kit: Kit) -> None:
 def truncated_png(kit: Kit) -> None:
     whole = kit.write_image("whole.png", kit.scene["image"]).read_bytes()
     cut = kit.path("cut.png")
-    cut.write_bytes(whole[:len(whole) // 2])
-    expect_error(kit.infer(cut, kit.files["image"], kit.files["mask"]), "infer",
-                 "not a readable image (truncated, corrupt or unsupported format) (libpng error")
+    cut.write_bytes(whole[: len(whole) // 2])
+    expect_error(
+        kit.infer(cut, kit.files["image"], kit.files["mask"]),
+        "infer",
+        "not a readable image (truncated, corrupt or unsupported format) (libpng error",
+    )
 
 
 @row
 def truncated_jpeg(kit: Kit) -> None:
     whole = kit.files["image"].read_bytes()
     cut = kit.path("cut.jpg")
-    cut.write_bytes(whole[:len(whole) * 9 // 10])
+    cut.write_bytes(whole[: len(whole) * 9 // 10])
     expect_error(kit.infer(cut, kit.files["image"], kit.files["mask"]), "infer", "not a readable image")
 
 
@@ -273,7 +319,7 @@ def truncated_jpeg(kit: Kit) -> None:
 def corrupt_jpeg_data(kit: Kit) -> None:
     data = bytearray(kit.files["image"].read_bytes())
     middle = len(data) // 2
-    data[middle:middle + 200] = bytes([7]) * 200
+    data[middle : middle + 200] = bytes([7]) * 200
     damaged = kit.path("damaged.jpg")
     damaged.write_bytes(bytes(data))
     outcome = kit.infer(damaged, kit.files["image"], kit.files["mask"])
@@ -291,8 +337,12 @@ def decompression_bomb(kit: Kit) -> None:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     bomb = kit.path("bomb.png")
-    bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 50000, 50000, 8, 0, 0, 0, 0))
-                     + chunk(b"IDAT", zlib.compress(b"\0" * 50001)) + chunk(b"IEND", b""))
+    bomb.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", 50000, 50000, 8, 0, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b"\0" * 50001))
+        + chunk(b"IEND", b"")
+    )
     expect_error(kit.infer(bomb, kit.files["image"], kit.files["mask"]), "infer", "more pixels than OpenCV allows")
 
 
@@ -377,14 +427,29 @@ def huge_target(kit: Kit) -> None:
     assert cv2.imwrite(str(target), cv2.cvtColor(big, cv2.COLOR_RGB2BGR))
     del big
     density = kit.save_density("huge.npy", baseline_density(kit.scene))
-    code, stderr, peak = run_measured([target, kit.files["image"], kit.files["mask"], "--engines", kit.engines,
-                                       "--density", density, "--out", kit.out, "--threads", "2", "-q"])
+    code, stderr, peak = run_measured(
+        [
+            target,
+            kit.files["image"],
+            kit.files["mask"],
+            "--engines",
+            kit.engines,
+            "--density",
+            density,
+            "--out",
+            kit.out,
+            "--threads",
+            "2",
+            "-q",
+        ]
+    )
     assert code == 0 and stderr == "", stderr
     assert peak < MAX_HUGE_RSS, f"peak RSS {peak / 1024**3:.2f} GiB"
     expect_success(Outcome(code, "", stderr, kit.out), HUGE)
 
 
 # --- reference masks --------------------------------------------------------------------------------------
+
 
 @row
 def palette_mask(kit: Kit) -> None:
@@ -400,8 +465,11 @@ def palette_mask(kit: Kit) -> None:
 @row
 def non_binary_mask(kit: Kit) -> None:
     grey = (np.arange(kit.scene["reference"].size) % 7 * 30).astype(np.uint8).reshape(kit.scene["reference"].shape)
-    expect_error(kit.infer(kit.files["image"], kit.files["image"], kit.write_image("grey.png", grey)), "infer",
-                 "mask is not binary (7 distinct values)")
+    expect_error(
+        kit.infer(kit.files["image"], kit.files["image"], kit.write_image("grey.png", grey)),
+        "infer",
+        "mask is not binary (7 distinct values)",
+    )
 
 
 @row
@@ -419,19 +487,26 @@ def all_ones_mask(kit: Kit) -> None:
 @row
 def mask_size_mismatch(kit: Kit) -> None:
     small = kit.write_image("small.png", np.full((10, 10), 255, np.uint8))
-    expect_error(kit.infer(kit.files["image"], kit.files["image"], small), "infer",
-                 "mask is 10x10 but the reference image is 384x288; they must have the same size")
+    expect_error(
+        kit.infer(kit.files["image"], kit.files["image"], small),
+        "infer",
+        "mask is 10x10 but the reference image is 384x288; they must have the same size",
+    )
 
 
 @row
 def mask_too_small(kit: Kit) -> None:
     dot = np.zeros_like(kit.scene["reference"])
     dot[0, 0] = 255
-    expect_error(kit.infer(kit.files["image"], kit.files["image"], kit.write_image("dot.png", dot)), "infer",
-                 "reference mask is too small")
+    expect_error(
+        kit.infer(kit.files["image"], kit.files["image"], kit.write_image("dot.png", dot)),
+        "infer",
+        "reference mask is too small",
+    )
 
 
 # --- paths and outputs ------------------------------------------------------------------------------------
+
 
 @row
 def non_ascii_space_paths(kit: Kit) -> None:
@@ -471,8 +546,11 @@ def duplicate_target_names(kit: Kit) -> None:
     for name in ("a", "b"):
         kit.path(name).mkdir()
         shutil.copy(kit.files["image"], kit.path(name) / "scene.jpg")
-    expect_error(kit.infer(kit.path("a") / "scene.jpg", kit.path("b") / "scene.jpg", kit.files["image"],
-                           kit.files["mask"]), "infer", "would both write to")
+    expect_error(
+        kit.infer(kit.path("a") / "scene.jpg", kit.path("b") / "scene.jpg", kit.files["image"], kit.files["mask"]),
+        "infer",
+        "would both write to",
+    )
 
 
 @row
@@ -482,9 +560,22 @@ def too_few_paths(kit: Kit) -> None:
 
 @row
 def zero_threads(kit: Kit) -> None:
-    outcome = kit.run("infer", [kit.files["image"], kit.files["image"], kit.files["mask"], "--engines", kit.engines,
-                                "--out", kit.out, "--threads", "0"])
+    outcome = kit.run(
+        "infer",
+        [
+            kit.files["image"],
+            kit.files["image"],
+            kit.files["mask"],
+            "--engines",
+            kit.engines,
+            "--out",
+            kit.out,
+            "--threads",
+            "0",
+        ],
+    )
     expect_error(outcome, "infer", "--threads must be at least 1, got 0")
+
 
 @row
 def box_outside_image(kit: Kit) -> None:
@@ -516,8 +607,11 @@ def text_engines(kit: Kit, query_logits: list[float]) -> Path:
 
 @row
 def text_detector_missing(kit: Kit) -> None:
-    expect_error(kit.infer(extra=("--text", "apple")), "infer",
-                 f"no Grounding DINO detector for --text; export it with `persense-export --detector grounding-dino")
+    expect_error(
+        kit.infer(extra=("--text", "apple")),
+        "infer",
+        "no Grounding DINO detector for --text; export it with `persense-export --detector grounding-dino",
+    )
 
 
 @row
@@ -527,14 +621,20 @@ def text_empty_prompt(kit: Kit) -> None:
 
 @row
 def text_unknown_word(kit: Kit) -> None:
-    expect_error(kit.infer(extra=("--text", "€uro"), engines=text_engines(kit, [2.0])), "infer",
-                 "'€uro' not in the detector's vocabulary")
+    expect_error(
+        kit.infer(extra=("--text", "€uro"), engines=text_engines(kit, [2.0])),
+        "infer",
+        "'€uro' not in the detector's vocabulary",
+    )
 
 
 @row
 def text_prompt_too_long(kit: Kit) -> None:
-    expect_error(kit.infer(extra=("--text", "a " * 300), engines=text_engines(kit, [2.0])), "infer",
-                 "is 303 tokens long; the detector takes at most 256")
+    expect_error(
+        kit.infer(extra=("--text", "a " * 300), engines=text_engines(kit, [2.0])),
+        "infer",
+        "is 303 tokens long; the detector takes at most 256",
+    )
 
 
 @row
@@ -577,11 +677,15 @@ def reference_file_other_engines(kit: Kit) -> None:
 
     unit = np.full(256, 1 / 16, np.float32)
     saved = Reference(Target(unit, unit), "0123456789abcdef", "fp32", "ort-cpu").save(kit.path("apple.npz"))
-    expect_error(kit.infer(kit.files["image"], extra=("--reference", saved)), "infer",
-                 "the reference was encoded by other engines")
+    expect_error(
+        kit.infer(kit.files["image"], extra=("--reference", saved)),
+        "infer",
+        "the reference was encoded by other engines",
+    )
 
 
 # --- engines ----------------------------------------------------------------------------------------------
+
 
 @row
 def engines_missing(kit: Kit) -> None:
@@ -599,7 +703,7 @@ def manifest_missing(kit: Kit) -> None:
 def manifest_not_json(kit: Kit) -> None:
     folder = engines_copy(kit)
     text = (folder / "manifest.json").read_text()
-    (folder / "manifest.json").write_text(text[:len(text) // 2])
+    (folder / "manifest.json").write_text(text[: len(text) // 2])
     expect_error(kit.infer(engines=folder), "infer", "unreadable manifest")
 
 
@@ -659,6 +763,7 @@ def backend_unavailable(kit: Kit) -> None:
 
 # --- density maps and candidate points --------------------------------------------------------------------
 
+
 @row
 def density_zeros(kit: Kit) -> None:
     zeros = kit.save_density("zeros.npy", np.zeros(kit.scene["image"].shape[:2], np.float32))
@@ -712,15 +817,19 @@ def density_3d(kit: Kit) -> None:
 
 @row
 def density_text_dtype(kit: Kit) -> None:
-    expect_error(kit.infer(density=kit.save_density("words.npy", np.array([["a", "b"], ["c", "d"]]))), "infer",
-                 "density map must hold real numbers")
+    expect_error(
+        kit.infer(density=kit.save_density("words.npy", np.array([["a", "b"], ["c", "d"]]))),
+        "infer",
+        "density map must hold real numbers",
+    )
 
 
 @row
 def all_points_rejected(kit: Kit) -> None:
     height, width = kit.scene["image"].shape[:2]
-    corners = kit.save_density("corners.npy", density_with_blocks((height, width), [(5, 5), (width - 6, height - 6)],
-                                                                  0.1))  # count 2 -> tau = S_max / sqrt(2)
+    corners = kit.save_density(
+        "corners.npy", density_with_blocks((height, width), [(5, 5), (width - 6, height - 6)], 0.1)
+    )  # count 2 -> tau = S_max / sqrt(2)
     outcome = kit.infer(density=corners)
     result = expect_success(outcome)
     message = "PPSM kept none of 2 candidate points; using all of them (as the original)"
@@ -734,8 +843,22 @@ def thousands_of_candidates(kit: Kit) -> None:
     cell[3:6, 4:7] = 1.0
     density = kit.save_density("many.npy", np.tile(cell, (32, 32)))  # 32 x 32 = 1024 separate blocks
     engines = stub_decoder_engines(kit)
-    code, stderr, peak = run_measured([kit.files["image"], kit.files["image"], kit.files["mask"], "--engines", engines,
-                                       "--density", density, "--out", kit.out, "--threads", "2", "-q"])
+    code, stderr, peak = run_measured(
+        [
+            kit.files["image"],
+            kit.files["image"],
+            kit.files["mask"],
+            "--engines",
+            engines,
+            "--density",
+            density,
+            "--out",
+            kit.out,
+            "--threads",
+            "2",
+            "-q",
+        ]
+    )
     result = expect_success(Outcome(code, "", stderr, kit.out))
     assert result["instances"] == MANY and result["first_pass_points"] == MANY
     assert result["decoder_prompts"] == 2 + 3 * MANY
@@ -745,6 +868,7 @@ def thousands_of_candidates(kit: Kit) -> None:
 
 # --- persense-export --------------------------------------------------------------------------------------
 
+
 @row
 def export_wrong_checkpoint_for_model(kit: Kit) -> None:
     import torch
@@ -753,8 +877,11 @@ def export_wrong_checkpoint_for_model(kit: Kit) -> None:
 
     checkpoint = kit.path("tiny.pth")
     torch.save(random_sam("tiny", 0).state_dict(), checkpoint)
-    expect_error(kit.run("export", ["--model", "vit_b", "--checkpoint", checkpoint, "--out", kit.out]), "export",
-                 "this is a tiny SAM checkpoint but --model is vit_b; pass --model tiny")
+    expect_error(
+        kit.run("export", ["--model", "vit_b", "--checkpoint", checkpoint, "--out", kit.out]),
+        "export",
+        "this is a tiny SAM checkpoint but --model is vit_b; pass --model tiny",
+    )
 
 
 @row
@@ -766,18 +893,25 @@ def export_truncated_checkpoint(kit: Kit) -> None:
     checkpoint = kit.path("sam_vit_b_01ec64.pth")
     torch.save(random_sam("tiny", 0).state_dict(), checkpoint)
     checkpoint.write_bytes(checkpoint.read_bytes()[:20_000])
-    expect_error(kit.run("export", ["--model", "vit_b", "--checkpoint", checkpoint, "--out", kit.out]), "export",
-                 "not a readable PyTorch checkpoint")
+    expect_error(
+        kit.run("export", ["--model", "vit_b", "--checkpoint", checkpoint, "--out", kit.out]),
+        "export",
+        "not a readable PyTorch checkpoint",
+    )
 
 
 @row
 def export_missing_checkpoint(kit: Kit) -> None:
     absent = kit.path("absent.pth")
-    expect_error(kit.run("export", ["--model", "vit_b", "--checkpoint", absent, "--out", kit.out]), "export",
-                 f"{absent}: checkpoint not found")
+    expect_error(
+        kit.run("export", ["--model", "vit_b", "--checkpoint", absent, "--out", kit.out]),
+        "export",
+        f"{absent}: checkpoint not found",
+    )
 
 
 # --- persense-eval ----------------------------------------------------------------------------------------
+
 
 def eval_run(kit: Kit, data: Path, pred: Path, *extra: str) -> Outcome:
     """persense-eval with a --json report in kit.out."""
@@ -812,8 +946,12 @@ def eval_prediction_unreadable(kit: Kit) -> None:
 @row
 def eval_run_without_engines(kit: Kit) -> None:
     dataset = build_dataset(kit)
-    expect_error(eval_run(kit, dataset / "data", dataset / "pred", "--run", "--engines", str(kit.path("nowhere"))),
-                 "eval", "engines folder not found")
+    expect_error(
+        eval_run(kit, dataset / "data", dataset / "pred", "--run", "--engines", str(kit.path("nowhere"))),
+        "eval",
+        "engines folder not found",
+    )
+
 
 @row
 def eval_run_unreadable_image(kit: Kit) -> None:
@@ -822,12 +960,22 @@ def eval_run_unreadable_image(kit: Kit) -> None:
     image.write_text("a text file named .jpg")
     prediction = dataset / "pred" / image.parent.name / "01.png"
     prediction.unlink()
-    outcome = eval_run(kit, dataset / "data", dataset / "pred", "--run", "--engines", str(kit.engines),
-                       "--density-dir", str(dataset / "data" / "meta"))
+    outcome = eval_run(
+        kit,
+        dataset / "data",
+        dataset / "pred",
+        "--run",
+        "--engines",
+        str(kit.engines),
+        "--density-dir",
+        str(dataset / "data" / "meta"),
+    )
     assert outcome.code == 1 and "Traceback" not in outcome.stderr, outcome.stderr
     assert f"persense-eval: error: {image}: not a readable image" in outcome.stderr
-    assert "segmented 0 image(s), 1 already done, 1 failed (no prediction written: the next --run tries them again)" \
+    assert (
+        "segmented 0 image(s), 1 already done, 1 failed (no prediction written: the next --run tries them again)"
         in outcome.stderr
+    )
     assert not prediction.exists() and (kit.out / "report.json").is_file()
 
 
@@ -844,6 +992,7 @@ def build_dataset(kit: Kit) -> Path:
 
 
 # --- persense-synth ---------------------------------------------------------------------------------------
+
 
 @row
 def synth_out_is_file(kit: Kit) -> None:
@@ -872,10 +1021,14 @@ def test_every_row_is_documented_and_tested() -> None:
 
 # --- logging levels ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("flag,shown,hidden", [
-    ("-q", [], ["WARNING", "INFO"]),
-    ("-v", ["WARNING persense.runtime.pipeline.flow: no instance found", "INFO persense.infer: [1/1]"], []),
-])
+
+@pytest.mark.parametrize(
+    "flag,shown,hidden",
+    [
+        ("-q", [], ["WARNING", "INFO"]),
+        ("-v", ["WARNING persense.runtime.pipeline.flow: no instance found", "INFO persense.infer: [1/1]"], []),
+    ],
+)
 def test_log_levels_and_warnings_in_result_json(flag: str, shown: list[str], hidden: list[str], kit: Kit) -> None:
     zeros = kit.save_density("zeros.npy", np.zeros(kit.scene["image"].shape[:2], np.float32))
     outcome = kit.infer(density=zeros, extra=(flag,))

@@ -37,8 +37,9 @@ def test_killed_run_resumes_to_identical_outputs(dataset: Path, tiny_engines: Pa
     _kill_after_first_prediction(eval_command(dataset, resumed, tiny_engines), resumed)
     survivors = {p: p.stat().st_mtime_ns for p in resumed.glob("*/*.png")}
     assert 1 <= len(survivors) < IMAGES + 1, "the kill came too late to leave work undone"
-    missing = next(p.relative_to(whole) for p in sorted(whole.glob("*/*.png"))
-                   if not (resumed / p.relative_to(whole)).exists())
+    missing = next(
+        p.relative_to(whole) for p in sorted(whole.glob("*/*.png")) if not (resumed / p.relative_to(whole)).exists()
+    )
     stale = resumed / missing.parent / f".{missing.name}.k1ll3d.tmp"  # as a kill during a write leaves
     stale.write_bytes(b"partial")
 
@@ -48,8 +49,9 @@ def test_killed_run_resumes_to_identical_outputs(dataset: Path, tiny_engines: Pa
     assert run_eval(dataset, resumed, tiny_engines) == (0, IMAGES + 1)
 
 
-def test_unreadable_image_is_listed_and_retried_by_the_next_run(dataset: Path, tiny_engines: Path,
-                                                               tmp_path: Path) -> None:
+def test_unreadable_image_is_listed_and_retried_by_the_next_run(
+    dataset: Path, tiny_engines: Path, tmp_path: Path
+) -> None:
     import shutil
 
     data, pred = tmp_path / "data", tmp_path / "pred"
@@ -68,8 +70,9 @@ def test_unreadable_image_is_listed_and_retried_by_the_next_run(dataset: Path, t
     assert (pred / bad.parent.name / "02.png").is_file()
 
 
-def test_eval_run_encodes_each_class_reference_once_across_runs(dataset: Path, tiny_engines: Path, tmp_path: Path,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_eval_run_encodes_each_class_reference_once_across_runs(
+    dataset: Path, tiny_engines: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from persense.runtime.api import PerSense
     from persense.runtime.datasets.batch import PipelineSpec, run_dataset
 
@@ -90,8 +93,10 @@ def test_eval_run_encodes_each_class_reference_once_across_runs(dataset: Path, t
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 1
 
     no_cache = tmp_path / "unused"
-    assert run_eval(dataset, tmp_path / "third", tiny_engines, "--no-cache", "--cache-dir", str(no_cache)) == \
-        (IMAGES + 1, 0)
+    assert run_eval(dataset, tmp_path / "third", tiny_engines, "--no-cache", "--cache-dir", str(no_cache)) == (
+        IMAGES + 1,
+        0,
+    )
     assert not no_cache.exists()
     assert run_eval(dataset, tmp_path / "fourth", tiny_engines, "--cache-dir", str(tmp_path / "cli")) == (IMAGES + 1, 0)
     assert len(list((tmp_path / "cli").glob("*.npz"))) == 1

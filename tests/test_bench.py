@@ -22,14 +22,55 @@ from persense.runtime.pipeline.masks import rasterise
 from persense.runtime.pipeline.timing import STAGES
 
 README = Path(__file__).resolve().parents[1] / "benchmarks" / "README.md"
-TOP_KEYS = {"schema", "created", "command", "settings", "environment", "engines", "memory_method", "stages",
-            "pipelines", "workloads", "runs", "mask_stage"}
-RUN_KEYS = {"workload", "instances", "ground_truth_count", "pipeline", "backend", "precision", "status", "error",
-            "repetitions", "stages_ms", "decoder_launches", "decoder_prompts", "points", "count_estimate",
-            "peak_rss_mb", "load_s", "torch_in_process", "union_iou_vs_reference", "speedup_vs_reference",
-            "warm_stages_ms", "warm_speedup_vs_reference", "warm_union_equals_cold", "warnings"}
-MASK_STAGE_KEYS = {"workload", "instances", "extent", "label", "masks", "mean_mask_area", "union_iou_vs_ground_truth",
-                   "rasterise_ms"}
+TOP_KEYS = {
+    "schema",
+    "created",
+    "command",
+    "settings",
+    "environment",
+    "engines",
+    "memory_method",
+    "stages",
+    "pipelines",
+    "workloads",
+    "runs",
+    "mask_stage",
+}
+RUN_KEYS = {
+    "workload",
+    "instances",
+    "ground_truth_count",
+    "pipeline",
+    "backend",
+    "precision",
+    "status",
+    "error",
+    "repetitions",
+    "stages_ms",
+    "decoder_launches",
+    "decoder_prompts",
+    "points",
+    "count_estimate",
+    "peak_rss_mb",
+    "load_s",
+    "torch_in_process",
+    "union_iou_vs_reference",
+    "speedup_vs_reference",
+    "warm_stages_ms",
+    "warm_speedup_vs_reference",
+    "warm_union_equals_cold",
+    "warnings",
+}
+MASK_STAGE_KEYS = {
+    "workload",
+    "instances",
+    "extent",
+    "label",
+    "masks",
+    "mean_mask_area",
+    "union_iou_vs_ground_truth",
+    "rasterise_ms",
+}
 QUICK_REPEAT = 3
 VARIANTS = ("ort-cpu-fp32", "ort-cuda-fp32", "ort-cuda-fp16", "trt-fp16")  # the GPU ones skip here, unconverted
 
@@ -40,8 +81,25 @@ def out(tiny_engines: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("bench")
     shutil.copytree(tiny_engines, folder / "engines")
     # one thread: two spinning OpenMP/ORT threads on 2 shared cores can make a query ten times slower
-    assert main(["--quick", "--instances", "10", "--variants", ",".join(VARIANTS), "--threads", "1",
-                 "--out", str(folder), "--engines-cache", str(folder / "engines"), "-q"]) == 0
+    assert (
+        main(
+            [
+                "--quick",
+                "--instances",
+                "10",
+                "--variants",
+                ",".join(VARIANTS),
+                "--threads",
+                "1",
+                "--out",
+                str(folder),
+                "--engines-cache",
+                str(folder / "engines"),
+                "-q",
+            ]
+        )
+        == 0
+    )
     return folder
 
 
@@ -108,9 +166,19 @@ def test_runtime_agrees_with_the_reference_and_never_loads_torch(doc: dict[str, 
 
 def test_markdown_and_png_are_written(out: Path, doc: dict[str, Any]) -> None:
     text = (out / "bench.md").read_text()
-    for label in ("reference encoding", "exemplar cascade", "merge/output", "decoder launches", "peak RSS",
-                  "## Total latency, cold query", "## Total latency, warm query", "ort-cpu-fp32 cold",
-                  "ort-cpu-fp32 warm", "reference warm", "speed-up vs reference"):
+    for label in (
+        "reference encoding",
+        "exemplar cascade",
+        "merge/output",
+        "decoder launches",
+        "peak RSS",
+        "## Total latency, cold query",
+        "## Total latency, warm query",
+        "ort-cpu-fp32 cold",
+        "ort-cpu-fp32 warm",
+        "reference warm",
+        "speed-up vs reference",
+    ):
         assert label in text
     speedup = _runs(doc)["ort-cpu-fp32"]["warm_speedup_vs_reference"]
     assert f"(x{speedup:.2f})" in text.split("## Total latency, warm query", 1)[1].split("##", 1)[0]
@@ -156,11 +224,32 @@ def test_ground_truth_logits_rasterise_to_the_ground_truth_boxes() -> None:
 
 
 def test_a_cuda_reference_without_a_gpu_is_skipped_and_the_runtime_still_measured(
-        tiny_engines: Path, tmp_path: Path) -> None:
+    tiny_engines: Path, tmp_path: Path
+) -> None:
     shutil.copytree(tiny_engines, tmp_path / "engines")
-    assert main(["--quick", "--instances", "10", "--variants", "ort-cpu-fp32", "--reference-device", "cuda",
-                 "--repeat", "1", "--threads", "1", "--out", str(tmp_path), "--engines-cache",
-                 str(tmp_path / "engines"), "-q"]) == 0
+    assert (
+        main(
+            [
+                "--quick",
+                "--instances",
+                "10",
+                "--variants",
+                "ort-cpu-fp32",
+                "--reference-device",
+                "cuda",
+                "--repeat",
+                "1",
+                "--threads",
+                "1",
+                "--out",
+                str(tmp_path),
+                "--engines-cache",
+                str(tmp_path / "engines"),
+                "-q",
+            ]
+        )
+        == 0
+    )
     doc = json.loads((tmp_path / "bench.json").read_text())
     reference, runtime = doc["pipelines"]
     if reference["status"] == "measured":
@@ -177,13 +266,17 @@ def test_readme_documents_every_json_key(doc: dict[str, Any]) -> None:
     assert TOP_KEYS | RUN_KEYS | MASK_STAGE_KEYS <= documented
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--instances", "0"], "--instances"),
-    (["--variants", "ort-cpu-int4"], "unknown variant"),
-    (["--image", "crowd.jpg"], "--image, --ref and --ref-mask"),
-    (["--repeat", "0"], "--repeat"),
-])
-def test_bad_arguments_are_one_line_errors(argv: list[str], message: str, tmp_path: Path,
-                                           capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--instances", "0"], "--instances"),
+        (["--variants", "ort-cpu-int4"], "unknown variant"),
+        (["--image", "crowd.jpg"], "--image, --ref and --ref-mask"),
+        (["--repeat", "0"], "--repeat"),
+    ],
+)
+def test_bad_arguments_are_one_line_errors(
+    argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main([*argv, "--quick", "--out", str(tmp_path)]) == 2
     assert message in capsys.readouterr().err

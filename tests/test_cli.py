@@ -22,9 +22,24 @@ def _run(args: list[str], capsys) -> tuple[int, str, str]:
 
 def test_infer_writes_every_output(tiny_engines, scene_files, scene, tmp_path, capsys):
     out = tmp_path / "out"
-    code, stdout, _ = _run([str(scene_files["image"]), str(scene_files["image"]), str(scene_files["mask"]),
-                            "--engines", str(tiny_engines), "--density", str(scene_files["density"]),
-                            "--out", str(out), "--overlay", "--json", "--threads", "2"], capsys)
+    code, stdout, _ = _run(
+        [
+            str(scene_files["image"]),
+            str(scene_files["image"]),
+            str(scene_files["mask"]),
+            "--engines",
+            str(tiny_engines),
+            "--density",
+            str(scene_files["density"]),
+            "--out",
+            str(out),
+            "--overlay",
+            "--json",
+            "--threads",
+            "2",
+        ],
+        capsys,
+    )
     assert code == 0
     summary = json.loads(stdout.strip().splitlines()[-1])
     assert summary == json.loads((out / "result.json").read_text())
@@ -45,11 +60,25 @@ def test_infer_on_a_folder_encodes_the_reference_once(tiny_engines, scene_files,
     for name in ("a.jpg", "b.jpg"):
         (folder / name).write_bytes(scene_files["image"].read_bytes())
     out = tmp_path / "out"
-    code, stdout, _ = _run([str(folder), str(scene_files["image"]), str(scene_files["mask"]), "--engines",
-                            str(tiny_engines), "--density", str(scene_files["density"]), "--out", str(out)], capsys)
+    code, stdout, _ = _run(
+        [
+            str(folder),
+            str(scene_files["image"]),
+            str(scene_files["mask"]),
+            "--engines",
+            str(tiny_engines),
+            "--density",
+            str(scene_files["density"]),
+            "--out",
+            str(out),
+        ],
+        capsys,
+    )
     assert code == 0 and stdout.count("instances ->") == 2
-    assert json.loads((out / "a" / "result.json").read_text())["points"] == \
-        json.loads((out / "b" / "result.json").read_text())["points"]
+    assert (
+        json.loads((out / "a" / "result.json").read_text())["points"]
+        == json.loads((out / "b" / "result.json").read_text())["points"]
+    )
 
 
 @pytest.fixture
@@ -65,20 +94,28 @@ def bad_inputs(tmp_path, scene_files):
     zero_bytes.write_bytes(b"")
     not_image = tmp_path / "notes.jpg"
     not_image.write_text("hello")
-    return {"empty_mask": empty_mask, "small_mask": small_mask, "grey_mask": grey_mask, "zero": zero_bytes,
-            "not_image": not_image}
+    return {
+        "empty_mask": empty_mask,
+        "small_mask": small_mask,
+        "grey_mask": grey_mask,
+        "zero": zero_bytes,
+        "not_image": not_image,
+    }
 
 
-@pytest.mark.parametrize("case,message", [
-    ("missing_image", "no such file"),
-    ("zero_image", "file is empty"),
-    ("unreadable_image", "not a readable image"),
-    ("empty_mask", "mask is empty"),
-    ("size_mismatch", "must have the same size"),
-    ("non_binary_mask", "not binary"),
-    ("no_engines", "engines folder not found"),
-    ("directory_as_reference", "is a directory"),
-])
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        ("missing_image", "no such file"),
+        ("zero_image", "file is empty"),
+        ("unreadable_image", "not a readable image"),
+        ("empty_mask", "mask is empty"),
+        ("size_mismatch", "must have the same size"),
+        ("non_binary_mask", "not binary"),
+        ("no_engines", "engines folder not found"),
+        ("directory_as_reference", "is a directory"),
+    ],
+)
 def test_infer_bad_input_is_one_clear_line(case, message, tiny_engines, scene_files, bad_inputs, tmp_path, capsys):
     image, mask, engines = str(scene_files["image"]), str(scene_files["mask"]), str(tiny_engines)
     args = {
@@ -93,8 +130,9 @@ def test_infer_bad_input_is_one_clear_line(case, message, tiny_engines, scene_fi
     }[case]
     engines = str(tmp_path / "missing_engines") if case == "no_engines" else engines
     out = tmp_path / "out"
-    code, _, err = _run(args + ["--engines", engines, "--density", str(scene_files["density"]), "--out", str(out)],
-                        capsys)
+    code, _, err = _run(
+        args + ["--engines", engines, "--density", str(scene_files["density"]), "--out", str(out)], capsys
+    )
     assert code == 2
     assert err.count("\n") == 1 and err.startswith("persense-infer: error: ") and message in err
     assert "Traceback" not in err
@@ -102,8 +140,12 @@ def test_infer_bad_input_is_one_clear_line(case, message, tiny_engines, scene_fi
 
 
 def test_export_without_weights_says_where_they_go(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "persense.export.cli", "--model", "vit_h", "--out", str(tmp_path)],
-                          capture_output=True, text=True, cwd=tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-m", "persense.export.cli", "--model", "vit_h", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert done.returncode == 2
     assert "put sam_vit_h_4b8939.pth in weights/" in done.stderr and "Traceback" not in done.stderr
 
@@ -120,9 +162,25 @@ def test_export_fp16_then_infer_with_the_fp16_models(tiny_engines, scene_files, 
     assert "TensorRT engines not built:" in printed and printed.count("\n") == 2
     manifest = json.loads((folder / "manifest.json").read_text())["artefacts"]
     assert manifest["sam_encoder_fp16"]["precision"] == "fp16" and "fp16_error" in manifest["sam_decoder_fp16"]["extra"]
-    code, stdout, _ = _run([str(scene_files["image"]), str(scene_files["image"]), str(scene_files["mask"]),
-                            "--engines", str(folder), "--density", str(scene_files["density"]), "--precision", "fp16",
-                            "--out", str(tmp_path / "out"), "--json", "--threads", "2"], capsys)
+    code, stdout, _ = _run(
+        [
+            str(scene_files["image"]),
+            str(scene_files["image"]),
+            str(scene_files["mask"]),
+            "--engines",
+            str(folder),
+            "--density",
+            str(scene_files["density"]),
+            "--precision",
+            "fp16",
+            "--out",
+            str(tmp_path / "out"),
+            "--json",
+            "--threads",
+            "2",
+        ],
+        capsys,
+    )
     assert code == 0 and json.loads(stdout.strip().splitlines()[-1])["precision"] == "fp16"
     assert export(["--model", "tiny", "--seed", "0", "--out", str(folder), "-q"]) == 0  # a plain re-export
     assert "sam_decoder_fp16" in json.loads((folder / "manifest.json").read_text())["artefacts"]  # keeps them
@@ -135,8 +193,20 @@ def test_folder_run_survives_an_unreadable_file(tiny_engines, scene_files, tmp_p
         (folder / name).write_bytes(scene_files["image"].read_bytes())
     (folder / "b.jpg").write_text("a text file renamed .jpg\n")
     out = tmp_path / "out"
-    code, stdout, err = _run([str(folder), str(scene_files["image"]), str(scene_files["mask"]), "--engines",
-                              str(tiny_engines), "--density", str(scene_files["density"]), "--out", str(out)], capsys)
+    code, stdout, err = _run(
+        [
+            str(folder),
+            str(scene_files["image"]),
+            str(scene_files["mask"]),
+            "--engines",
+            str(tiny_engines),
+            "--density",
+            str(scene_files["density"]),
+            "--out",
+            str(out),
+        ],
+        capsys,
+    )
     assert code == 1
     lines = err.splitlines()
     assert len(lines) == 2 and "Traceback" not in err
@@ -150,22 +220,55 @@ def test_folder_run_survives_an_unreadable_file(tiny_engines, scene_files, tmp_p
 def test_box_starts_the_cascade_and_is_recorded(tiny_engines, scene_files, scene, tmp_path, capsys):
     x, y = scene["centres"][5]
     box = f"{x - 18},{y - 18},{x + 18},{y + 18}"
-    code, stdout, _ = _run([str(scene_files["image"]), str(scene_files["image"]), str(scene_files["mask"]),
-                            "--engines", str(tiny_engines), "--density", str(scene_files["density"]),
-                            "--out", str(tmp_path / "out"), "--json", "--box", box], capsys)
+    code, stdout, _ = _run(
+        [
+            str(scene_files["image"]),
+            str(scene_files["image"]),
+            str(scene_files["mask"]),
+            "--engines",
+            str(tiny_engines),
+            "--density",
+            str(scene_files["density"]),
+            "--out",
+            str(tmp_path / "out"),
+            "--json",
+            "--box",
+            box,
+        ],
+        capsys,
+    )
     assert code == 0
     assert json.loads(stdout.strip().splitlines()[-1])["box"] == [x - 18, y - 18, x + 18, y + 18]
 
 
-@pytest.mark.parametrize("box,message", [
-    ("1,2,3", "four numbers"), ("a,b,c,d", "four numbers"), ("50,50,40,60", "inverted or empty"),
-    ("10,10,10,40", "inverted or empty"), ("-5,10,40,40", "not inside"), ("10,10,40,289", "not inside"),
-])
+@pytest.mark.parametrize(
+    "box,message",
+    [
+        ("1,2,3", "four numbers"),
+        ("a,b,c,d", "four numbers"),
+        ("50,50,40,60", "inverted or empty"),
+        ("10,10,10,40", "inverted or empty"),
+        ("-5,10,40,40", "not inside"),
+        ("10,10,40,289", "not inside"),
+    ],
+)
 def test_bad_box_is_one_clear_line(box, message, tiny_engines, scene_files, tmp_path, capsys):
     out = tmp_path / "out"
-    code, _, err = _run([str(scene_files["image"]), str(scene_files["image"]), str(scene_files["mask"]),
-                         "--engines", str(tiny_engines), "--density", str(scene_files["density"]),
-                         "--out", str(out), f"--box={box}"], capsys)
+    code, _, err = _run(
+        [
+            str(scene_files["image"]),
+            str(scene_files["image"]),
+            str(scene_files["mask"]),
+            "--engines",
+            str(tiny_engines),
+            "--density",
+            str(scene_files["density"]),
+            "--out",
+            str(out),
+            f"--box={box}",
+        ],
+        capsys,
+    )
     assert code == 2 and err.count("\n") == 1 and err.startswith("persense-infer: error: ") and message in err
     assert not out.exists() or not any(out.rglob("*.*"))
 
@@ -173,19 +276,31 @@ def test_bad_box_is_one_clear_line(box, message, tiny_engines, scene_files, tmp_
 def test_saved_reference_gives_the_same_results(tiny_engines, scene_files, tmp_path, capsys):
     saved = tmp_path / "apple.npz"
     common = ["--engines", str(tiny_engines), "--density", str(scene_files["density"]), "--json"]
-    code, stdout, _ = _run([str(scene_files["image"]), str(scene_files["mask"]), "--save-reference", str(saved),
-                            *common], capsys)  # no target: only encode and save
+    code, stdout, _ = _run(
+        [str(scene_files["image"]), str(scene_files["mask"]), "--save-reference", str(saved), *common], capsys
+    )  # no target: only encode and save
     assert code == 0 and saved.is_file() and not (tmp_path / "out").exists()
-    code, stdout, _ = _run([str(scene_files["image"]), "--reference", str(saved), "--out", str(tmp_path / "a"),
-                            *common], capsys)
+    code, stdout, _ = _run(
+        [str(scene_files["image"]), "--reference", str(saved), "--out", str(tmp_path / "a"), *common], capsys
+    )
     loaded = json.loads(stdout.strip().splitlines()[-1])
-    code_b, stdout_b, _ = _run([str(scene_files["image"]), str(scene_files["image"]), str(scene_files["mask"]),
-                                "--out", str(tmp_path / "b"), *common], capsys)
+    code_b, stdout_b, _ = _run(
+        [
+            str(scene_files["image"]),
+            str(scene_files["image"]),
+            str(scene_files["mask"]),
+            "--out",
+            str(tmp_path / "b"),
+            *common,
+        ],
+        capsys,
+    )
     direct = json.loads(stdout_b.strip().splitlines()[-1])
     assert code == code_b == 0 and loaded["points"] == direct["points"] and loaded["reference_file"] == str(saved)
     saved.write_bytes(saved.read_bytes()[:100])
-    code, _, err = _run([str(scene_files["image"]), "--reference", str(saved), "--out", str(tmp_path / "c"),
-                         *common], capsys)
+    code, _, err = _run(
+        [str(scene_files["image"]), "--reference", str(saved), "--out", str(tmp_path / "c"), *common], capsys
+    )
     assert code == 2 and err.count("\n") == 1 and "not a persense reference file" in err
 
 
@@ -207,15 +322,27 @@ def encodes(monkeypatch) -> list[tuple[int, ...]]:
 
 def _infer_json(engines, scene_files, out, capsys, *extra) -> dict:
     """persense-infer on the scene (reference = the scene's first disc); its result.json, and stderr as `_stderr`."""
-    code, stdout, stderr = _run([str(scene_files["image"]), str(scene_files["image"]), str(scene_files["mask"]),
-                            "--engines", str(engines), "--density", str(scene_files["density"]), "--out", str(out),
-                            "--json", *extra], capsys)
+    code, stdout, stderr = _run(
+        [
+            str(scene_files["image"]),
+            str(scene_files["image"]),
+            str(scene_files["mask"]),
+            "--engines",
+            str(engines),
+            "--density",
+            str(scene_files["density"]),
+            "--out",
+            str(out),
+            "--json",
+            *extra,
+        ],
+        capsys,
+    )
     assert code == 0
     return {**json.loads(stdout.strip().splitlines()[-1]), "_stderr": stderr}
 
 
-def test_second_infer_with_the_same_reference_skips_its_encoding(tiny_engines, scene_files, tmp_path, capsys,
-                                                                 encodes):
+def test_second_infer_with_the_same_reference_skips_its_encoding(tiny_engines, scene_files, tmp_path, capsys, encodes):
     cache = ["--cache-dir", str(tmp_path / "cache")]
     first = _infer_json(tiny_engines, scene_files, tmp_path / "a", capsys, *cache)
     assert len(encodes) == 2 and first["reference_source"] == "encoded" and first["reference_encoding_ms"] > 0
@@ -257,5 +384,7 @@ def test_a_broken_cache_never_fails_a_run(tiny_engines, scene_files, tmp_path, c
     second = _infer_json(tiny_engines, scene_files, tmp_path / "c", capsys, "--cache-dir", str(cache))
     assert second["reference_source"] == "encoded" and second["points"] == first["points"] == unwritable["points"]
     assert "ignoring" in second["_stderr"] and len(encodes) == 6
-    assert _infer_json(tiny_engines, scene_files, tmp_path / "d", capsys, "--cache-dir", str(cache))[
-        "reference_source"] == "cache"
+    assert (
+        _infer_json(tiny_engines, scene_files, tmp_path / "d", capsys, "--cache-dir", str(cache))["reference_source"]
+        == "cache"
+    )

@@ -14,15 +14,30 @@ import pytest
 from persense.runtime.backends.trt_engine import tensorrt_unavailable_reason
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.skipif(shutil.which("cmake") is None or shutil.which("make") is None,
-                                reason="cmake and make are needed")
+pytestmark = pytest.mark.skipif(
+    shutil.which("cmake") is None or shutil.which("make") is None, reason="cmake and make are needed"
+)
 
 
 def configure(build: Path, *options: str) -> str:
     """Run cmake's configure step (Unix Makefiles) and return its output."""
-    done = subprocess.run(["cmake", "-S", str(ROOT), "-B", str(build), "-G", "Unix Makefiles",
-                           f"-DPERSENSE_PYTHON={sys.executable}", f"-DPERSENSE_ENGINES_DIR={build / 'engines'}",
-                           *options], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [
+            "cmake",
+            "-S",
+            str(ROOT),
+            "-B",
+            str(build),
+            "-G",
+            "Unix Makefiles",
+            f"-DPERSENSE_PYTHON={sys.executable}",
+            f"-DPERSENSE_ENGINES_DIR={build / 'engines'}",
+            *options,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout + done.stderr
 
@@ -52,8 +67,9 @@ def tiny_build(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
 
 def test_targets_and_tensorrt_status(tiny_build: tuple[Path, str]) -> None:
     build, output = tiny_build
-    help_text = subprocess.run(["cmake", "--build", str(build), "--target", "help"], capture_output=True,
-                               text=True, check=True).stdout
+    help_text = subprocess.run(
+        ["cmake", "--build", str(build), "--target", "help"], capture_output=True, text=True, check=True
+    ).stdout
     targets = {line.removeprefix("... ").split()[0] for line in help_text.splitlines() if line.startswith("... ")}
     assert {"onnx", "fp16_sam_encoder", "fp16_sam_decoder", "parity", "test"} <= targets
     reason = tensorrt_unavailable_reason()
@@ -101,8 +117,13 @@ def test_the_checkpoint_is_a_dependency(tmp_path: Path) -> None:
     checkpoint = tmp_path / "sam_vit_b_01ec64.pth"
     checkpoint.write_bytes(b"not read at configure time")
     build = tmp_path / "build"
-    configure(build, "-DPERSENSE_MODEL=vit_b", f"-DPERSENSE_CHECKPOINT={checkpoint}", "-DPERSENSE_FP16=OFF",
-              "-DPERSENSE_TENSORRT=OFF")
+    configure(
+        build,
+        "-DPERSENSE_MODEL=vit_b",
+        f"-DPERSENSE_CHECKPOINT={checkpoint}",
+        "-DPERSENSE_FP16=OFF",
+        "-DPERSENSE_TENSORRT=OFF",
+    )
     assert depends(build, "onnx", "engines/sam_encoder.onnx", str(checkpoint))
     assert "--checkpoint" in (build / "CMakeFiles" / "onnx.dir" / "build.make").read_text()
 
@@ -111,5 +132,9 @@ def test_a_missing_checkpoint_disables_engine_targets_but_keeps_tests(tmp_path: 
     output = configure(tmp_path, "-DPERSENSE_MODEL=vit_h", f"-DPERSENSE_CHECKPOINT={tmp_path / 'missing.pth'}")
     assert "engine targets disabled" in output
     assert not (tmp_path / "CMakeFiles" / "onnx.dir").exists()
-    assert "Test #1: pytest" in subprocess.run(["ctest", "-N", "--test-dir", str(tmp_path)], capture_output=True,
-                                               text=True, check=True).stdout
+    assert (
+        "Test #1: pytest"
+        in subprocess.run(
+            ["ctest", "-N", "--test-dir", str(tmp_path)], capture_output=True, text=True, check=True
+        ).stdout
+    )

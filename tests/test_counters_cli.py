@@ -32,9 +32,26 @@ def test_manifest_lists_sam_and_both_counters(engines_with_counters):
 @pytest.mark.parametrize("counter,threshold_kind", [("countr", "float"), ("dsalvanet", "integer")])
 def test_infer_runs_with_each_counter(engines_with_counters, scene_files, tmp_path, capsys, counter, threshold_kind):
     out = tmp_path / counter
-    assert infer([str(scene_files["image"]), str(scene_files["image"]), str(scene_files["mask"]), "--engines",
-                  str(engines_with_counters), "--counter", counter, "--out", str(out), "--json", "--threads", "2",
-                  "-q"]) == 0
+    assert (
+        infer(
+            [
+                str(scene_files["image"]),
+                str(scene_files["image"]),
+                str(scene_files["mask"]),
+                "--engines",
+                str(engines_with_counters),
+                "--counter",
+                counter,
+                "--out",
+                str(out),
+                "--json",
+                "--threads",
+                "2",
+                "-q",
+            ]
+        )
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["counter"] == counter and math.isfinite(summary["count_estimate"])
     if threshold_kind == "integer":  # DSALVANet's count is ceil(sum)

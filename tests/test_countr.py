@@ -43,13 +43,23 @@ from persense.runtime.manifest import TensorSpec
 
 # A few keys and shapes of the original FSC147.pth 'model' (CounTR mae_vit_base_patch16).
 ORIGINAL_KEYS = {
-    "pos_embed": (1, 576, 768), "decoder_pos_embed": (1, 576, 512), "shot_token": (512,),
-    "patch_embed.proj.weight": (768, 3, 16, 16), "blocks.0.attn.qkv.weight": (2304, 768),
-    "blocks.11.mlp.fc2.weight": (768, 3072), "norm.weight": (768,), "decoder_embed.weight": (512, 768),
-    "decoder_proj1.0.weight": (64, 3, 3, 3), "decoder_proj4.0.weight": (512, 256, 3, 3),
-    "decoder_blocks.1.norm0.bias": (512,), "decoder_blocks.0.selfattn.qkv.weight": (1536, 512),
-    "decoder_blocks.1.attn.wv.weight": (512, 512), "decoder_blocks.1.mlp.fc1.weight": (2048, 512),
-    "decoder_norm.weight": (512,), "decode_head0.0.weight": (256, 512, 3, 3), "decode_head2.1.weight": (256,),
+    "pos_embed": (1, 576, 768),
+    "decoder_pos_embed": (1, 576, 512),
+    "shot_token": (512,),
+    "patch_embed.proj.weight": (768, 3, 16, 16),
+    "blocks.0.attn.qkv.weight": (2304, 768),
+    "blocks.11.mlp.fc2.weight": (768, 3072),
+    "norm.weight": (768,),
+    "decoder_embed.weight": (512, 768),
+    "decoder_proj1.0.weight": (64, 3, 3, 3),
+    "decoder_proj4.0.weight": (512, 256, 3, 3),
+    "decoder_blocks.1.norm0.bias": (512,),
+    "decoder_blocks.0.selfattn.qkv.weight": (1536, 512),
+    "decoder_blocks.1.attn.wv.weight": (512, 512),
+    "decoder_blocks.1.mlp.fc1.weight": (2048, 512),
+    "decoder_norm.weight": (512,),
+    "decode_head0.0.weight": (256, 512, 3, 3),
+    "decode_head2.1.weight": (256,),
     "decode_head3.3.weight": (1, 256, 1, 1),
 }
 
@@ -119,8 +129,13 @@ def base_state() -> dict[str, torch.Tensor]:
 def test_original_checkpoint_layout_loads(base_state, tmp_path):
     assert len(base_state) == 225 and sum(v.numel() for v in base_state.values()) == 99_690_625
     assert {k: tuple(base_state[k].shape) for k in ORIGINAL_KEYS} == ORIGINAL_KEYS
-    checkpoint = {"model": {**base_state, "unused.extra": torch.zeros(1)}, "optimizer": {"state": {}}, "epoch": 199,
-                  "scaler": {"scale": 65536.0}, "args": argparse.Namespace(model="mae_vit_base_patch16", lr=1e-4)}
+    checkpoint = {
+        "model": {**base_state, "unused.extra": torch.zeros(1)},
+        "optimizer": {"state": {}},
+        "epoch": 199,
+        "scaler": {"scale": 65536.0},
+        "args": argparse.Namespace(model="mae_vit_base_patch16", lr=1e-4),
+    }
     loaded = load_countr(save(checkpoint, tmp_path / "FSC147.pth")).state_dict()
     assert loaded.keys() == base_state.keys()
     assert all(torch.equal(loaded[k], base_state[k]) for k in base_state)
@@ -139,7 +154,7 @@ def test_wrong_checkpoints_are_refused(base_state, tmp_path):
         with pytest.raises(PersenseError, match=message):
             load_countr(save(checkpoint, tmp_path / "wrong.pth"))
     whole = save({"model": {"shot_token": torch.zeros(512)}}, tmp_path / "whole.pth").read_bytes()
-    (tmp_path / "truncated.pth").write_bytes(whole[:len(whole) // 2])
+    (tmp_path / "truncated.pth").write_bytes(whole[: len(whole) // 2])
     with pytest.raises(PersenseError, match="not a readable PyTorch checkpoint"):
         load_countr(tmp_path / "truncated.pth")
     with pytest.raises(PersenseError, match="not found"):
@@ -149,8 +164,10 @@ def test_wrong_checkpoints_are_refused(base_state, tmp_path):
 def test_onnx_matches_torch(model, ort_engine):
     g = torch.Generator().manual_seed(3)
     for windows, shots in ((1, 1), (3, 4)):
-        feeds = {"windows": torch.rand(windows, 3, WINDOW, WINDOW, generator=g),
-                 "exemplars": torch.rand(1, shots, 3, 64, 64, generator=g)}
+        feeds = {
+            "windows": torch.rand(windows, 3, WINDOW, WINDOW, generator=g),
+            "exemplars": torch.rand(1, shots, 3, 64, 64, generator=g),
+        }
         with torch.inference_mode():
             expected = model(feeds["windows"], feeds["exemplars"]).numpy()
         got = ort_engine.run({k: v.numpy() for k, v in feeds.items()})["density"]

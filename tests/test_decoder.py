@@ -91,15 +91,24 @@ def test_unguided_decoder_is_stock_sam_for_points_boxes_and_masks(tiny_sam, deco
     mask = torch.randn(1, 1, 256, 256)
     pe = tiny_sam.prompt_encoder.get_dense_pe()
     for use_box, use_mask in [(False, False), (True, False), (False, True), (True, True)]:
-        sparse, dense = tiny_sam.prompt_encoder(points=(point, torch.ones(1, 1)), boxes=box if use_box else None,
-                                                masks=mask if use_mask else None)
+        sparse, dense = tiny_sam.prompt_encoder(
+            points=(point, torch.ones(1, 1)), boxes=box if use_box else None, masks=mask if use_mask else None
+        )
         expected, expected_iou = tiny_sam.mask_decoder.predict_masks(embedding, pe, sparse, dense)
         if use_box:
             coords, labels = torch.cat([point, box.reshape(1, 2, 2)], 1), torch.tensor([[1.0, 2.0, 3.0]])
         else:
             coords, labels = torch.cat([point, torch.zeros(1, 1, 2)], 1), torch.tensor([[1.0, -1.0]])
-        got, got_iou = decoder(embedding, coords, labels, mask, torch.tensor([float(use_mask)]),
-                               torch.randn(1, 256), torch.rand(1, 4096), torch.zeros(1))
+        got, got_iou = decoder(
+            embedding,
+            coords,
+            labels,
+            mask,
+            torch.tensor([float(use_mask)]),
+            torch.randn(1, 256),
+            torch.rand(1, 4096),
+            torch.zeros(1),
+        )
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(got_iou, expected_iou, atol=1e-5, rtol=1e-5)
 
@@ -112,16 +121,34 @@ def test_guided_decoder_equals_the_original_in_place_persam_transformer(tiny_sam
     attn_sim = torch.rand(1, 1, 1, 4096)
     expected, expected_iou = original_persam_decoder(tiny_sam, embedding, point, attn_sim, target)
     coords = torch.cat([point, torch.zeros(1, 1, 2)], 1)
-    got, got_iou = decoder(embedding, coords, torch.tensor([[1.0, -1.0]]), torch.zeros(1, 1, 256, 256),
-                           torch.zeros(1), target.reshape(1, 256), attn_sim.reshape(1, 4096), torch.ones(1))
+    got, got_iou = decoder(
+        embedding,
+        coords,
+        torch.tensor([[1.0, -1.0]]),
+        torch.zeros(1, 1, 256, 256),
+        torch.zeros(1),
+        target.reshape(1, 256),
+        attn_sim.reshape(1, 4096),
+        torch.ones(1),
+    )
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got_iou, expected_iou, atol=1e-5, rtol=1e-5)
-    unguided, _ = decoder(embedding, coords, torch.tensor([[1.0, -1.0]]), torch.zeros(1, 1, 256, 256),
-                          torch.zeros(1), target.reshape(1, 256), attn_sim.reshape(1, 4096), torch.zeros(1))
+    unguided, _ = decoder(
+        embedding,
+        coords,
+        torch.tensor([[1.0, -1.0]]),
+        torch.zeros(1, 1, 256, 256),
+        torch.zeros(1),
+        target.reshape(1, 256),
+        attn_sim.reshape(1, 4096),
+        torch.zeros(1),
+    )
     assert (unguided - got).abs().max() > 1e-3  # guidance really changes the output
 
 
-@pytest.mark.parametrize("batch,points,guided,with_mask", [(1, 2, True, False), (6, 3, False, True), (3, 2, True, True)])
+@pytest.mark.parametrize(
+    "batch,points,guided,with_mask", [(1, 2, True, False), (6, 3, False, True), (3, 2, True, True)]
+)
 def test_reassociated_decoder_equals_the_literal_one(tiny_sam, decoder, batch, points, guided, with_mask):
     from persense.export.sam.reassociated_decoder import ReassociatedDecoder
 
@@ -167,13 +194,23 @@ def all_outputs_decoder(tiny_sam, tmp_path_factory):
 
 
 def test_exported_decoder_returns_only_the_chosen_mask(onnx_decoder):
-    assert [(o.name, o.shape) for o in onnx_decoder.outputs] == [("low_res_masks", ("B", 256, 256)),
-                                                                  ("iou_predictions", ("B",))]
+    assert [(o.name, o.shape) for o in onnx_decoder.outputs] == [
+        ("low_res_masks", ("B", 256, 256)),
+        ("iou_predictions", ("B",)),
+    ]
 
 
-@pytest.mark.parametrize("batch,points,guided,with_mask", [(1, 2, False, False), (1, 2, True, False),
-                                                           (64, 2, True, False), (64, 3, False, True),
-                                                           (7, 1, False, False), (5, 3, True, True)])
+@pytest.mark.parametrize(
+    "batch,points,guided,with_mask",
+    [
+        (1, 2, False, False),
+        (1, 2, True, False),
+        (64, 2, True, False),
+        (64, 3, False, True),
+        (7, 1, False, False),
+        (5, 3, True, True),
+    ],
+)
 def test_onnx_decoder_matches_torch(decoder, onnx_decoder, batch, points, guided, with_mask):
     args = _inputs(batch, points, guided, with_mask)
     with torch.no_grad():
@@ -182,16 +219,19 @@ def test_onnx_decoder_matches_torch(decoder, onnx_decoder, batch, points, guided
     out = onnx_decoder.run(_feeds(args))
     np.testing.assert_allclose(out["low_res_masks"], expected_best, atol=MASK_LOGIT_ATOL)
     np.testing.assert_allclose(out["iou_predictions"], expected_score, atol=1e-5)
-    ious = [_iou(a > 0, b > 0) for a, b in zip(out["low_res_masks"].reshape(batch, -1),
-                                                 expected_best.reshape(batch, -1))]
+    ious = [
+        _iou(a > 0, b > 0) for a, b in zip(out["low_res_masks"].reshape(batch, -1), expected_best.reshape(batch, -1))
+    ]
     assert min(ious) >= 0.99
 
 
-@pytest.mark.parametrize("batch,points,guided,with_mask", [(1, 2, False, False), (1, 2, True, False),
-                                                           (64, 2, True, False), (64, 2, False, False),
-                                                           (64, 3, False, True)])
-def test_in_graph_selection_equals_all_outputs_graph_and_host_selection(onnx_decoder, all_outputs_decoder, batch,
-                                                                        points, guided, with_mask):
+@pytest.mark.parametrize(
+    "batch,points,guided,with_mask",
+    [(1, 2, False, False), (1, 2, True, False), (64, 2, True, False), (64, 2, False, False), (64, 3, False, True)],
+)
+def test_in_graph_selection_equals_all_outputs_graph_and_host_selection(
+    onnx_decoder, all_outputs_decoder, batch, points, guided, with_mask
+):
     feeds = _feeds(_inputs(batch, points, guided, with_mask, seed=batch + 10))
     everything = all_outputs_decoder.run(feeds)
     assert everything["low_res_masks"].shape == (batch, 4, 256, 256)

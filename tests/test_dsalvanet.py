@@ -54,21 +54,29 @@ def engine(model, tmp_path_factory):
     folder = tmp_path_factory.mktemp("engines")
     artefact = export_dsalvanet(model, folder, "random")
     assert [(t.name, t.shape, t.dtype) for t in artefact.inputs] == [
-        ("image", (1, 3, 512, 512), "float32"), ("roi_rows", (3, 3, BIN_LENGTH), "int64"),
-        ("roi_cols", (3, 3, BIN_LENGTH), "int64")]
+        ("image", (1, 3, 512, 512), "float32"),
+        ("roi_rows", (3, 3, BIN_LENGTH), "int64"),
+        ("roi_cols", (3, 3, BIN_LENGTH), "int64"),
+    ]
     assert artefact.kind == "counter_dsalvanet" and artefact.outputs[0].shape == (1, 1, 512, 512)
     return OrtEngine(folder / artefact.file, threads=2)
 
 
 # --- checkpoints ---------------------------------------------------------------------------------
 
+
 def test_original_layout_loads_strict(model, checkpoint):
     keys = list(model.state_dict())
     assert len(keys) == TOTAL_KEYS
     assert sum(k.startswith("backbone.") for k in keys) == BACKBONE_KEYS
-    for key in ("backbone.resnet.fc.weight", "backbone.resnet.layer4.2.bn3.running_var", "backbone.layer0.1.weight",
-                "backbone.layer4.0.downsample.1.num_batches_tracked",
-                "dsam_blocks.dsam_blocks.3.similarity_cal.mdm_d4.conv_mask.weight", "count_regressor.regressor.8.bias"):
+    for key in (
+        "backbone.resnet.fc.weight",
+        "backbone.resnet.layer4.2.bn3.running_var",
+        "backbone.layer0.1.weight",
+        "backbone.layer4.0.downsample.1.num_batches_tracked",
+        "dsam_blocks.dsam_blocks.3.similarity_cal.mdm_d4.conv_mask.weight",
+        "count_regressor.regressor.8.bias",
+    ):
         assert key in keys
     assert sum(p.numel() for p in model.parameters()) == 41_707_081
     loaded = load_dsalvanet(checkpoint)
@@ -95,6 +103,7 @@ def test_wrong_and_truncated_checkpoints(model, checkpoint, tmp_path):
 
 
 # --- modulated deformable convolution ------------------------------------------------------------
+
 
 def bilinear_zero(plane: np.ndarray, y: float, x: float) -> float:
     """torchvision's deform_conv2d bilinear_interpolate: corners outside the map read zero."""
@@ -128,8 +137,9 @@ def loop_deform_conv(x, offset, mask, weight, dilation, groups):
                         for px in range(w):
                             y = py - pad + i * dilation + offset[0, 2 * (g * k * k + t), py, px]
                             xx = px - pad + j * dilation + offset[0, 2 * (g * k * k + t) + 1, py, px]
-                            out[0, o, py, px] += (weight[o, cg, i, j] * mask[0, g * k * k + t, py, px]
-                                                  * bilinear_zero(x[0, c], y, xx))
+                            out[0, o, py, px] += (
+                                weight[o, cg, i, j] * mask[0, g * k * k + t, py, px] * bilinear_zero(x[0, c], y, xx)
+                            )
     return out
 
 
@@ -141,8 +151,9 @@ def test_deform_conv_matches_loop_reference(dilation):
     mask = rng.uniform(0, 1, (1, 4 * 9, 5, 6))
     weight = rng.standard_normal((4, 4, 3, 3))  # 4 outputs, 2 conv groups
     ours = modulated_deform_conv2d(*(torch.from_numpy(a) for a in (x, offset, mask, weight)), dilation, groups=2)
-    np.testing.assert_allclose(ours.numpy(), loop_deform_conv(x, offset, mask, weight, dilation, 2),
-                               rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(
+        ours.numpy(), loop_deform_conv(x, offset, mask, weight, dilation, 2), rtol=1e-10, atol=1e-10
+    )
 
 
 # --- exemplar ROI bins ---------------------------------------------------------------------------
@@ -179,6 +190,7 @@ def test_unusable_boxes_are_refused():
 
 # --- pre-processing as the original --------------------------------------------------------------
 
+
 @pytest.mark.parametrize("k", [1, 2, 3, 4])
 def test_exemplar_count_handled_as_original(k):
     xyxy = np.array([[10, 20, 60, 80], [100, 101, 140, 150], [3, 4, 399, 298], [5, 6, 9, 9]], float)[:k]
@@ -196,6 +208,7 @@ def test_image_preprocessing_matches_torchvision_way():
 
 # --- LVAM ----------------------------------------------------------------------------------------
 
+
 def test_lvam_mu_is_deterministic_and_sampling_only_adds_noise():
     torch.manual_seed(0)
     lvam = LVAM(in_dim=16, mid_dim=32)
@@ -208,6 +221,7 @@ def test_lvam_mu_is_deterministic_and_sampling_only_adds_noise():
 
 
 # --- ONNX vs PyTorch -----------------------------------------------------------------------------
+
 
 def test_onnx_density_matches_torch_reference(model, engine):
     image = np.random.default_rng(1).integers(0, 256, (360, 480, 3), dtype=np.uint8)

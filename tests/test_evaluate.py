@@ -138,8 +138,10 @@ def test_mask_reading_follows_bgr2gray(tmp_path: Path) -> None:
     assert read_eval_mask(tmp_path / "c.png").tolist() == [[False, True, False]]
 
 
-@pytest.mark.parametrize("layout, message", [
-    ("nodata", "no such folder"), ("nopred", "no such prediction folder"), ("noclass", "no class folders")])
+@pytest.mark.parametrize(
+    "layout, message",
+    [("nodata", "no such folder"), ("nopred", "no such prediction folder"), ("noclass", "no class folders")],
+)
 def test_input_errors(tmp_path: Path, layout: str, message: str) -> None:
     if layout != "nodata":
         (tmp_path / "data" / "Images").mkdir(parents=True)
@@ -184,8 +186,20 @@ def test_cli_bad_arguments_exit_2() -> None:
 
 def test_python_m_size_mismatch(dataset: Path) -> None:
     _pair(dataset, "beta", "03.png", BLOCK, np.zeros((5, 4), np.uint8))
-    run = subprocess.run([sys.executable, "-m", "persense.runtime.cli.eval", "--data", str(dataset / "data"),
-                          "--pred", str(dataset / "pred")], capture_output=True, text=True, timeout=60)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "persense.runtime.cli.eval",
+            "--data",
+            str(dataset / "data"),
+            "--pred",
+            str(dataset / "pred"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert run.returncode == 2
     assert "Traceback" not in run.stderr and run.stderr.count("\n") == 1
     assert "03.png" in run.stderr and "size mismatch" in run.stderr

@@ -32,8 +32,9 @@ def test_image_to_tokens_equals_the_stock_attention(tiny_sam, batch, tokens):
         image = torch.randn(batch, IMAGE_TOKENS, module.embedding_dim, generator=g)
         few = torch.randn(batch, tokens, module.embedding_dim, generator=g) * 3
         values = torch.randn(batch, tokens, module.embedding_dim, generator=g)
-        torch.testing.assert_close(image_to_tokens(module, image, few, values), module(q=image, k=few, v=values),
-                                   atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            image_to_tokens(module, image, few, values), module(q=image, k=few, v=values), atol=1e-5, rtol=1e-4
+        )
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +54,11 @@ def profiled_ops(tiny_sam, tmp_path_factory) -> list[tuple[str, list[int]]]:
     session.run(None, {name: t.numpy() for name, t in zip(PerSamDecoder.input_names, decoder_example_inputs(4))})
     with open(session.end_profiling()) as file:
         events = json.load(file)
-    return [(e["args"]["op_name"], list(next(iter(e["args"]["output_type_shape"][0].values()))))
-            for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    return [
+        (e["args"]["op_name"], list(next(iter(e["args"]["output_type_shape"][0].values()))))
+        for e in events
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")
+    ]
 
 
 def test_no_slow_op_form_runs_over_image_sized_tensors(profiled_ops):

@@ -37,7 +37,7 @@ def blocks(shape: tuple[int, int], centres: np.ndarray) -> np.ndarray:
     """A density map with one 3x3 block (sum 0.9) per (x, y) centre: one candidate each."""
     density = np.zeros(shape, np.float32)
     for x, y in centres.astype(int):
-        density[y - 1:y + 2, x - 1:x + 2] = 0.1
+        density[y - 1 : y + 2, x - 1 : x + 2] = 0.1
     return density
 
 
@@ -56,11 +56,20 @@ def runs(tiny_engines, scene, scene_files, tmp_path_factory) -> dict:
     runs = {}
     for name, centres in (("old", scene["centres"][:1]), ("new", scene["centres"][1:3])):
         np.save(root / f"{name}.npy", blocks(scene["image"].shape[:2], centres))
-        argv = [str(scene_files["image"]), str(scene_files["image"]), str(scene_files["mask"]), "--engines",
-                str(tiny_engines), "--density", str(root / f"{name}.npy"), "--threads", "2", "-q"]
+        argv = [
+            str(scene_files["image"]),
+            str(scene_files["image"]),
+            str(scene_files["mask"]),
+            "--engines",
+            str(tiny_engines),
+            "--density",
+            str(root / f"{name}.npy"),
+            "--threads",
+            "2",
+            "-q",
+        ]
         assert infer(argv + ["--out", str(root / name)]) == 0
-        runs[name] = {"argv": argv, "folder": root / name,
-                      "files": {f: comparable(root / name / f) for f in FINAL}}
+        runs[name] = {"argv": argv, "folder": root / name, "files": {f: comparable(root / name / f) for f in FINAL}}
     assert runs["old"]["files"]["result.json"] != runs["new"]["files"]["result.json"]
     return runs
 
@@ -90,8 +99,11 @@ def kill_new_run(runs: dict, out: Path, wait_for_writing: bool, delay: float) ->
     shutil.rmtree(out, ignore_errors=True)
     shutil.copytree(runs["old"]["folder"], out)
     before = set(os.listdir(out))
-    child = subprocess.Popen([sys.executable, "-m", "persense.runtime.cli.infer", *runs["new"]["argv"],
-                              "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    child = subprocess.Popen(
+        [sys.executable, "-m", "persense.runtime.cli.infer", *runs["new"]["argv"], "--out", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     while wait_for_writing and set(os.listdir(out)) == before and child.poll() is None:
         time.sleep(0.0005)
     time.sleep(delay)
@@ -127,8 +139,9 @@ def test_atomic_write_killed_at_random_moments_leaves_a_whole_file(tmp_path):
 
 @pytest.mark.parametrize("artefact", ["sam_encoder", "sam_decoder"])
 @pytest.mark.parametrize("damage", ["flipped_byte", "truncated"])
-def test_damaged_engine_is_refused_before_anything_runs(artefact, damage, tiny_engines, scene_files, tmp_path,
-                                                       monkeypatch, capsys):
+def test_damaged_engine_is_refused_before_anything_runs(
+    artefact, damage, tiny_engines, scene_files, tmp_path, monkeypatch, capsys
+):
     folder = tmp_path / "engines"
     shutil.copytree(tiny_engines, folder)
     path = folder / f"{artefact}.onnx"
@@ -136,7 +149,7 @@ def test_damaged_engine_is_refused_before_anything_runs(artefact, damage, tiny_e
     if damage == "flipped_byte":
         data[len(data) // 2] ^= 0xFF  # same size, likely still loadable: only the hash can tell
     else:
-        del data[len(data) // 3:]
+        del data[len(data) // 3 :]
     path.write_bytes(bytes(data))
     opened, ran = [], []
     real_init = OrtEngine.__init__
@@ -148,8 +161,19 @@ def test_damaged_engine_is_refused_before_anything_runs(artefact, damage, tiny_e
     monkeypatch.setattr(OrtEngine, "__init__", spy_init)
     monkeypatch.setattr(OrtEngine, "run", lambda self, feeds: ran.append(feeds))
     out = tmp_path / "out"
-    code = infer([str(scene_files["image"]), str(scene_files["image"]), str(scene_files["mask"]), "--engines",
-                  str(folder), "--out", str(out), "--threads", "1"])
+    code = infer(
+        [
+            str(scene_files["image"]),
+            str(scene_files["image"]),
+            str(scene_files["mask"]),
+            "--engines",
+            str(folder),
+            "--out",
+            str(out),
+            "--threads",
+            "1",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "does not match the manifest" in err and str(path) in err
     assert path not in opened and not ran

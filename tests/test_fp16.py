@@ -118,10 +118,14 @@ class Fp16Graph:
         for node in self.graph.node:
             for t in node.input:
                 self.consumers.setdefault(t, []).append(node)
-        self.island = {n.name for n in self.graph.node
-                       if n.op_type != "Cast" and any(self.types.get(o) == FLOAT for o in n.output)}
-        self.casts = [n for n in self.graph.node if n.op_type == "Cast" and {self.types.get(n.input[0]), self.to(n)}
-                      == {FLOAT, FLOAT16}]
+        self.island = {
+            n.name for n in self.graph.node if n.op_type != "Cast" and any(self.types.get(o) == FLOAT for o in n.output)
+        }
+        self.casts = [
+            n
+            for n in self.graph.node
+            if n.op_type == "Cast" and {self.types.get(n.input[0]), self.to(n)} == {FLOAT, FLOAT16}
+        ]
 
     @staticmethod
     def to(cast: onnx.NodeProto) -> int:
@@ -162,8 +166,12 @@ class Fp16Graph:
                 continue
             inputs = [self.producer[t] for t in node.input if t in self.producer]
             users = [u for t in node.output for u in self.consumers.get(t, [])]
-            if inputs and users and all(n.op_type == "Cast" and self.from_island(n) for n in inputs) and all(
-                    u.op_type == "Cast" and self.to(u) == FLOAT for u in users):
+            if (
+                inputs
+                and users
+                and all(n.op_type == "Cast" and self.from_island(n) for n in inputs)
+                and all(u.op_type == "Cast" and self.to(u) == FLOAT for u in users)
+            ):
                 found.append(node.name)
         return found
 

@@ -38,7 +38,9 @@ def external_contour_count(density: np.ndarray, image_size: tuple[int, int], thr
 
 @BOUNDED
 @given(density=finite_maps, image_size=image_sizes, threshold=thresholds)
-def test_points_lie_in_the_image_and_cover_every_contour(density: np.ndarray, image_size: tuple[int, int], threshold: int) -> None:
+def test_points_lie_in_the_image_and_cover_every_contour(
+    density: np.ndarray, image_size: tuple[int, int], threshold: int
+) -> None:
     points = candidate_points(density, image_size, threshold)
     height, width = image_size
     assert points.dtype == np.float64 and points.ndim == 2 and points.shape[1] == 2
@@ -54,7 +56,9 @@ def test_points_lie_in_the_image_and_cover_every_contour(density: np.ndarray, im
     bad=st.sampled_from([np.nan, np.inf, -np.inf]),
     where=st.tuples(st.integers(0, 23), st.integers(0, 23)),
 )
-def test_non_finite_maps_raise_only_persense_error(density: np.ndarray, image_size: tuple[int, int], bad: float, where: tuple[int, int]) -> None:
+def test_non_finite_maps_raise_only_persense_error(
+    density: np.ndarray, image_size: tuple[int, int], bad: float, where: tuple[int, int]
+) -> None:
     density = density.copy()
     density[where[0] % density.shape[0], where[1] % density.shape[1]] = bad
     try:
@@ -66,8 +70,12 @@ def test_non_finite_maps_raise_only_persense_error(density: np.ndarray, image_si
 
 @BOUNDED
 @given(
-    similarity=hnp.arrays(np.float32, st.tuples(st.integers(1, 20), st.integers(1, 20)), elements=st.floats(-1, 1, width=32)),
-    fractions=hnp.arrays(np.float64, st.tuples(st.integers(0, 30), st.just(2)), elements=st.floats(0, 1, exclude_max=True)),
+    similarity=hnp.arrays(
+        np.float32, st.tuples(st.integers(1, 20), st.integers(1, 20)), elements=st.floats(-1, 1, width=32)
+    ),
+    fractions=hnp.arrays(
+        np.float64, st.tuples(st.integers(0, 30), st.just(2)), elements=st.floats(0, 1, exclude_max=True)
+    ),
     count=st.one_of(st.integers(0, 500), st.floats(0, 500)),
 )
 def test_select_points_is_the_per_point_rule(similarity: np.ndarray, fractions: np.ndarray, count: float) -> None:

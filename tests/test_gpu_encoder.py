@@ -23,8 +23,12 @@ TORCH_ATOL = 1e-4  # GPU-form module vs segment-anything's encoder, FP32 on the 
 ORT_ATOL = 5e-4  # sam_encoder_gpu vs sam_encoder, both on ONNX Runtime CPU (embeddings of magnitude ~1-5)
 FP16_COSINE = 0.999
 # The attention nodes each form must contain, one per encoder block (and no separate Softmax where fused).
-ATTENTION_NODES = {"attention": ("", "Attention"), "mha": ("com.microsoft", "MultiHeadAttention"),
-                   "decomposed": ("", "Softmax"), "folded": ("", "Attention")}
+ATTENTION_NODES = {
+    "attention": ("", "Attention"),
+    "mha": ("com.microsoft", "MultiHeadAttention"),
+    "decomposed": ("", "Softmax"),
+    "folded": ("", "Attention"),
+}
 
 
 @pytest.fixture(scope="module")
@@ -164,13 +168,19 @@ def test_runtime_picks_the_gpu_encoder_on_ort_cuda_only(gpu_folder, tiny_engines
 
 def test_from_manifest_opens_the_gpu_encoder_for_ort_cuda(gpu_folder, monkeypatch):
     opened = []
-    monkeypatch.setattr("persense.runtime.models.sam.open_engine",
-                        lambda manifest, name, backend, threads, **_: opened.append((name, backend)))
+    monkeypatch.setattr(
+        "persense.runtime.models.sam.open_engine",
+        lambda manifest, name, backend, threads, **_: opened.append((name, backend)),
+    )
     manifest = load_manifest(gpu_folder)
     SamEngines.from_manifest(manifest, "ort-cuda", precision="fp16")
     SamEngines.from_manifest(manifest, "ort-cpu", precision="fp16")
-    assert opened == [(GPU_ENCODER + "_fp16", "ort-cuda"), ("sam_decoder_fp16", "ort-cuda"),
-                      ("sam_encoder_fp16", "ort-cpu"), ("sam_decoder_fp16", "ort-cpu")]
+    assert opened == [
+        (GPU_ENCODER + "_fp16", "ort-cuda"),
+        ("sam_decoder_fp16", "ort-cuda"),
+        ("sam_encoder_fp16", "ort-cpu"),
+        ("sam_decoder_fp16", "ort-cpu"),
+    ]
 
 
 def test_no_tensorrt_engine_is_built_for_the_gpu_encoder(gpu_folder, monkeypatch):

@@ -12,21 +12,21 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from tokenizers import Tokenizer  # noqa: E402
+from tokenizers import Tokenizer
 
-from persense.export.cli import main as export_main  # noqa: E402
-from persense.export.exporter import export_detector  # noqa: E402
-from persense.export.grounding_dino.model import DETECTOR, load_detector, random_detector  # noqa: E402
-from persense.export.grounding_dino.trace import GroundingDinoDetector, phrase_masks  # noqa: E402
+from persense.export.cli import main as export_main
+from persense.export.exporter import export_detector
+from persense.export.grounding_dino.model import DETECTOR, load_detector, random_detector
+from persense.export.grounding_dino.trace import GroundingDinoDetector, phrase_masks
 from persense.export.grounding_dino.vocab import (
     TOKENIZER_FILE,
     bert_tokenizer_json,
     generated_vocab,
     tokenizer_json,
 )
-from persense.runtime.backends.ort_engine import OrtEngine  # noqa: E402
-from persense.runtime.errors import PersenseError  # noqa: E402
-from persense.runtime.manifest import load_manifest, sha256_file  # noqa: E402
+from persense.runtime.backends.ort_engine import OrtEngine
+from persense.runtime.errors import PersenseError
+from persense.runtime.manifest import load_manifest, sha256_file
 
 TINY = "grounding-dino-tiny"
 SEED = 3
@@ -43,8 +43,10 @@ CAPTIONS = ["apple.", "red apple . green pear . cat in a box ."]
 def exported(tmp_path_factory: pytest.TempPathFactory):
     """The tiny detector exported once with the CLI (random weights, FP16 too): (folder, manifest)."""
     folder = tmp_path_factory.mktemp("gdino")
-    assert export_main(["--detector", TINY, "--random-weights", "--seed", str(SEED), "--fp16", "--out",
-                        str(folder), "-q"]) == 0
+    assert (
+        export_main(["--detector", TINY, "--random-weights", "--seed", str(SEED), "--fp16", "--out", str(folder), "-q"])
+        == 0
+    )
     return folder, load_manifest(folder)
 
 
@@ -64,15 +66,20 @@ def _feeds(tokenizer_text: str, caption: str, size: tuple[int, int], seed: int =
     """Detector inputs: a random normalised image and the caption tokenised as the runtime does."""
     ids = np.array([Tokenizer.from_str(tokenizer_text).encode(caption).ids], np.int64)
     image = np.random.default_rng(seed).standard_normal((1, 3, *size), dtype=np.float32)
-    return {"pixel_values": image, "input_ids": ids, "attention_mask": np.ones_like(ids),
-            "token_type_ids": np.zeros_like(ids)}
+    return {
+        "pixel_values": image,
+        "input_ids": ids,
+        "attention_mask": np.ones_like(ids),
+        "token_type_ids": np.zeros_like(ids),
+    }
 
 
 def _torch_run(model, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The unpatched transformers model on the same feeds."""
     with torch.no_grad():
-        logits, boxes = GroundingDinoDetector(model)(*(torch.from_numpy(feeds[k]) for k in (
-            "pixel_values", "input_ids", "attention_mask", "token_type_ids")))
+        logits, boxes = GroundingDinoDetector(model)(
+            *(torch.from_numpy(feeds[k]) for k in ("pixel_values", "input_ids", "attention_mask", "token_type_ids"))
+        )
     return {"logits": logits.numpy(), "boxes": boxes.numpy()}
 
 
@@ -128,12 +135,19 @@ def test_manifest_entry(exported, tokenizer_text):
     folder, manifest = exported
     entry = manifest.artefact(DETECTOR)
     assert (entry.kind, entry.precision, entry.model_type, entry.source_checkpoint) == (
-        DETECTOR, "fp32", TINY, "random")
+        DETECTOR,
+        "fp32",
+        TINY,
+        "random",
+    )
     assert entry.extra["tokenizer"] == {"file": TOKENIZER_FILE, "sha256": sha256_file(folder / TOKENIZER_FILE)}
     assert (entry.extra["max_text_len"], entry.extra["num_queries"]) == (256, 20)
     assert [(s.name, s.shape, s.dtype) for s in entry.inputs] == [
-        ("pixel_values", (1, 3, "H", "W"), "float32"), ("input_ids", (1, "T"), "int64"),
-        ("attention_mask", (1, "T"), "int64"), ("token_type_ids", (1, "T"), "int64")]
+        ("pixel_values", (1, 3, "H", "W"), "float32"),
+        ("input_ids", (1, "T"), "int64"),
+        ("attention_mask", (1, "T"), "int64"),
+        ("token_type_ids", (1, "T"), "int64"),
+    ]
     assert [(s.name, s.shape) for s in entry.outputs] == [("logits", (1, 20, "T")), ("boxes", (1, 20, 4))]
     manifest.verified_path(DETECTOR)
 
@@ -150,13 +164,17 @@ def test_runtime_opens_the_export(exported):
 
 def test_cli_reuses_an_unchanged_export(exported, capsys):
     folder, manifest = exported
-    assert export_main(["--detector", TINY, "--random-weights", "--seed", str(SEED), "--fp16", "--out",
-                        str(folder), "-v"]) == 0
+    assert (
+        export_main(["--detector", TINY, "--random-weights", "--seed", str(SEED), "--fp16", "--out", str(folder), "-v"])
+        == 0
+    )
     assert "grounding_dino unchanged" in capsys.readouterr().err
     again = load_manifest(folder)
     assert again.artefact(DETECTOR).sha256 == manifest.artefact(DETECTOR).sha256
     assert [a.file for a in export_detector(folder, TINY, seed=SEED, fp16=True)] == [
-        again.artefact(DETECTOR).file, again.artefact(f"{DETECTOR}_fp16").file]
+        again.artefact(DETECTOR).file,
+        again.artefact(f"{DETECTOR}_fp16").file,
+    ]
 
 
 def test_generated_vocabulary_has_no_unknown_ascii_word(tokenizer_text):
@@ -203,10 +221,15 @@ def _transformers4_swin_names(name: str) -> str:
     name = name.replace("conv_encoder.model.swin.", "conv_encoder.model.")
     full = {"q": "query", "k": "key", "v": "value"}
     name = re.sub(r"attention\.([qkv])_proj", lambda m: "attention.self." + full[m[1]], name)
-    for new, old in (("attention.o_proj", "attention.output.dense"), ("mlp.fc1", "intermediate.dense"),
-                     ("mlp.fc2", "output.dense"),
-                     ("attention.relative_position_bias.relative_position_bias_table",
-                      "attention.self.relative_position_bias_table")):
+    for new, old in (
+        ("attention.o_proj", "attention.output.dense"),
+        ("mlp.fc1", "intermediate.dense"),
+        ("mlp.fc2", "output.dense"),
+        (
+            "attention.relative_position_bias.relative_position_bias_table",
+            "attention.self.relative_position_bias_table",
+        ),
+    ):
         name = name.replace(new, old)
     return name
 
@@ -216,8 +239,11 @@ def test_transformers4_checkpoint_folder_loads_identically(hf_folder, tmp_path, 
 
     for name in ("config.json", "tokenizer.json"):
         (tmp_path / name).write_bytes((hf_folder / name).read_bytes())
-    weights = {_transformers4_swin_names(k): v for k, v in load_file(hf_folder / "model.safetensors").items()
-               if ".swin.layernorm." not in k}  # transformers 4's Swin backbone had no final norm
+    weights = {
+        _transformers4_swin_names(k): v
+        for k, v in load_file(hf_folder / "model.safetensors").items()
+        if ".swin.layernorm." not in k
+    }  # transformers 4's Swin backbone had no final norm
     assert "model.backbone.conv_encoder.model.encoder.layers.0.blocks.0.attention.self.query.weight" in weights
     save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
     loaded = load_detector("grounding-dino", tmp_path, tokenizer_text).state_dict()
@@ -231,19 +257,25 @@ def test_missing_weights_are_named(hf_folder, tmp_path, tokenizer_text):
         (tmp_path / name).write_bytes((hf_folder / name).read_bytes())
     weights = load_file(hf_folder / "model.safetensors")
     dropped = sorted(k for k in weights if "text_projection" in k)
-    save_file({k: v for k, v in weights.items() if k not in dropped}, tmp_path / "model.safetensors",
-              metadata={"format": "pt"})
+    save_file(
+        {k: v for k, v in weights.items() if k not in dropped},
+        tmp_path / "model.safetensors",
+        metadata={"format": "pt"},
+    )
     with pytest.raises(PersenseError, match="lacks 2 detector weights.*text_projection"):
         load_detector("grounding-dino", tmp_path, tokenizer_text)
 
 
-@pytest.mark.parametrize("layout, message", [
-    ("absent", "detector checkpoint not found"),
-    ("file", "expected a Hugging Face checkpoint folder"),
-    ("no_config", "no config.json"),
-    ("no_weights", "no weights"),
-    ("other_model", "'bert' model, not Grounding DINO"),
-])
+@pytest.mark.parametrize(
+    "layout, message",
+    [
+        ("absent", "detector checkpoint not found"),
+        ("file", "expected a Hugging Face checkpoint folder"),
+        ("no_config", "no config.json"),
+        ("no_weights", "no weights"),
+        ("other_model", "'bert' model, not Grounding DINO"),
+    ],
+)
 def test_wrong_checkpoint_is_refused(tmp_path, tokenizer_text, layout, message):
     path = tmp_path / "ckpt"
     if layout == "file":
@@ -251,8 +283,9 @@ def test_wrong_checkpoint_is_refused(tmp_path, tokenizer_text, layout, message):
     elif layout != "absent":
         path.mkdir()
         if layout != "no_config":
-            (path / "config.json").write_text(json.dumps({"model_type": "bert" if layout == "other_model"
-                                                          else "grounding-dino"}))
+            (path / "config.json").write_text(
+                json.dumps({"model_type": "bert" if layout == "other_model" else "grounding-dino"})
+            )
         if layout != "no_weights":
             (path / "model.safetensors").write_bytes(b"")
     with pytest.raises(PersenseError, match=message):
@@ -272,46 +305,68 @@ def test_cli_requires_weights_or_random(tmp_path, capsys):
 # transformers name -> the original repository's name, written from the original's module names (the inverse of
 # persense.export.grounding_dino.original_checkpoint's rules, kept separate so one checks the other)
 _ORIGINAL_NAMES = [
-    (r"model\.backbone\.conv_encoder\.model\.swin\.embeddings\.patch_embeddings\.projection\.",
-     "backbone.0.patch_embed.proj."),
+    (
+        r"model\.backbone\.conv_encoder\.model\.swin\.embeddings\.patch_embeddings\.projection\.",
+        "backbone.0.patch_embed.proj.",
+    ),
     (r"model\.backbone\.conv_encoder\.model\.swin\.embeddings\.norm\.", "backbone.0.patch_embed.norm."),
     (r"model\.backbone\.conv_encoder\.model\.swin\.encoder\.layers\.", "backbone.0.layers."),
-    (r"\.layernorm_before\.", ".norm1."), (r"\.layernorm_after\.", ".norm2."),
-    (r"\.attention\.relative_position_bias\.", ".attn."), (r"\.attention\.o_proj\.", ".attn.proj."),
+    (r"\.layernorm_before\.", ".norm1."),
+    (r"\.layernorm_after\.", ".norm2."),
+    (r"\.attention\.relative_position_bias\.", ".attn."),
+    (r"\.attention\.o_proj\.", ".attn.proj."),
     (r"\.attention\.([qkv])_proj\.", r".attn.\1_proj."),
-    (r"model\.backbone\.conv_encoder\.model\.hidden_states_norms\.stage(\d)\.",
-     lambda m: f"backbone.0.norm{int(m[1]) - 1}."),
-    (r"model\.input_proj_vision\.", "input_proj."), (r"model\.text_backbone\.", "bert."),
-    (r"model\.text_projection\.", "feat_map."), (r"model\.level_embed", "transformer.level_embed"),
+    (
+        r"model\.backbone\.conv_encoder\.model\.hidden_states_norms\.stage(\d)\.",
+        lambda m: f"backbone.0.norm{int(m[1]) - 1}.",
+    ),
+    (r"model\.input_proj_vision\.", "input_proj."),
+    (r"model\.text_backbone\.", "bert."),
+    (r"model\.text_projection\.", "feat_map."),
+    (r"model\.level_embed", "transformer.level_embed"),
     (r"model\.query_position_embeddings\.", "transformer.tgt_embed."),
     (r"model\.enc_output", "transformer.enc_output"),
     (r"model\.encoder_output_bbox_embed\.", "transformer.enc_out_bbox_embed."),
-    (r"model\.encoder\.layers\.(\d+)\.deformable_layer\.self_attn_layer_norm\.",
-     r"transformer.encoder.layers.\1.norm1."),
+    (
+        r"model\.encoder\.layers\.(\d+)\.deformable_layer\.self_attn_layer_norm\.",
+        r"transformer.encoder.layers.\1.norm1.",
+    ),
     (r"model\.encoder\.layers\.(\d+)\.deformable_layer\.final_layer_norm\.", r"transformer.encoder.layers.\1.norm2."),
     (r"model\.encoder\.layers\.(\d+)\.deformable_layer\.fc(\d)\.", r"transformer.encoder.layers.\1.linear\2."),
     (r"model\.encoder\.layers\.(\d+)\.deformable_layer\.", r"transformer.encoder.layers.\1."),
     (r"model\.encoder\.layers\.(\d+)\.text_enhancer_layer\.fc(\d)\.", r"transformer.encoder.text_layers.\1.linear\2."),
-    (r"model\.encoder\.layers\.(\d+)\.text_enhancer_layer\.layer_norm_before\.",
-     r"transformer.encoder.text_layers.\1.norm1."),
-    (r"model\.encoder\.layers\.(\d+)\.text_enhancer_layer\.layer_norm_after\.",
-     r"transformer.encoder.text_layers.\1.norm2."),
+    (
+        r"model\.encoder\.layers\.(\d+)\.text_enhancer_layer\.layer_norm_before\.",
+        r"transformer.encoder.text_layers.\1.norm1.",
+    ),
+    (
+        r"model\.encoder\.layers\.(\d+)\.text_enhancer_layer\.layer_norm_after\.",
+        r"transformer.encoder.text_layers.\1.norm2.",
+    ),
     (r"model\.encoder\.layers\.(\d+)\.text_enhancer_layer\.", r"transformer.encoder.text_layers.\1."),
     (r"model\.encoder\.layers\.(\d+)\.fusion_layer\.", r"transformer.encoder.fusion_layers.\1."),
-    (r"vision_param", "gamma_v"), (r"text_param", "gamma_l"), (r"layer_norm_vision", "layer_norm_v"),
-    (r"layer_norm_text", "layer_norm_l"), (r"vision_proj", "v_proj"), (r"text_proj", "l_proj"),
+    (r"vision_param", "gamma_v"),
+    (r"text_param", "gamma_l"),
+    (r"layer_norm_vision", "layer_norm_v"),
+    (r"layer_norm_text", "layer_norm_l"),
+    (r"vision_proj", "v_proj"),
+    (r"text_proj", "l_proj"),
     (r"model\.decoder\.layers\.(\d+)\.", r"transformer.decoder.layers.\1."),
     (r"\.encoder_attn_layer_norm\.", ".norm1."),
-    (r"\.encoder_attn_text_layer_norm\.", ".catext_norm."), (r"\.encoder_attn_text\.", ".ca_text."),
-    (r"\.encoder_attn\.", ".cross_attn."), (r"\.self_attn_layer_norm\.", ".norm2."),
+    (r"\.encoder_attn_text_layer_norm\.", ".catext_norm."),
+    (r"\.encoder_attn_text\.", ".ca_text."),
+    (r"\.encoder_attn\.", ".cross_attn."),
+    (r"\.self_attn_layer_norm\.", ".norm2."),
     (r"\.final_layer_norm\.", ".norm3."),
     (r"(transformer\.decoder\.layers\.\d+)\.fc(\d)\.", r"\1.linear\2."),
     (r"model\.decoder\.layer_norm\.", "transformer.decoder.norm."),
     (r"model\.decoder\.reference_points_head\.", "transformer.decoder.ref_point_head."),
     (r"model\.decoder\.bbox_embed\.", "transformer.decoder.bbox_embed."),
 ]
-_FUSED = [(r"(backbone\.0\..*\.attn)\.[qkv]_proj\.(\w+)", r"\1.qkv.\2"),
-          (r"(.*)\.(?:query|key|value)\.(\w+)", r"\1.in_proj_\2")]
+_FUSED = [
+    (r"(backbone\.0\..*\.attn)\.[qkv]_proj\.(\w+)", r"\1.qkv.\2"),
+    (r"(.*)\.(?:query|key|value)\.(\w+)", r"\1.in_proj_\2"),
+]
 
 
 def _original_layout(model) -> dict:

@@ -178,7 +178,9 @@ def test_matches_original_on_noise_maps() -> None:
         density = rng.random((h, w)).astype(np.float32) ** 3
         size = (int(rng.integers(5, 200)), int(rng.integers(5, 200)))
         for threshold in (20, 30):
-            np.testing.assert_array_equal(candidate_points(density, size, threshold), original_idm(density, size, threshold)[0])
+            np.testing.assert_array_equal(
+                candidate_points(density, size, threshold), original_idm(density, size, threshold)[0]
+            )
 
 
 @pytest.mark.parametrize("y", [3, 40, 69])  # cut by the top edge, inside, cut by the bottom edge

@@ -27,9 +27,27 @@ def test_int8_export_and_inference(tiny_engines, scene_files, tmp_path, capsys):
     unions = {}
     for precision in ("fp32", "int8"):
         out = tmp_path / precision
-        assert infer([str(scene_files["image"]), str(scene_files["image"]), str(scene_files["mask"]), "--engines",
-                      str(folder), "--density", str(scene_files["density"]), "--precision", precision,
-                      "--out", str(out), "--threads", "2", "-q"]) == 0
+        assert (
+            infer(
+                [
+                    str(scene_files["image"]),
+                    str(scene_files["image"]),
+                    str(scene_files["mask"]),
+                    "--engines",
+                    str(folder),
+                    "--density",
+                    str(scene_files["density"]),
+                    "--precision",
+                    precision,
+                    "--out",
+                    str(out),
+                    "--threads",
+                    "2",
+                    "-q",
+                ]
+            )
+            == 0
+        )
         unions[precision] = cv2.imread(str(out / "mask.png"), cv2.IMREAD_GRAYSCALE) > 0
     capsys.readouterr()
     intersection = np.logical_and(unions["fp32"], unions["int8"]).sum()

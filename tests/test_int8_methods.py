@@ -57,12 +57,16 @@ def test_int8_encoder_embedding_matches_fp32(int8_engines: Path, scene) -> None:
     from persense.runtime.geometry.transforms import SamTransform
 
     image = SamTransform(scene["image"].shape[:2]).image_tensor(scene["image"])
-    embeddings = [OrtEngine(int8_engines / name, threads=2).run({"image": image})["image_embeddings"].ravel()
-                  for name in ("sam_encoder.onnx", "sam_encoder_int8.onnx")]
+    embeddings = [
+        OrtEngine(int8_engines / name, threads=2).run({"image": image})["image_embeddings"].ravel()
+        for name in ("sam_encoder.onnx", "sam_encoder_int8.onnx")
+    ]
     a, b = (e.astype(np.float64) for e in embeddings)
     assert a @ b / np.linalg.norm(a) / np.linalg.norm(b) >= ENCODER_COSINE
-    assert entries(int8_engines)["sam_encoder_int8"]["extra"]["int8_error"]["outputs"]["image_embeddings"][
-        "cosine"] >= ENCODER_COSINE
+    assert (
+        entries(int8_engines)["sam_encoder_int8"]["extra"]["int8_error"]["outputs"]["image_embeddings"]["cosine"]
+        >= ENCODER_COSINE
+    )
 
 
 def test_int8_made_by_another_method_is_remade(int8_engines: Path, tmp_path: Path) -> None:

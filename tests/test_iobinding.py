@@ -16,8 +16,10 @@ from persense.runtime.pipeline.flow import PerSensePipeline
 
 
 def _feeds(batch: int, scale: float = 1.0) -> dict[str, np.ndarray]:
-    return {name: t.numpy() * np.float32(scale) for name, t in zip(PerSamDecoder.input_names,
-                                                                   decoder_example_inputs(batch, 2))}
+    return {
+        name: t.numpy() * np.float32(scale)
+        for name, t in zip(PerSamDecoder.input_names, decoder_example_inputs(batch, 2))
+    }
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +54,10 @@ def test_device_values_are_bound_as_they_are_and_buffers_are_reused(decoders):
     assert bound.uploads["image_embeddings"] == before.get("image_embeddings", 0)  # bound, not copied again
     assert bound.uploads["point_coords"] == before.get("point_coords", 0) + 2
     np.testing.assert_array_equal(first["low_res_masks"], plain.run(feeds)["low_res_masks"])
-    np.testing.assert_array_equal(second["iou_predictions"],
-                                  plain.run({**_feeds(4, 0.5), "image_embeddings": feeds["image_embeddings"]})
-                                  ["iou_predictions"])
+    np.testing.assert_array_equal(
+        second["iou_predictions"],
+        plain.run({**_feeds(4, 0.5), "image_embeddings": feeds["image_embeddings"]})["iou_predictions"],
+    )
 
 
 def test_threads_sharing_a_bound_engine_get_their_own_results(decoders):
@@ -67,6 +70,7 @@ def test_threads_sharing_a_bound_engine_get_their_own_results(decoders):
         got = list(pool.map(lambda case: bound.run(_feeds(*case)), cases))
     for case, result in zip(cases, got):
         np.testing.assert_array_equal(result["low_res_masks"], plain.run(_feeds(*case))["low_res_masks"])
+
 
 def test_cuda_graphs_apply_only_on_cuda(tiny_engines):
     engine = OrtEngine(tiny_engines / "sam_encoder.onnx", threads=2, cuda_graph=True)

@@ -125,18 +125,29 @@ def test_export_reuses_intact_large_models_and_redoes_a_tampered_one(large_copy:
 def _model(nodes: list[onnx.NodeProto], weights: dict[str, np.ndarray]) -> ir.Model:
     """A one-input onnx_ir model over float32 `x` [128, 64] with the given nodes and weights."""
     x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [128, 64])
-    graph = onnx.helper.make_graph(nodes, "g", [x], [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
-                                   [onnx.numpy_helper.from_array(w, n) for n, w in weights.items()])
+    graph = onnx.helper.make_graph(
+        nodes,
+        "g",
+        [x],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+        [onnx.numpy_helper.from_array(w, n) for n, w in weights.items()],
+    )
     return ir.from_proto(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 20)]))
 
 
 def test_only_large_weights_that_meet_computed_values_are_detached() -> None:
     rng = np.random.default_rng(0)
-    weights = {"w": rng.standard_normal((64, 512), dtype=np.float32),  # MatMul(x, w): detached
-               "folded": rng.standard_normal((512, 128), dtype=np.float32),  # Transpose(folded): folded, kept
-               "bias": rng.standard_normal(512, dtype=np.float32)}  # below DETACH_MIN_BYTES: kept
-    nodes = [onnx.helper.make_node("MatMul", ["x", "w"], ["h"]), onnx.helper.make_node("Transpose", ["folded"], ["t"]),
-             onnx.helper.make_node("Add", ["h", "t"], ["s"]), onnx.helper.make_node("Add", ["s", "bias"], ["y"])]
+    weights = {
+        "w": rng.standard_normal((64, 512), dtype=np.float32),  # MatMul(x, w): detached
+        "folded": rng.standard_normal((512, 128), dtype=np.float32),  # Transpose(folded): folded, kept
+        "bias": rng.standard_normal(512, dtype=np.float32),
+    }  # below DETACH_MIN_BYTES: kept
+    nodes = [
+        onnx.helper.make_node("MatMul", ["x", "w"], ["h"]),
+        onnx.helper.make_node("Transpose", ["folded"], ["t"]),
+        onnx.helper.make_node("Add", ["h", "t"], ["s"]),
+        onnx.helper.make_node("Add", ["s", "bias"], ["y"]),
+    ]
     model = _model(nodes, weights)
     detached = {n for n, v in model.graph.initializers.items() if onnx_io._detachable(v)}
     assert detached == {"w"}
@@ -162,8 +173,21 @@ def test_a_synthetic_model_saves_through_the_large_path(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_vit_h_random_weights_exports_within_the_memory_budget(tmp_path: Path) -> None:
     out = tmp_path / "engines"
-    subprocess.run([sys.executable, "-m", "persense.export.cli", "--model", "vit_h", "--random-weights", "--out",
-                    str(out), "--fp16", "-q"], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "persense.export.cli",
+            "--model",
+            "vit_h",
+            "--random-weights",
+            "--out",
+            str(out),
+            "--fp16",
+            "-q",
+        ],
+        check=True,
+    )
     peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1e6  # kilobytes on Linux
     assert peak_gb < PEAK_RSS_LIMIT_GB
     manifest = load_manifest(out)

@@ -64,12 +64,15 @@ def test_swapped_files_are_refused(engines_copy):
         SamEngines.from_manifest(load_manifest(engines_copy), "ort-cpu")
 
 
-@pytest.mark.parametrize("edit,message", [
-    (lambda d: d["artefacts"]["sam_encoder"]["outputs"][0].update(shape=[1, 128, 64, 64]), "image_embeddings"),
-    (lambda d: d["artefacts"].pop("sam_decoder"), "no 'sam_decoder' artefact"),
-    (lambda d: d.update(format=99), "format 99"),
-    (lambda d: d["artefacts"]["sam_decoder"]["inputs"].pop(), "persam_weight"),
-])
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda d: d["artefacts"]["sam_encoder"]["outputs"][0].update(shape=[1, 128, 64, 64]), "image_embeddings"),
+        (lambda d: d["artefacts"].pop("sam_decoder"), "no 'sam_decoder' artefact"),
+        (lambda d: d.update(format=99), "format 99"),
+        (lambda d: d["artefacts"]["sam_decoder"]["inputs"].pop(), "persam_weight"),
+    ],
+)
 def test_mismatched_manifest_is_refused(engines_copy, edit, message):
     path = engines_copy / "manifest.json"
     data = json.loads(path.read_text())

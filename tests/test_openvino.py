@@ -15,8 +15,9 @@ from persense.runtime.backends.ort_engine import OrtEngine
 from persense.runtime.manifest import load_manifest
 from persense.runtime.models.sam import DECODER, ENCODER, engine_names
 
-needs_openvino = pytest.mark.skipif(importlib.util.find_spec("openvino") is None,
-                                    reason="OpenVINO is not installed (pip install 'persense[openvino]')")
+needs_openvino = pytest.mark.skipif(
+    importlib.util.find_spec("openvino") is None, reason="OpenVINO is not installed (pip install 'persense[openvino]')"
+)
 
 
 def _bf16_reason() -> str | None:
@@ -44,14 +45,16 @@ def _image(seed: int = 0) -> dict[str, np.ndarray]:
 def _decoder_feeds(batch: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """Decoder inputs for `batch` prompts of a point plus a box, half of them with mask input."""
     coords = rng.uniform(0, 1024, (batch, 3, 2)).astype(np.float32)
-    return {"image_embeddings": rng.standard_normal((1, 256, 64, 64)).astype(np.float32),
-            "point_coords": coords,
-            "point_labels": np.tile(np.array([[1.0, 2.0, 3.0]], np.float32), (batch, 1)),
-            "mask_input": rng.standard_normal((batch, 1, 256, 256)).astype(np.float32),
-            "has_mask_input": (np.arange(batch) % 2).astype(np.float32),
-            "target_embedding": rng.standard_normal((1, 256)).astype(np.float32),
-            "attn_sim": rng.standard_normal((1, 4096)).astype(np.float32),
-            "persam_weight": np.ones(batch, np.float32)}
+    return {
+        "image_embeddings": rng.standard_normal((1, 256, 64, 64)).astype(np.float32),
+        "point_coords": coords,
+        "point_labels": np.tile(np.array([[1.0, 2.0, 3.0]], np.float32), (batch, 1)),
+        "mask_input": rng.standard_normal((batch, 1, 256, 256)).astype(np.float32),
+        "has_mask_input": (np.arange(batch) % 2).astype(np.float32),
+        "target_embedding": rng.standard_normal((1, 256)).astype(np.float32),
+        "attn_sim": rng.standard_normal((1, 4096)).astype(np.float32),
+        "persam_weight": np.ones(batch, np.float32),
+    }
 
 
 @needs_openvino
@@ -88,8 +91,9 @@ def test_encoder_bf16_is_close_to_fp32(tiny_engines):
 def test_bf16_applies_to_the_encoder_only(tiny_engines, scene, scene_files):
     ps = PerSense.open(tiny_engines, backend="openvino", precision="bf16", threads=2, cache=False)
     assert (ps.sam.encoder.precision_hint, ps.sam.decoder.precision_hint) == ("bf16", "f32")
-    result = ps.segment(scene_files["image"], ps.reference(scene["image"], scene["reference"] > 0),
-                        density=scene_files["density"])
+    result = ps.segment(
+        scene_files["image"], ps.reference(scene["image"], scene["reference"] > 0), density=scene_files["density"]
+    )
     assert ps.precision == "bf16" and len(result.points) > 0
 
 
@@ -166,7 +170,23 @@ def test_counters_stay_on_ort_cpu_under_openvino(tiny_engines, tmp_path):
     from persense.runtime.counters.choice import make_counter
 
     shutil.copytree(tiny_engines, tmp_path, dirs_exist_ok=True)
-    assert export(["--model", "tiny", "--seed", "0", "--out", str(tmp_path), "-q",
-                   "--counter", "countr", "--counter-config", "tiny"]) == 0
+    assert (
+        export(
+            [
+                "--model",
+                "tiny",
+                "--seed",
+                "0",
+                "--out",
+                str(tmp_path),
+                "-q",
+                "--counter",
+                "countr",
+                "--counter-config",
+                "tiny",
+            ]
+        )
+        == 0
+    )
     counter = make_counter("countr", load_manifest(tmp_path), "openvino", 2)
     assert isinstance(counter.engine, OrtEngine) and counter.engine.device == "cpu"

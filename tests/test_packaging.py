@@ -44,22 +44,29 @@ def fresh_check():
 
 
 def test_builds_are_found_by_the_module_they_install(monkeypatch: pytest.MonkeyPatch) -> None:
-    dists = [FakeDist("onnxruntime", ["onnxruntime/__init__.py", "onnxruntime/capi/_pybind_state.py"]),
-             FakeDist("onnxruntime_gpu", ["onnxruntime/__init__.py"], OTHER),
-             FakeDist("onnxruntime-extensions", ["onnxruntime_extensions/__init__.py"]),
-             FakeDist("onnxruntime-openvino", None, OTHER, top_level="onnxruntime\n"),
-             FakeDist("onnxruntime", ["onnxruntime/__init__.py"]),  # the same folder twice on sys.path
-             FakeDist("numpy", ["numpy/__init__.py"])]
+    dists = [
+        FakeDist("onnxruntime", ["onnxruntime/__init__.py", "onnxruntime/capi/_pybind_state.py"]),
+        FakeDist("onnxruntime_gpu", ["onnxruntime/__init__.py"], OTHER),
+        FakeDist("onnxruntime-extensions", ["onnxruntime_extensions/__init__.py"]),
+        FakeDist("onnxruntime-openvino", None, OTHER, top_level="onnxruntime\n"),
+        FakeDist("onnxruntime", ["onnxruntime/__init__.py"]),  # the same folder twice on sys.path
+        FakeDist("numpy", ["numpy/__init__.py"]),
+    ]
     monkeypatch.setattr(ort_check.metadata, "distributions", lambda: iter(dists))
     builds = ort_check.installed_builds()
     assert [(b.name, b.location) for b in builds] == [
-        ("onnxruntime", SITE.resolve()), ("onnxruntime-gpu", OTHER.resolve()),
-        ("onnxruntime-openvino", OTHER.resolve())]
+        ("onnxruntime", SITE.resolve()),
+        ("onnxruntime-gpu", OTHER.resolve()),
+        ("onnxruntime-openvino", OTHER.resolve()),
+    ]
 
 
 def test_none_installed_names_both_extras() -> None:
-    with pytest.raises(PersenseError, match=r"not installed: install exactly one: pip install 'persense\[cpu\]', "
-                                            r"or 'persense\[gpu\]'"):
+    with pytest.raises(
+        PersenseError,
+        match=r"not installed: install exactly one: pip install 'persense\[cpu\]', "
+        r"or 'persense\[gpu\]'",
+    ):
         choose_build([], None)
 
 
@@ -120,8 +127,7 @@ def _extras() -> tuple[list[str], dict[str, list[str]]]:
 
 def test_only_the_cpu_and_gpu_extras_bring_onnxruntime() -> None:
     core, extras = _extras()
-    owners = {name: [d for d in deps if d.startswith("onnxruntime")] for name, deps in
-              {"core": core, **extras}.items()}
+    owners = {name: [d for d in deps if d.startswith("onnxruntime")] for name, deps in {"core": core, **extras}.items()}
     assert owners.pop("cpu") == ["onnxruntime"] and owners.pop("gpu") == ["onnxruntime-gpu"]
     assert not any(owners.values()), owners
 

@@ -49,7 +49,8 @@ def rows(folder: Path) -> list[ParityRow]:
 def test_every_onnx_model_matches_pytorch(rows: list[ParityRow]) -> None:
     compared = {(r.artefact, r.output): r for r in rows if r.backend == "ort-cpu"}
     assert set(compared) == {(a, o) for a in ("sam_encoder", "sam_encoder_fp16") for o in ("image_embeddings",)} | {
-        (a, o) for a in ("sam_decoder", "sam_decoder_fp16") for o in ("low_res_masks", "iou_predictions")}
+        (a, o) for a in ("sam_decoder", "sam_decoder_fp16") for o in ("low_res_masks", "iou_predictions")
+    }
     assert all(r.status == "pass" for r in compared.values()), format_table(rows)
     assert compared[("sam_encoder", "image_embeddings")].cosine >= TOLERANCES["fp32"].min_cosine
     assert compared[("sam_decoder_fp16", "low_res_masks")].mask_iou >= TOLERANCES["fp16"].min_iou

@@ -52,8 +52,17 @@ def test_result_is_complete(results, scene):
     assert got.labels.dtype == np.uint16 and got.labels.max() <= len(got.points)
     assert np.array_equal(got.labels > 0, got.union > 0)
     assert got.boxes.shape == (len(got.points), 4) and got.exemplars.shape[1] == 4
-    assert {"image_encoding", "location_prior", "exemplar_cascade", "counter", "idm", "ppsm", "feedback",
-            "final_decoding", "merge"} <= set(got.timings_ms)
+    assert {
+        "image_encoding",
+        "location_prior",
+        "exemplar_cascade",
+        "counter",
+        "idm",
+        "ppsm",
+        "feedback",
+        "final_decoding",
+        "merge",
+    } <= set(got.timings_ms)
     summary = got.summary()
     assert summary["instances"] == len(got.points) and summary["decoder_prompts"] == got.decoder_prompts
 
@@ -61,8 +70,9 @@ def test_result_is_complete(results, scene):
 def test_zero_density_gives_an_empty_mask_with_a_warning(tiny_engines, scene, tmp_path):
     path = tmp_path / "zeros.npy"
     np.save(path, np.zeros((32, 32), np.float32))
-    runtime = PerSensePipeline(SamEngines.from_manifest(load_manifest(tiny_engines), "ort-cpu", threads=2),
-                               NpyDensityCounter(path))
+    runtime = PerSensePipeline(
+        SamEngines.from_manifest(load_manifest(tiny_engines), "ort-cpu", threads=2), NpyDensityCounter(path)
+    )
     result = runtime.segment(scene["image"], runtime.reference(scene["image"], scene["reference"] > 0))
     assert len(result.points) == 0 and not result.union.any()
     assert any("no instance found" in w for w in result.warnings)
@@ -95,8 +105,9 @@ def box_results(tiny_sam, tiny_engines, scene, scene_files):
     runtime = PerSensePipeline(SamEngines.from_manifest(load_manifest(tiny_engines), "ort-cpu", threads=2), counter)
     prompts = []
     decode_best = runtime.sam.decode_best
-    runtime.sam.decode_best = lambda embedding, batch, *rest: prompts.append(batch) or decode_best(embedding, batch,
-                                                                                                    *rest)
+    runtime.sam.decode_best = lambda embedding, batch, *rest: (
+        prompts.append(batch) or decode_best(embedding, batch, *rest)
+    )
     reference = ReferencePipeline(tiny_sam, counter)
     x, y = scene["centres"][5]
     box = np.array([x - 18.7, y - 18.2, x + 18.9, y + 18.4])  # fractional, as a detector's boxes are
@@ -110,8 +121,9 @@ def test_box_start_matches_the_reference(box_results, scene):
 
     got, expected, box, first_prompt = box_results
     centre = np.array([[(int(box[0]) + int(box[2])) // 2, (int(box[1]) + int(box[3])) // 2]], np.float64)
-    np.testing.assert_allclose(first_prompt.coords[0, :1], transform_for(scene["image"].shape[:2]).coords_to_input(
-        centre), rtol=0, atol=1e-4)  # the cascade started at the box centre
+    np.testing.assert_allclose(
+        first_prompt.coords[0, :1], transform_for(scene["image"].shape[:2]).coords_to_input(centre), rtol=0, atol=1e-4
+    )  # the cascade started at the box centre
     np.testing.assert_array_equal(got.points, expected.points)
     np.testing.assert_array_equal(got.exemplars, expected.exemplars)
     assert got.first_pass_points == expected.first_pass_points and got.count == expected.count
@@ -125,15 +137,23 @@ def test_box_centre_is_the_originals():
     np.testing.assert_array_equal(box_centre(np.array([0.0, 0.0, 1.0, 1.0])), [0, 0])
 
 
-@pytest.mark.parametrize("box,message", [
-    ([10, 10, 5, 40], "inverted or empty"), ([10, 40, 50, 40], "inverted or empty"),
-    ([-1, 0, 20, 20], "not inside"), ([0, 0, 385, 20], "not inside"), ([0, 0, 20, np.nan], "finite"),
-    ([1, 2, 3], "four finite numbers"),
-])
+@pytest.mark.parametrize(
+    "box,message",
+    [
+        ([10, 10, 5, 40], "inverted or empty"),
+        ([10, 40, 50, 40], "inverted or empty"),
+        ([-1, 0, 20, 20], "not inside"),
+        ([0, 0, 385, 20], "not inside"),
+        ([0, 0, 20, np.nan], "finite"),
+        ([1, 2, 3], "four finite numbers"),
+    ],
+)
 def test_bad_boxes_are_refused(box, message, tiny_engines, scene):
     from persense.runtime.errors import PersenseError
 
-    runtime = PerSensePipeline(SamEngines.from_manifest(load_manifest(tiny_engines), "ort-cpu", threads=2),
-                               NpyDensityCounter.from_array(scene["density"]))
+    runtime = PerSensePipeline(
+        SamEngines.from_manifest(load_manifest(tiny_engines), "ort-cpu", threads=2),
+        NpyDensityCounter.from_array(scene["density"]),
+    )
     with pytest.raises(PersenseError, match=message):
         runtime.segment(scene["image"], None, np.array(box, dtype=float))

@@ -24,7 +24,15 @@ def test_threshold_count_zero_is_infinite() -> None:
 
 @pytest.mark.parametrize(
     ("count", "factor"),
-    [(1, 0.5), (1.0, 0.5), (2, 1 / math.sqrt(2)), (3, math.sqrt(2) / 3), (1.5, math.sqrt(2) / 1.5), (0.5, 2 * math.sqrt(2)), (47, math.sqrt(2) / 47)],
+    [
+        (1, 0.5),
+        (1.0, 0.5),
+        (2, 1 / math.sqrt(2)),
+        (3, math.sqrt(2) / 3),
+        (1.5, math.sqrt(2) / 1.5),
+        (0.5, 2 * math.sqrt(2)),
+        (47, math.sqrt(2) / 47),
+    ],
 )
 def test_threshold_formula(count: float, factor: float) -> None:
     tau = ppsm_threshold(0.8, count)
@@ -94,7 +102,9 @@ def test_count_zero_keeps_nothing_even_for_negative_maps() -> None:
 def test_float_points_are_truncated() -> None:
     sim = np.zeros((5, 5), np.float32)
     sim[3, 2] = 1.0  # row y=3, column x=2
-    np.testing.assert_array_equal(select_points(np.array([[2.9, 3.7], [3.1, 2.9], [-0.5, 0.2]]), sim, 1), [True, False, False])
+    np.testing.assert_array_equal(
+        select_points(np.array([[2.9, 3.7], [3.1, 2.9], [-0.5, 0.2]]), sim, 1), [True, False, False]
+    )
 
 
 @pytest.mark.parametrize("points", [np.empty((0, 2)), [], np.empty((0, 2), np.int64)])

@@ -47,8 +47,18 @@ def assert_same(a: Target, b: Target) -> None:
 
 def artefact(**changes) -> Artefact:
     """An encoder manifest entry."""
-    fields = dict(file="sam_encoder.onnx", sha256="a" * 64, kind="sam_encoder", precision="fp32", model_type="vit_b",
-                  source_checkpoint="random", opset=17, inputs=[], outputs=[], extra={})
+    fields = dict(
+        file="sam_encoder.onnx",
+        sha256="a" * 64,
+        kind="sam_encoder",
+        precision="fp32",
+        model_type="vit_b",
+        source_checkpoint="random",
+        opset=17,
+        inputs=[],
+        outputs=[],
+        extra={},
+    )
     fields.update(changes)
     return Artefact(**fields)
 
@@ -78,14 +88,26 @@ def test_key_covers_every_input_unambiguously() -> None:
 
 def test_array_bytes_tells_shapes_and_dtypes_apart() -> None:
     flat = np.arange(12, dtype=np.uint8)
-    assert len({array_bytes(flat.reshape(3, 4)), array_bytes(flat.reshape(4, 3)),
-                array_bytes(flat.astype(np.int8).reshape(3, 4))}) == 3
+    assert (
+        len(
+            {
+                array_bytes(flat.reshape(3, 4)),
+                array_bytes(flat.reshape(4, 3)),
+                array_bytes(flat.astype(np.int8).reshape(3, 4)),
+            }
+        )
+        == 3
+    )
     assert array_bytes(flat.reshape(3, 4)) == array_bytes(flat.reshape(3, 4).copy())
 
 
 def test_encoder_digest_follows_weights_data_and_precision() -> None:
-    digests = {encoder_digest(artefact()), encoder_digest(artefact(sha256="b" * 64)),
-               encoder_digest(artefact(extra={"data_sha256": "c" * 64})), encoder_digest(artefact(precision="int8"))}
+    digests = {
+        encoder_digest(artefact()),
+        encoder_digest(artefact(sha256="b" * 64)),
+        encoder_digest(artefact(extra={"data_sha256": "c" * 64})),
+        encoder_digest(artefact(precision="int8")),
+    }
     assert len(digests) == 4
     assert encoder_digest(artefact(file="renamed.onnx")) == encoder_digest(artefact())  # same numbers, same digest
 
@@ -217,8 +239,9 @@ def test_concurrent_writers_never_expose_a_partial_entry(tmp_path: Path) -> None
         results = pool.map(_writer, [(str(tmp_path), w) for w in range(WRITERS)])
     assert all(bad == 0 for _, _, bad in results) and sum(hits for hits, _, _ in results) == WRITERS * ROUNDS
     cache = ReferenceCache(tmp_path)
-    assert cache.get(key_for("shared")).embedding.tobytes() in {make_target(100 + w).embedding.tobytes()
-                                                                 for w in range(WRITERS)}
+    assert cache.get(key_for("shared")).embedding.tobytes() in {
+        make_target(100 + w).embedding.tobytes() for w in range(WRITERS)
+    }
     for w in range(WRITERS):
         assert_same(cache.get(key_for(f"own-{w}")), make_target(200 + w))
     assert sorted(p.suffix for p in tmp_path.iterdir()) == [".npz"] * (WRITERS + 1)  # no temp files left

@@ -10,8 +10,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-FOLDERS = {"persense": ROOT / "persense", "persense.runtime": ROOT / "runtime", "persense.export": ROOT / "export",
-           "persense.benchmarks": ROOT / "benchmarks"}
+FOLDERS = {
+    "persense": ROOT / "persense",
+    "persense.runtime": ROOT / "runtime",
+    "persense.export": ROOT / "export",
+    "persense.benchmarks": ROOT / "benchmarks",
+}
 LAYERS = ("persense.runtime", "persense.export", "persense.benchmarks")  # each may import only those before it
 MAX_MODULES = 12
 
@@ -84,7 +88,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         path.append(node)
         for target in sorted(graph.get(node, ())):
             if state.get(target) == 1:
-                return path[path.index(target):] + [target]
+                return path[path.index(target) :] + [target]
             if target not in state and (cycle := visit(target)):
                 return cycle
         state[node] = 2
@@ -99,9 +103,11 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_the_cycle_finder_sees_function_level_and_package_imports() -> None:
     known = {"persense.export.a", "persense.export.b", "persense.export.c", "persense.export.__init__"}
-    graph = {"persense.export.a": imports("from persense.export import b\n", known),
-             "persense.export.b": imports("def f():\n    from persense.export.c import g\n", known),
-             "persense.export.c": imports("import persense.export.a\n", known)}
+    graph = {
+        "persense.export.a": imports("from persense.export import b\n", known),
+        "persense.export.b": imports("def f():\n    from persense.export.c import g\n", known),
+        "persense.export.c": imports("import persense.export.a\n", known),
+    }
     assert find_cycle(graph) == ["persense.export.a", "persense.export.b", "persense.export.c", "persense.export.a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
     assert imports("from persense.export import PersenseError\n", known) == {"persense.export.__init__"}
@@ -121,7 +127,7 @@ def test_no_subpackage_import_cycle() -> None:
 
 @pytest.mark.parametrize("layer", LAYERS)
 def test_layers_import_only_downwards(layer: str) -> None:
-    allowed = LAYERS[:LAYERS.index(layer) + 1]
+    allowed = LAYERS[: LAYERS.index(layer) + 1]
     for module, targets in import_graph().items():
         if module.startswith(layer + "."):
             wrong = {t for t in targets if not t.startswith(allowed)}

@@ -103,12 +103,15 @@ def test_render_scene_is_fast_and_exact() -> None:
     assert scene.boxes.shape == (200, 4) and scene.centres.shape == (200, 2)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--instances", "9..3"], "--instances must be A..B"),
-    (["--images", "100"], "--images must be 1..99"),
-    (["--instances", "5000"], "do not fit"),
-    (["--seed", "-1"], "--seed must be 0 or more"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--instances", "9..3"], "--instances must be A..B"),
+        (["--images", "100"], "--images must be 1..99"),
+        (["--instances", "5000"], "do not fit"),
+        (["--seed", "-1"], "--seed must be 0 or more"),
+    ],
+)
 def test_cli_user_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str) -> None:
     base = {"--out": str(tmp_path / "ds"), "--classes": "1", "--images": "2", "--instances": "3..5", "--size": "64x48"}
     base.update(dict(zip(argv[::2], argv[1::2])))
@@ -129,9 +132,28 @@ def test_cli_bad_syntax_exits_2() -> None:
 
 
 def test_python_m_writes_dataset(tmp_path: Path) -> None:
-    run = subprocess.run([sys.executable, "-m", "persense.runtime.cli.synth", "--out", str(tmp_path / "ds"),
-                          "--classes", "1", "--images", "1", "--instances", "3..6", "--size", "96x64", "--seed", "3"],
-                         capture_output=True, text=True, timeout=60)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "persense.runtime.cli.synth",
+            "--out",
+            str(tmp_path / "ds"),
+            "--classes",
+            "1",
+            "--images",
+            "1",
+            "--instances",
+            "3..6",
+            "--size",
+            "96x64",
+            "--seed",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert run.returncode == 0, run.stderr
     assert "wrote 1 classes x 2 images (10 files)" in run.stdout
     assert len(list((tmp_path / "ds" / "Images").glob("*/*.png"))) == 2

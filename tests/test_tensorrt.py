@@ -39,17 +39,39 @@ without_trt = pytest.mark.skipif(TRT_REASON is None, reason="TensorRT is usable 
 
 def onnx_entry(kind: str, io: tuple[list[TensorSpec], list[TensorSpec]], sha: str = "a" * 64) -> Artefact:
     """A hand-made FP32 ONNX manifest entry."""
-    return Artefact(file=f"{kind}.onnx", sha256=sha, kind=kind, precision="fp32", model_type="tiny",
-                    source_checkpoint="random", opset=20, inputs=io[0], outputs=io[1],
-                    extra={"source_key": "tiny:random:0"})
+    return Artefact(
+        file=f"{kind}.onnx",
+        sha256=sha,
+        kind=kind,
+        precision="fp32",
+        model_type="tiny",
+        source_checkpoint="random",
+        opset=20,
+        inputs=io[0],
+        outputs=io[1],
+        extra={"source_key": "tiny:random:0"},
+    )
 
 
 def engine_entry(source: Artefact, version: str = "10.7.0", capability: str = "9.0") -> Artefact:
     """A hand-made engine entry built from `source`."""
-    return Artefact(file=f"{source.kind}.0123456789ab.engine", sha256="b" * 64, kind=source.kind, precision="fp16",
-                    model_type="tiny", source_checkpoint="random", opset=20, inputs=source.inputs,
-                    outputs=source.outputs, extra={"tensorrt_version": version, "compute_capability": capability,
-                                                   "onnx_sha256": source.sha256, "profiles": {}})
+    return Artefact(
+        file=f"{source.kind}.0123456789ab.engine",
+        sha256="b" * 64,
+        kind=source.kind,
+        precision="fp16",
+        model_type="tiny",
+        source_checkpoint="random",
+        opset=20,
+        inputs=source.inputs,
+        outputs=source.outputs,
+        extra={
+            "tensorrt_version": version,
+            "compute_capability": capability,
+            "onnx_sha256": source.sha256,
+            "profiles": {},
+        },
+    )
 
 
 def test_decoder_profile_covers_one_to_at_least_256_prompts() -> None:
@@ -62,9 +84,10 @@ def test_decoder_profile_covers_one_to_at_least_256_prompts() -> None:
 
 
 def test_counter_profile_covers_the_window_batch_and_exemplars() -> None:
-    io = ([TensorSpec("windows", ("N", 3, 384, 384), "float32"),
-           TensorSpec("exemplars", (1, "K", 3, 64, 64), "float32")],
-          [TensorSpec("density", ("N", 384, 384), "float32")])
+    io = (
+        [TensorSpec("windows", ("N", 3, 384, 384), "float32"), TensorSpec("exemplars", (1, "K", 3, 64, 64), "float32")],
+        [TensorSpec("density", ("N", 384, 384), "float32")],
+    )
     profiles = input_profiles(onnx_entry("counter_countr", io))
     assert profiles["windows"][0][0] == 1 and profiles["windows"][2][0] >= 256
     assert profiles["exemplars"][2] == [1, 5, 3, 64, 64]
@@ -102,8 +125,11 @@ def test_stale_or_missing_engines_are_refused_with_the_rebuild_command(tmp_path:
     manifest = Manifest(tmp_path, "tiny", {}, {"sam_decoder": source, "sam_decoder_trt": engine_entry(source)})
     assert check_engine_current(manifest, "sam_decoder", "10.7.0", "9.0") is manifest.artefacts["sam_decoder_trt"]
     assert engine_name("sam_decoder") == "sam_decoder_trt" == engine_name("sam_decoder_trt")
-    with pytest.raises(PersenseError, match=r"stale TensorRT engine \(built with TensorRT 10.7.0.*"
-                                            r"persense-export --fp16 --out"):
+    with pytest.raises(
+        PersenseError,
+        match=r"stale TensorRT engine \(built with TensorRT 10.7.0.*"
+        r"persense-export --fp16 --out",
+    ):
         check_engine_current(manifest, "sam_decoder", "10.9.1", "9.0")
     with pytest.raises(PersenseError, match="compute capability"):
         check_engine_current(manifest, "sam_decoder", "10.7.0", "8.6")
@@ -115,8 +141,10 @@ def test_stale_or_missing_engines_are_refused_with_the_rebuild_command(tmp_path:
 def test_trt_backend_fails_clearly_without_tensorrt(tmp_path: Path) -> None:
     source = onnx_entry("sam_decoder", DECODER_IO)
     manifest = Manifest(tmp_path, "tiny", {}, {"sam_decoder": source, "sam_decoder_trt": engine_entry(source)})
-    for opener in (lambda: open_trt_engine(manifest, "sam_decoder"),
-                   lambda: open_engine(manifest, "sam_decoder", "trt")):
+    for opener in (
+        lambda: open_trt_engine(manifest, "sam_decoder"),
+        lambda: open_engine(manifest, "sam_decoder", "trt"),
+    ):
         with pytest.raises(PersenseError, match="needs TensorRT and an NVIDIA GPU: .*--backend ort-cuda or ort-cpu"):
             opener()
 
@@ -142,6 +170,7 @@ def test_fp16_step_writes_fp16_models_and_says_why_no_engines(tiny_engines: Path
 
 
 # --- with TensorRT and a GPU ---------------------------------------------------------------------
+
 
 @needs_trt
 def test_decoder_engine_builds_runs_and_matches_onnx_runtime(tiny_engines: Path, tmp_path: Path) -> None:

@@ -31,21 +31,41 @@ def _target_box(scene) -> list[float]:
 def text_engines(tiny_engines, scene, tmp_path_factory) -> Path:
     """The tiny SAM engines plus a fixed detector whose best query (logit 2.0) boxes the sixth disc."""
     other = [0.2, 0.3, 0.1, 0.1]
-    return add_fixed_detector(tiny_engines, tmp_path_factory.mktemp("text") / "engines", [-4.0, 2.0, 1.0],
-                              [other, _target_box(scene), [0.7, 0.6, 0.2, 0.1]])
+    return add_fixed_detector(
+        tiny_engines,
+        tmp_path_factory.mktemp("text") / "engines",
+        [-4.0, 2.0, 1.0],
+        [other, _target_box(scene), [0.7, 0.6, 0.2, 0.1]],
+    )
 
 
 @pytest.fixture(scope="module")
 def blind_engines(tiny_engines, scene, tmp_path_factory) -> Path:
     """The tiny SAM engines plus a fixed detector that finds nothing (every token sigmoid 0.1497 < 0.15)."""
-    return add_fixed_detector(tiny_engines, tmp_path_factory.mktemp("blind") / "engines", [-1.735, -3.0],
-                              [_target_box(scene), [0.5, 0.5, 0.2, 0.2]])
+    return add_fixed_detector(
+        tiny_engines,
+        tmp_path_factory.mktemp("blind") / "engines",
+        [-1.735, -3.0],
+        [_target_box(scene), [0.5, 0.5, 0.2, 0.2]],
+    )
 
 
 def _infer(engines: Path, scene_files, out: Path, extra: list[str], capsys) -> tuple[int, dict | None, str]:
     """persense-infer on the scene (ground-truth density): exit code, result.json (if written), stderr."""
-    code = infer([str(scene_files["image"]), str(scene_files["image"]), str(scene_files["mask"]),
-                  "--engines", str(engines), "--density", str(scene_files["density"]), "--out", str(out), *extra])
+    code = infer(
+        [
+            str(scene_files["image"]),
+            str(scene_files["image"]),
+            str(scene_files["mask"]),
+            "--engines",
+            str(engines),
+            "--density",
+            str(scene_files["density"]),
+            "--out",
+            str(out),
+            *extra,
+        ]
+    )
     err = capsys.readouterr().err
     result = out / "result.json"
     return code, json.loads(result.read_text()) if result.is_file() else None, err
@@ -84,10 +104,17 @@ def test_nothing_detected_falls_back_to_the_similarity_arg_max(blind_engines, sc
     assert code == 0
     message = "the detector found no 'apple.' above box_threshold 0.15; starting from the best-matching point instead"
     assert message in fallback["warnings"] and message in err
-    assert fallback["first_exemplar"] == {"source": "similarity", "text": "apple", "detection": None,
-                                          "point": fallback["first_exemplar"]["point"]}
+    assert fallback["first_exemplar"] == {
+        "source": "similarity",
+        "text": "apple",
+        "detection": None,
+        "point": fallback["first_exemplar"]["point"],
+    }
     code, plain, _ = _infer(blind_engines, scene_files, tmp_path / "plain", [], capsys)
-    assert code == 0 and plain["first_exemplar"] == {"source": "similarity", "point": fallback["first_exemplar"]["point"]}
+    assert code == 0 and plain["first_exemplar"] == {
+        "source": "similarity",
+        "point": fallback["first_exemplar"]["point"],
+    }
     assert plain["points"] == fallback["points"] and plain["exemplars"] == fallback["exemplars"]
 
 
@@ -98,11 +125,15 @@ def test_box_and_text_are_mutually_exclusive(text_engines, scene_files, tmp_path
     assert "argument --box: not allowed with argument --text" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("prompt,message", [
-    ("", "text prompt '' is empty"), ("   ", "text prompt '   ' is empty"),
-    ("red €uro", "'€uro' not in the detector's vocabulary"),
-    ("a " * 300, "is 303 tokens long; the detector takes at most 256"),
-])
+@pytest.mark.parametrize(
+    "prompt,message",
+    [
+        ("", "text prompt '' is empty"),
+        ("   ", "text prompt '   ' is empty"),
+        ("red €uro", "'€uro' not in the detector's vocabulary"),
+        ("a " * 300, "is 303 tokens long; the detector takes at most 256"),
+    ],
+)
 def test_bad_prompt_is_one_clear_line(prompt, message, text_engines, scene_files, tmp_path, capsys):
     out = tmp_path / "out"
     code, result, err = _infer(text_engines, scene_files, out, ["--text", prompt], capsys)
@@ -113,8 +144,10 @@ def test_bad_prompt_is_one_clear_line(prompt, message, text_engines, scene_files
 def test_missing_detector_names_the_export_command(tiny_engines, scene_files, tmp_path, capsys):
     code, result, err = _infer(tiny_engines, scene_files, tmp_path / "out", ["--text", "apple"], capsys)
     assert code == 2 and result is None and err.count("\n") == 1
-    assert f"no Grounding DINO detector for --text; export it with `persense-export --detector grounding-dino " \
-           f"--out {tiny_engines}`" in err
+    assert (
+        f"no Grounding DINO detector for --text; export it with `persense-export --detector grounding-dino "
+        f"--out {tiny_engines}`" in err
+    )
 
 
 def test_tampered_tokenizer_is_refused(text_engines, scene_files, tmp_path, capsys):
@@ -150,8 +183,21 @@ def dino_engines(tiny_engines, tmp_path_factory) -> Path:
 
     folder = tmp_path_factory.mktemp("dino") / "engines"
     shutil.copytree(tiny_engines, folder)
-    assert export(["--detector", "grounding-dino-tiny", "--random-weights", "--seed", str(DETECTOR_SEED),
-                   "--out", str(folder), "-q"]) == 0
+    assert (
+        export(
+            [
+                "--detector",
+                "grounding-dino-tiny",
+                "--random-weights",
+                "--seed",
+                str(DETECTOR_SEED),
+                "--out",
+                str(folder),
+                "-q",
+            ]
+        )
+        == 0
+    )
     return folder
 
 
@@ -164,8 +210,10 @@ def dino_torch(dino_engines):
     return random_detector("grounding-dino-tiny", DETECTOR_SEED, tokenizer)
 
 
-@pytest.mark.parametrize("height,width,prompt", [(288, 384, "apple"), (700, 500, "red car"),
-                                                 (300, 1900, "person. bottle"), (31, 40, "orange")])
+@pytest.mark.parametrize(
+    "height,width,prompt",
+    [(288, 384, "apple"), (700, 500, "red car"), (300, 1900, "person. bottle"), (31, 40, "orange")],
+)
 def test_detector_engine_matches_transformers(height, width, prompt, dino_engines, dino_torch):
     """The runtime detector (ONNX Runtime, numpy pre/post-processing) against transformers' PyTorch model run on the
     same pixel_values and tokens: logits within 1e-4 (they reach about +-15), boxes within 1e-5 (normalised)."""
@@ -181,12 +229,14 @@ def test_detector_engine_matches_transformers(height, width, prompt, dino_engine
     engine = detector.engine.run({"pixel_values": pixels, **tokens.feeds()})
     with torch.no_grad():
         out = dino_torch(**{k: torch.from_numpy(v) for k, v in {"pixel_values": pixels, **tokens.feeds()}.items()})
-    logits = out.logits[0, :, :tokens.input_ids.shape[1]].numpy()
-    assert np.isinf(out.logits[0, :, tokens.input_ids.shape[1]:].numpy()).all()  # transformers' -inf padding
+    logits = out.logits[0, :, : tokens.input_ids.shape[1]].numpy()
+    assert np.isinf(out.logits[0, :, tokens.input_ids.shape[1] :].numpy()).all()  # transformers' -inf padding
     np.testing.assert_allclose(engine["logits"][0], logits, rtol=0, atol=1e-4)
     np.testing.assert_allclose(engine["boxes"][0], out.pred_boxes[0].numpy(), rtol=0, atol=1e-5)
-    ours, theirs = postprocess(engine["logits"][0], engine["boxes"][0], (height, width)), \
-        postprocess(logits, out.pred_boxes[0].numpy(), (height, width))
+    ours, theirs = (
+        postprocess(engine["logits"][0], engine["boxes"][0], (height, width)),
+        postprocess(logits, out.pred_boxes[0].numpy(), (height, width)),
+    )
     assert ours.best() is not None and ours.best() == theirs.best()
     best = detector.best_box(image, tokens)
     np.testing.assert_allclose(best.box, theirs.boxes[theirs.best()], rtol=0, atol=1e-3)  # pixels
@@ -203,8 +253,21 @@ def test_infer_text_on_a_synthetic_scene(dino_engines, tmp_path, capsys):
     (folder,) = (tmp_path / "data" / "Images").iterdir()
     word = folder.name.replace("_", " ")
     out = tmp_path / "out"
-    code = infer([str(folder / "01.jpg"), str(folder / "00.jpg"), str(folder / "00.png"), "--engines",
-                  str(dino_engines), "--out", str(out), "--text", word, "--threads", "2"])
+    code = infer(
+        [
+            str(folder / "01.jpg"),
+            str(folder / "00.jpg"),
+            str(folder / "00.png"),
+            "--engines",
+            str(dino_engines),
+            "--out",
+            str(out),
+            "--text",
+            word,
+            "--threads",
+            "2",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     result = json.loads((out / "result.json").read_text())
     detector = GroundingDino.from_manifest(load_manifest(dino_engines), "ort-cpu", 2)
@@ -233,10 +296,14 @@ def test_bench_detector_stage_runs_the_same_detector_in_both_pipelines(dino_engi
     export's configuration and seed find the same best box (the stage times equal work on both sides)."""
     from persense.benchmarks.variants import REFERENCES, RUNTIME_VARIANTS, WorkerSpec, detector_stage
 
-    runs = [detector_stage(WorkerSpec(variant, "tiny", DETECTOR_SEED, dino_engines, None, "fixed", 2, None))
-            for variant in (REFERENCES["cpu"], RUNTIME_VARIANTS["ort-cpu-fp32"])]
+    runs = [
+        detector_stage(WorkerSpec(variant, "tiny", DETECTOR_SEED, dino_engines, None, "fixed", 2, None))
+        for variant in (REFERENCES["cpu"], RUNTIME_VARIANTS["ort-cpu-fp32"])
+    ]
     (reference_box, reference_confidence), (runtime_box, runtime_confidence) = (run(scene["image"]) for run in runs)
     np.testing.assert_allclose(runtime_box, reference_box, rtol=0, atol=1e-3)
     assert runtime_confidence == pytest.approx(reference_confidence, abs=1e-5)
-    assert detector_stage(WorkerSpec(RUNTIME_VARIANTS["ort-cpu-fp32"], "tiny", 0, tiny_engines, None, "fixed", 2,
-                                     None)) is None  # no detector exported: no stage
+    assert (
+        detector_stage(WorkerSpec(RUNTIME_VARIANTS["ort-cpu-fp32"], "tiny", 0, tiny_engines, None, "fixed", 2, None))
+        is None
+    )  # no detector exported: no stage

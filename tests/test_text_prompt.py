@@ -50,8 +50,9 @@ def test_caption_is_the_originals(prompt):
     assert caption_for(prompt) == original_preprocess_caption(". ".join([prompt]))
 
 
-@pytest.mark.parametrize("prompt", ["apple", "Red Apple", "  apples ", "apple.", "red-car", "bottle?", "Pérson",
-                                    "x9z", "orange  car"])
+@pytest.mark.parametrize(
+    "prompt", ["apple", "Red Apple", "  apples ", "apple.", "red-car", "bottle?", "Pérson", "x9z", "orange  car"]
+)
 def test_tokens_match_transformers_bert_tokenizers(prompt, vocab_file, tokenizer_file):
     from transformers.models.bert import BertTokenizer, BertTokenizerLegacy
 
@@ -66,11 +67,18 @@ def test_tokens_match_transformers_bert_tokenizers(prompt, vocab_file, tokenizer
     assert encoded.input_ids.dtype == np.int64 and encoded.tokens[0] == "[CLS]" and encoded.tokens[-1] == "[SEP]"
 
 
-@pytest.mark.parametrize("prompt,message", [
-    ("", "is empty"), ("   ", "is empty"), (" . ", "is empty"), ("\t\n", "is empty"),
-    ("zebra€", "not in the detector's vocabulary"), ("red 日本", "not in the detector's vocabulary"),
-    ("a " * 20, "tokens long; the detector takes at most 16"),
-])
+@pytest.mark.parametrize(
+    "prompt,message",
+    [
+        ("", "is empty"),
+        ("   ", "is empty"),
+        (" . ", "is empty"),
+        ("\t\n", "is empty"),
+        ("zebra€", "not in the detector's vocabulary"),
+        ("red 日本", "not in the detector's vocabulary"),
+        ("a " * 20, "tokens long; the detector takes at most 16"),
+    ],
+)
 def test_prompts_the_detector_cannot_take_are_refused(prompt, message, tokenizer_file):
     with pytest.raises(PersenseError, match=message):
         TextEncoder(tokenizer_file, 16).encode(prompt)
@@ -109,6 +117,7 @@ def test_tokenizer_without_the_bert_template_is_refused(tokenizer_file, tmp_path
 
 # ------------------------------------------------------------------------------------ image side
 
+
 def original_size(image_size: tuple[int, int], size: int, max_size: int | None = None) -> tuple[int, int]:
     """datasets/transforms.py resize.get_size_with_aspect_ratio, verbatim: (w, h) in, (h, w) out."""
     w, h = image_size
@@ -131,8 +140,25 @@ def original_size(image_size: tuple[int, int], size: int, max_size: int | None =
     return (oh, ow)
 
 
-SHAPES = [(480, 640), (640, 480), (800, 1200), (1200, 800), (800, 1333), (801, 1335), (10, 10), (1, 1), (3, 7),
-          (2000, 3), (3, 2000), (1333, 800), (5000, 100), (100, 100000), (768, 1024), (1080, 1920), (4000, 3000)]
+SHAPES = [
+    (480, 640),
+    (640, 480),
+    (800, 1200),
+    (1200, 800),
+    (800, 1333),
+    (801, 1335),
+    (10, 10),
+    (1, 1),
+    (3, 7),
+    (2000, 3),
+    (3, 2000),
+    (1333, 800),
+    (5000, 100),
+    (100, 100000),
+    (768, 1024),
+    (1080, 1920),
+    (4000, 3000),
+]
 
 
 @pytest.mark.parametrize("height,width", SHAPES)
@@ -156,7 +182,7 @@ def original_pixels(image: np.ndarray) -> np.ndarray:
 def test_pixels_match_the_originals(height, width):
     rng = np.random.default_rng(height * width)
     image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
-    image[height // 3:, : width // 2] = 200  # flat regions and edges as well as noise
+    image[height // 3 :, : width // 2] = 200  # flat regions and edges as well as noise
     ours, expected = preprocess(image), original_pixels(image)
     assert ours.shape == (1, *expected.shape) and ours.dtype == np.float32
     diff = np.abs(ours[0] - expected)
@@ -175,12 +201,14 @@ def test_too_elongated_image_is_refused():
 
 # ------------------------------------------------------------------------------------ post-processing
 
-def original_predict(logits: np.ndarray, boxes: np.ndarray, height: int, width: int,
-                     box_threshold: float = BOX_THRESHOLD):
+
+def original_predict(
+    logits: np.ndarray, boxes: np.ndarray, height: int, width: int, box_threshold: float = BOX_THRESHOLD
+):
     """inference.py predict (sigmoid, per-query max, > box_threshold) then Model.post_process_result
     (x (W,H,W,H), torchvision's cxcywh -> xyxy) on logits padded with -inf to 256 tokens, as the model gives them."""
     padded = torch.full((logits.shape[0], 256), float("-inf"))
-    padded[:, :logits.shape[1]] = torch.from_numpy(logits)
+    padded[:, : logits.shape[1]] = torch.from_numpy(logits)
     prediction_logits = padded.sigmoid()
     prediction_boxes = torch.from_numpy(boxes)
     mask = prediction_logits.max(dim=1)[0] > box_threshold
@@ -192,8 +220,9 @@ def original_predict(logits: np.ndarray, boxes: np.ndarray, height: int, width: 
     return xyxy, confidence, kept_logits
 
 
-@pytest.mark.parametrize("seed,queries,tokens,shift", [(0, 900, 5, -2.5), (1, 30, 12, -1.0), (2, 50, 3, 0.0),
-                                                       (3, 20, 7, -9.0)])
+@pytest.mark.parametrize(
+    "seed,queries,tokens,shift", [(0, 900, 5, -2.5), (1, 30, 12, -1.0), (2, 50, 3, 0.0), (3, 20, 7, -9.0)]
+)
 def test_postprocess_is_the_originals(seed, queries, tokens, shift):
     rng = np.random.default_rng(seed)
     logits = (rng.normal(size=(queries, tokens)) + shift).astype(np.float32)
@@ -259,8 +288,10 @@ def test_best_box_and_phrase_are_the_originals(seed, vocab_file, tokenizer_file)
 def test_nothing_above_box_threshold_gives_no_box(tokenizer_file):
     text = TextEncoder(tokenizer_file, 256)
     tokens = text.encode("apple")
-    engine = FixedEngine(np.full((10, tokens.input_ids.shape[1]), -1.735, np.float32),  # sigmoid = 0.1499
-                         np.full((10, 4), 0.5, np.float32))
+    engine = FixedEngine(
+        np.full((10, tokens.input_ids.shape[1]), -1.735, np.float32),  # sigmoid = 0.1499
+        np.full((10, 4), 0.5, np.float32),
+    )
     assert GroundingDino(engine, text).best_box(np.zeros((64, 64, 3), np.uint8), tokens) is None
 
 

@@ -54,9 +54,22 @@ def test_a_whole_frame_window_is_the_frame():
 
 def _args(folder: Path, *extra: str) -> list[str]:
     """Arguments of a run of 4 window steps and 1 whole-frame step that checkpoints every 2 steps into `folder`."""
-    return ["--out", str(folder / "w.pt"), "--work", str(folder / "work"), "--steps", "4", "--full-frame-steps", "1",
-            "--save-every", "2",
-            "--eval-scenes", "1", "-q", *extra]
+    return [
+        "--out",
+        str(folder / "w.pt"),
+        "--work",
+        str(folder / "work"),
+        "--steps",
+        "4",
+        "--full-frame-steps",
+        "1",
+        "--save-every",
+        "2",
+        "--eval-scenes",
+        "1",
+        "-q",
+        *extra,
+    ]
 
 
 def _train(folder: Path, *extra: str) -> int:
@@ -64,8 +77,9 @@ def _train(folder: Path, *extra: str) -> int:
     return main(_args(folder, *extra))
 
 
-def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                        capsys: pytest.CaptureFixture[str]):
+def test_an_interrupted_run_resumes_to_the_same_weights(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+):
     assert _train(tmp_path / "once") == 0
     report = json.loads((tmp_path / "once" / "w.json").read_text())
     assert report["steps"] == 4 and 0 <= report["held_out"]["mean_iou"] <= 1 and report["held_out"]["masks"] > 0

@@ -18,7 +18,8 @@ from persense.runtime.models.sam import SamEngines
 from persense.runtime.pipeline.flow import PerSensePipeline
 
 WEIGHTS = BUNDLED_CHECKPOINTS["tiny-trained"]
-WEIGHTS_SHA256 = "cb2f8b3cfc99df31980b9b5dff909a344a4c5be38a8a0d80b541ca28671275ab"  # README "The trained tiny SAM" gives the command that reproduces it
+# README "The trained tiny SAM" gives the command that reproduces it
+WEIGHTS_SHA256 = "cb2f8b3cfc99df31980b9b5dff909a344a4c5be38a8a0d80b541ca28671275ab"
 
 
 def test_committed_weights_are_the_pinned_file():
@@ -51,9 +52,12 @@ def synth_result(trained_tiny_engines, tmp_path_factory):
     reference, target = (render_scene(rng, template, n, (384, 288)) for n in (20, 40))
     density = tmp_path_factory.mktemp("synth") / "density.npy"
     np.save(density, target.density)
-    pipeline = PerSensePipeline(SamEngines.from_manifest(load_manifest(trained_tiny_engines), "ort-cpu", threads=2),
-                                NpyDensityCounter(density))
-    result = pipeline.segment(target.image, pipeline.reference(reference.image, reference.labels == reference.top_label))
+    pipeline = PerSensePipeline(
+        SamEngines.from_manifest(load_manifest(trained_tiny_engines), "ort-cpu", threads=2), NpyDensityCounter(density)
+    )
+    result = pipeline.segment(
+        target.image, pipeline.reference(reference.image, reference.labels == reference.top_label)
+    )
     return result, target
 
 

@@ -29,8 +29,11 @@ BOUNDED = settings(max_examples=50, deadline=None)
 sides = st.integers(1, 1200)
 sizes = st.tuples(sides, sides)
 long_sides = st.sampled_from([1024, 512, 64, 7])
-small_images = st.integers(1, 48).flatmap(lambda h: st.integers(1, 48).flatmap(lambda w: st.sampled_from([
-    (h, w), (h, w, 3)]).flatmap(lambda shape: hnp.arrays(np.uint8, shape))))
+small_images = st.integers(1, 48).flatmap(
+    lambda h: st.integers(1, 48).flatmap(
+        lambda w: st.sampled_from([(h, w), (h, w, 3)]).flatmap(lambda shape: hnp.arrays(np.uint8, shape))
+    )
+)
 logits = hnp.arrays(np.float32, (256, 256), elements=st.floats(-30, 30, width=32))
 
 
@@ -43,8 +46,9 @@ def postprocess_masks(low_res: np.ndarray, transform: SamTransform) -> np.ndarra
     """segment-anything's Sam.postprocess_masks on one map: bilinear to the square, crop, bilinear to the image."""
     square = transform.long_side
     in_h, in_w = transform.input_size
-    tensor = F.interpolate(torch.as_tensor(low_res)[None, None], (square, square), mode="bilinear",
-                           align_corners=False)[..., :in_h, :in_w]
+    tensor = F.interpolate(
+        torch.as_tensor(low_res)[None, None], (square, square), mode="bilinear", align_corners=False
+    )[..., :in_h, :in_w]
     return F.interpolate(tensor, transform.original_size, mode="bilinear", align_corners=False)[0, 0].numpy()
 
 
@@ -68,8 +72,9 @@ def test_resize_is_pillow_exact_along_each_axis(image: np.ndarray, out: int, axi
 
 @BOUNDED
 @given(image=small_images, height=st.integers(1, 96), width=st.integers(1, 96), block=st.integers(1, 64))
-def test_resize_does_not_depend_on_its_block_size_and_stays_in_range(image: np.ndarray, height: int, width: int,
-                                                                     block: int) -> None:
+def test_resize_does_not_depend_on_its_block_size_and_stays_in_range(
+    image: np.ndarray, height: int, width: int, block: int
+) -> None:
     expected = resize_bilinear_pil(image, height, width)
     with mock.patch.object(resize, "_BLOCK_ELEMENTS", block):
         assert np.array_equal(resize_bilinear_pil(image, height, width), expected)
@@ -78,8 +83,11 @@ def test_resize_does_not_depend_on_its_block_size_and_stays_in_range(image: np.n
 
 
 @BOUNDED
-@given(size=st.tuples(st.integers(1, 48), st.integers(1, 48)), value=st.integers(0, 255),
-       out=st.tuples(st.integers(1, 200), st.integers(1, 200)))
+@given(
+    size=st.tuples(st.integers(1, 48), st.integers(1, 48)),
+    value=st.integers(0, 255),
+    out=st.tuples(st.integers(1, 200), st.integers(1, 200)),
+)
 def test_resize_keeps_a_constant_image_constant(size: tuple[int, int], value: int, out: tuple[int, int]) -> None:
     image = np.full(size + (3,), value, np.uint8)
     assert (resize_bilinear_pil(image, *out) == value).all()
@@ -147,8 +155,9 @@ def test_upsampling_equals_postprocess_masks_and_stays_in_range(size: tuple[int,
 
 @BOUNDED
 @given(size=sizes, low=logits, shift=st.floats(-35, 35))
-def test_positive_window_is_exactly_the_thresholded_full_map(size: tuple[int, int], low: np.ndarray,
-                                                              shift: float) -> None:
+def test_positive_window_is_exactly_the_thresholded_full_map(
+    size: tuple[int, int], low: np.ndarray, shift: float
+) -> None:
     transform = SamTransform(size)
     low = (low - np.float32(shift)).astype(np.float32)
     full = transform.upsample_to_original(low) > 0
@@ -156,14 +165,17 @@ def test_positive_window_is_exactly_the_thresholded_full_map(size: tuple[int, in
     window = transform.upsampler.positive_window(low)
     if window is not None:
         y0, x0, mask = window
-        rebuilt[y0:y0 + mask.shape[0], x0:x0 + mask.shape[1]] = mask
+        rebuilt[y0 : y0 + mask.shape[0], x0 : x0 + mask.shape[1]] = mask
     assert np.array_equal(rebuilt, full)
 
 
 @BOUNDED
-@given(image=hnp.arrays(np.float32, st.tuples(st.integers(1, 80), st.integers(1, 80)),
-                        elements=st.floats(-1e3, 1e3, width=32)),
-       out=st.tuples(st.integers(1, 160), st.integers(1, 160)))
+@given(
+    image=hnp.arrays(
+        np.float32, st.tuples(st.integers(1, 80), st.integers(1, 80)), elements=st.floats(-1e3, 1e3, width=32)
+    ),
+    out=st.tuples(st.integers(1, 160), st.integers(1, 160)),
+)
 def test_float_bilinear_resize_equals_torch_and_stays_in_range(image: np.ndarray, out: tuple[int, int]) -> None:
     got = resize_bilinear(image, *out)
     expected = F.interpolate(torch.as_tensor(image)[None, None], out, mode="bilinear", align_corners=False)[0, 0]

@@ -25,11 +25,17 @@ def sam_transforms(tmp_path_factory):
     functional = types.ModuleType("torchvision.transforms.functional")
     functional.resize = lambda img, size: img.resize((size[1], size[0]), Image.BILINEAR)
     functional.to_pil_image = Image.fromarray
-    saved = {name: sys.modules.get(name) for name in ("torchvision", "torchvision.transforms",
-                                                      "torchvision.transforms.functional")}
-    sys.modules.update({"torchvision": types.ModuleType("torchvision"),
-                        "torchvision.transforms": types.ModuleType("torchvision.transforms"),
-                        "torchvision.transforms.functional": functional})
+    saved = {
+        name: sys.modules.get(name)
+        for name in ("torchvision", "torchvision.transforms", "torchvision.transforms.functional")
+    }
+    sys.modules.update(
+        {
+            "torchvision": types.ModuleType("torchvision"),
+            "torchvision.transforms": types.ModuleType("torchvision.transforms"),
+            "torchvision.transforms.functional": functional,
+        }
+    )
     try:
         origin = importlib.util.find_spec("segment_anything").submodule_search_locations[0]
         spec = importlib.util.spec_from_file_location("_sam_utils_transforms", f"{origin}/utils/transforms.py")
@@ -103,7 +109,7 @@ def test_positive_window_reproduces_the_full_thresholded_mask(size):
         window = transform.upsampler.positive_window(logits)
         if window is not None:
             y0, x0, mask = window
-            rebuilt[y0:y0 + mask.shape[0], x0:x0 + mask.shape[1]] = mask
+            rebuilt[y0 : y0 + mask.shape[0], x0 : x0 + mask.shape[1]] = mask
         assert np.array_equal(rebuilt, full)
 
 

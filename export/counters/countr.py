@@ -209,8 +209,11 @@ def exemplar_stage(cin: int, cout: int, pool: nn.Module) -> nn.Sequential:
 
 def decode_head(cin: int, cfg: CountrConfig, last: bool) -> nn.Sequential:
     """Conv3x3 -> GroupNorm -> ReLU (+ Conv1x1 to one channel for the last head): one `decode_headN`."""
-    layers = [nn.Conv2d(cin, cfg.head_channels, 3, padding=1), nn.GroupNorm(cfg.head_groups, cfg.head_channels),
-              nn.ReLU()]
+    layers = [
+        nn.Conv2d(cin, cfg.head_channels, 3, padding=1),
+        nn.GroupNorm(cfg.head_groups, cfg.head_channels),
+        nn.ReLU(),
+    ]
     if last:
         layers.append(nn.Conv2d(cfg.head_channels, 1, 1))
     return nn.Sequential(*layers)
@@ -235,8 +238,9 @@ class CounTR(nn.Module):
         self.decoder_proj2 = exemplar_stage(c1, c2, nn.MaxPool2d(2))
         self.decoder_proj3 = exemplar_stage(c2, c3, nn.MaxPool2d(2))
         self.decoder_proj4 = exemplar_stage(c3, cfg.decoder_dim, nn.AdaptiveAvgPool2d(1))
-        self.decoder_blocks = nn.ModuleList(CrossAttentionBlock(cfg.decoder_dim, cfg.decoder_heads, cfg.mlp_ratio)
-                                            for _ in range(cfg.decoder_depth))
+        self.decoder_blocks = nn.ModuleList(
+            CrossAttentionBlock(cfg.decoder_dim, cfg.decoder_heads, cfg.mlp_ratio) for _ in range(cfg.decoder_depth)
+        )
         self.decoder_norm = nn.LayerNorm(cfg.decoder_dim, eps=1e-6)
         self.decode_head0 = decode_head(cfg.decoder_dim, cfg, last=False)
         self.decode_head1 = decode_head(cfg.head_channels, cfg, last=False)
@@ -249,7 +253,8 @@ class CounTR(nn.Module):
         grid = WINDOW // PATCH_SIZE
         self.pos_embed.data.copy_(torch.from_numpy(sincos_pos_embed(self.config.embed_dim, grid)).float()[None])
         self.decoder_pos_embed.data.copy_(
-            torch.from_numpy(sincos_pos_embed(self.config.decoder_dim, grid)).float()[None])
+            torch.from_numpy(sincos_pos_embed(self.config.decoder_dim, grid)).float()[None]
+        )
         nn.init.xavier_uniform_(self.patch_embed.proj.weight.data.view(self.config.embed_dim, -1))
         nn.init.normal_(self.shot_token, std=0.02)
         for module in self.modules():
@@ -341,10 +346,14 @@ def load_countr(path: str | Path) -> CounTR:
     if len(missing) == len(expected):
         raise PersenseError(f"{path}: not a CounTR checkpoint: its 'model' has none of CounTR's weights")
     if missing:
-        raise PersenseError(f"{path}: incomplete CounTR checkpoint, {len(missing)} weights missing "
-                            f"(e.g. {', '.join(missing[:4])})")
-    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
-             if tuple(state[k].shape) != tuple(v.shape)]
+        raise PersenseError(
+            f"{path}: incomplete CounTR checkpoint, {len(missing)} weights missing (e.g. {', '.join(missing[:4])})"
+        )
+    wrong = [
+        f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}"
+        for k, v in expected.items()
+        if tuple(state[k].shape) != tuple(v.shape)
+    ]
     if wrong:
         raise PersenseError(f"{path}: not CounTR mae_vit_base_patch16: {'; '.join(wrong[:3])}")
     unexpected = [k for k in state if k not in expected]
@@ -357,19 +366,29 @@ def load_countr(path: str | Path) -> CounTR:
 def example_inputs(windows: int = 2, shots: int = 3) -> tuple[Tensor, Tensor]:
     """Example (windows, exemplars) inputs of the exported graph."""
     g = torch.Generator().manual_seed(0)
-    return (torch.rand(windows, 3, WINDOW, WINDOW, generator=g),
-            torch.rand(1, shots, 3, EXEMPLAR_SIZE, EXEMPLAR_SIZE, generator=g))
+    return (
+        torch.rand(windows, 3, WINDOW, WINDOW, generator=g),
+        torch.rand(1, shots, 3, EXEMPLAR_SIZE, EXEMPLAR_SIZE, generator=g),
+    )
 
 
 def export_countr(model: CounTR, out_dir: str | Path, source_checkpoint: str) -> Artefact:
     """Write `counter_countr.onnx`: windows [N,3,384,384] + exemplars [1,K,3,64,64] -> density [N,384,384]."""
     path = Path(out_dir) / ARTEFACT_FILE
-    dynamic = {"windows": {0: torch.export.Dim("N", min=1, max=MAX_BATCH)},
-               "exemplars": {1: torch.export.Dim("K", min=1, max=MAX_SHOTS)}}
+    dynamic = {
+        "windows": {0: torch.export.Dim("N", min=1, max=MAX_BATCH)},
+        "exemplars": {1: torch.export.Dim("K", min=1, max=MAX_SHOTS)},
+    }
     with torch.no_grad():
         seconds = export_onnx(model.eval(), example_inputs(), path, list(INPUT_NAMES), list(OUTPUT_NAMES), dynamic)
-    return describe(path, "counter_countr", "fp32", f"countr_{config_name(model.config)}", source_checkpoint,
-                    {"export_seconds": round(seconds, 2)})
+    return describe(
+        path,
+        "counter_countr",
+        "fp32",
+        f"countr_{config_name(model.config)}",
+        source_checkpoint,
+        {"export_seconds": round(seconds, 2)},
+    )
 
 
 class TorchCountrCounter:
@@ -391,8 +410,13 @@ class TorchCountrCounter:
             else:
                 density = slide_sequential(image, lambda window: self.model(window, crops)[0])
                 count = torch.sum(density / COUNT_SCALE).item()
-            shots = sum(torch.sum(density[y0:y1 + 1, x0:x1 + 1] / COUNT_SCALE).item()
-                        for y0, x0, y1, x1 in geometry.rects) / CALIBRATION_SHOTS
+            shots = (
+                sum(
+                    torch.sum(density[y0 : y1 + 1, x0 : x1 + 1] / COUNT_SCALE).item()
+                    for y0, x0, y1, x1 in geometry.rects
+                )
+                / CALIBRATION_SHOTS
+            )
         if shots > CALIBRATION_LIMIT:
             count /= shots
         return Density(idm_map(density.cpu().numpy(), geometry), float(count), IDM_THRESHOLD)
@@ -403,7 +427,7 @@ class TorchCountrCounter:
         count, density = 0.0, None
         for top in (0, int(h / 3), int(h * 2 / 3)):
             for left in (0, int(w / 3), int(w * 2 / 3)):
-                tile = image[:, :, top:top + int(h / 3), left:left + int(w / 3)]
+                tile = image[:, :, top : top + int(h / 3), left : left + int(w / 3)]
                 tile = F.interpolate(tile, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
                 density = slide_sequential(tile, lambda window: self.model(window, crops)[0])
                 count += torch.sum(density / COUNT_SCALE).item()
@@ -415,9 +439,16 @@ def load_image(image_rgb: np.ndarray, geometry: CountrGeometry) -> tuple[Tensor,
     pil = Image.fromarray(image_rgb).resize((geometry.new_w, WINDOW), Image.BILINEAR)
     image = torch.from_numpy(np.array(pil)).permute(2, 0, 1).float().div(255)
     image = F.pad(image, (geometry.pad, geometry.pad))
-    crops = [F.interpolate(image[None, :, y0:y1 + 1, x0:x1 + 1], size=(EXEMPLAR_SIZE, EXEMPLAR_SIZE),
-                           mode="bilinear", align_corners=False, antialias=True)[0]
-             for y0, x0, y1, x1 in geometry.rects[:MAX_SHOTS]]
+    crops = [
+        F.interpolate(
+            image[None, :, y0 : y1 + 1, x0 : x1 + 1],
+            size=(EXEMPLAR_SIZE, EXEMPLAR_SIZE),
+            mode="bilinear",
+            align_corners=False,
+            antialias=True,
+        )[0]
+        for y0, x0, y1, x1 in geometry.rects[:MAX_SHOTS]
+    ]
     return image[None], torch.stack(crops)[None]
 
 
@@ -427,13 +458,13 @@ def slide_sequential(image: Tensor, infer: Callable[[Tensor], Tensor]) -> Tensor
     density = image.new_zeros(image.shape[-2], w)
     start, prev = 0, -1
     while start + WINDOW - 1 < w:
-        output = infer(image[:, :, :, start:start + WINDOW])
+        output = infer(image[:, :, :, start : start + WINDOW])
         pad_mid = nn.ZeroPad2d((start, w - prev - 1, 0, 0))
-        fresh_overlap = pad_mid(output[:, :prev - start + 1])
-        fresh_new = nn.ZeroPad2d((prev + 1, w - start - WINDOW, 0, 0))(output[:, prev - start + 1:WINDOW])
+        fresh_overlap = pad_mid(output[:, : prev - start + 1])
+        fresh_new = nn.ZeroPad2d((prev + 1, w - start - WINDOW, 0, 0))(output[:, prev - start + 1 : WINDOW])
         old_left = nn.ZeroPad2d((0, w - start, 0, 0))(density[:, :start])
-        old_overlap = pad_mid(density[:, start:prev + 1])
-        old_right = nn.ZeroPad2d((prev + 1, 0, 0, 0))(density[:, prev + 1:w])
+        old_overlap = pad_mid(density[:, start : prev + 1])
+        old_right = nn.ZeroPad2d((prev + 1, 0, 0, 0))(density[:, prev + 1 : w])
         density = old_left + old_right + old_overlap / 2 + fresh_overlap / 2 + fresh_new
         prev = start + WINDOW - 1
         start += STRIDE

@@ -17,8 +17,8 @@ for the torch reference; `index_roi_pool` gathers the same bins from precomputed
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import cv2
 import numpy as np
@@ -53,6 +53,7 @@ RoiPool = Callable[[torch.Tensor], torch.Tensor]  # current feature map [1,C,128
 
 # --- ResNet-50 (torchvision layout) -------------------------------------------------------------
 
+
 class Bottleneck(nn.Module):
     """torchvision's ResNet-50 bottleneck block (stride on the 3x3 conv)."""
 
@@ -70,8 +71,9 @@ class Bottleneck(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.downsample = None
         if stride != 1 or in_channels != out_channels:
-            self.downsample = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
-                                            nn.BatchNorm2d(out_channels))
+            self.downsample = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False), nn.BatchNorm2d(out_channels)
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """relu(bn3(conv3(...)) + shortcut)."""
@@ -85,8 +87,9 @@ class Bottleneck(nn.Module):
 def resnet_stage(in_channels: int, planes: int, blocks: int, stride: int) -> nn.Sequential:
     """One `layerN` of torchvision's ResNet: a (possibly strided) first block, then identity blocks."""
     out_channels = planes * Bottleneck.expansion
-    return nn.Sequential(Bottleneck(in_channels, planes, stride),
-                         *[Bottleneck(out_channels, planes) for _ in range(blocks - 1)])
+    return nn.Sequential(
+        Bottleneck(in_channels, planes, stride), *[Bottleneck(out_channels, planes) for _ in range(blocks - 1)]
+    )
 
 
 class ResNet50(nn.Module):
@@ -124,11 +127,18 @@ class Backbone(nn.Module):
         feat1 = self.layer1(self.layer0(image))
         feat2 = self.layer2(feat1)
         feat3 = self.layer3(feat2)
-        return torch.cat([feat1, F.interpolate(feat2, scale_factor=2.0, mode="bilinear"),
-                          F.interpolate(feat3, scale_factor=4.0, mode="bilinear")], dim=1)
+        return torch.cat(
+            [
+                feat1,
+                F.interpolate(feat2, scale_factor=2.0, mode="bilinear"),
+                F.interpolate(feat3, scale_factor=4.0, mode="bilinear"),
+            ],
+            dim=1,
+        )
 
 
 # --- exemplar ROI pooling -----------------------------------------------------------------------
+
 
 def slice_roi_pool(boxes: torch.Tensor) -> RoiPool:
     """The original `crop_roi_feat` for (3, 4) float64 (y0, x0, y1, x1) boxes in the 512 frame."""
@@ -140,8 +150,10 @@ def slice_roi_pool(boxes: torch.Tensor) -> RoiPool:
         scaled[:, 2:] = torch.ceil(scaled[:, 2:])
         scaled[:, 2] = scaled[:, 2].clamp_max(h)
         scaled[:, 3] = scaled[:, 3].clamp_max(w)
-        crops = [F.adaptive_max_pool2d(feat[0, :, int(y0):int(y1) + 1, int(x0):int(x1) + 1], POOL)
-                 for y0, x0, y1, x1 in scaled.tolist()]
+        crops = [
+            F.adaptive_max_pool2d(feat[0, :, int(y0) : int(y1) + 1, int(x0) : int(x1) + 1], POOL)
+            for y0, x0, y1, x1 in scaled.tolist()
+        ]
         return torch.stack(crops)
 
     return pool
@@ -163,6 +175,7 @@ def index_roi_pool(roi_rows: torch.Tensor, roi_cols: torch.Tensor) -> RoiPool:
 
 # --- DSAM ---------------------------------------------------------------------------------------
 
+
 def channel_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
     """LayerNorm over the channels of an NCHW tensor."""
     return norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
@@ -175,8 +188,9 @@ def grouped_matmul(weight: torch.Tensor, columns: torch.Tensor, groups: int) -> 
     return torch.matmul(weight.reshape(groups, out_channels // groups, -1), per_group).reshape(out_channels, -1)
 
 
-def modulated_deform_conv2d(x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor,
-                            dilation: int, groups: int) -> torch.Tensor:
+def modulated_deform_conv2d(
+    x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor, dilation: int, groups: int
+) -> torch.Tensor:
     """torchvision.ops.deform_conv2d for batch 1, stride 1, padding = dilation*(k//2), no bias.
 
     offset [1, 2*G*k*k, H, W] holds (dy, dx) per offset group G and kernel tap; mask [1, G*k*k, H, W];
@@ -204,9 +218,13 @@ def modulated_deform_conv2d(x: torch.Tensor, offset: torch.Tensor, mask: torch.T
     y_pos = rows + tap_y + delta[:, :, 0]  # [G, taps, H, W] absolute sampling positions
     x_pos = cols + tap_x + delta[:, :, 1]
     grid = torch.stack([x_pos * (2 / (w - 1)) - 1, y_pos * (2 / (h - 1)) - 1], dim=-1)
-    sampled = F.grid_sample(projected.view(offset_groups * taps, outs_per_group, h, w),
-                            grid.view(offset_groups * taps, h, w, 2), mode="bilinear", padding_mode="zeros",
-                            align_corners=True)
+    sampled = F.grid_sample(
+        projected.view(offset_groups * taps, outs_per_group, h, w),
+        grid.view(offset_groups * taps, h, w, 2),
+        mode="bilinear",
+        padding_mode="zeros",
+        align_corners=True,
+    )
     modulated = sampled * mask.view(offset_groups * taps, 1, h, w)
     return modulated.view(groups, -1, outs_per_group, h, w).sum(dim=1).view(1, out_channels, h, w)
 
@@ -285,6 +303,7 @@ class DSAMStack(nn.Module):
 
 # --- LVAM, regressor, the whole network ---------------------------------------------------------
 
+
 class LVAM(nn.Module):
     """Latent variable module: mu/logvar heads; returns mu, or mu + eps*exp(logvar/2) when sampling."""
 
@@ -304,16 +323,19 @@ class LVAM(nn.Module):
         """(mu, logvar), each LeakyReLU(LN(conv1x1(...)))."""
         x = self.relu(channel_norm(self.ln1, self.conv1(x)))
         x = self.relu(channel_norm(self.ln2, self.conv2(x)))
-        return (self.relu(channel_norm(self.ln_mu, self.mu(x))),
-                self.relu(channel_norm(self.ln_logvar, self.logvar(x))))
+        return (
+            self.relu(channel_norm(self.ln_mu, self.mu(x))),
+            self.relu(channel_norm(self.ln_logvar, self.logvar(x))),
+        )
 
     def forward(self, x: torch.Tensor, sample: bool = False, seed: int = 0) -> torch.Tensor:
         """mu (deterministic), or one seeded sample mu + eps*exp(logvar/2) as the original's train mode."""
         mu, logvar = self.encode(x)
         if not sample:
             return mu
-        eps = torch.randn(mu.shape, generator=torch.Generator(device=mu.device).manual_seed(seed),
-                          dtype=mu.dtype, device=mu.device)
+        eps = torch.randn(
+            mu.shape, generator=torch.Generator(device=mu.device).manual_seed(seed), dtype=mu.dtype, device=mu.device
+        )
         return mu + eps * torch.exp(0.5 * logvar)
 
 
@@ -323,9 +345,17 @@ class Regressor(nn.Module):
     def __init__(self, in_dim: int = EMBED_DIM) -> None:
         super().__init__()
         self.regressor = nn.Sequential(
-            nn.Conv2d(in_dim, in_dim // 2, 5, padding=2), nn.LeakyReLU(), nn.UpsamplingBilinear2d(scale_factor=2),
-            nn.Conv2d(in_dim // 2, in_dim // 4, 3, padding=1), nn.LeakyReLU(), nn.UpsamplingBilinear2d(scale_factor=2),
-            nn.Conv2d(in_dim // 4, in_dim // 8, 1), nn.LeakyReLU(), nn.Conv2d(in_dim // 8, 1, 1), nn.ReLU())
+            nn.Conv2d(in_dim, in_dim // 2, 5, padding=2),
+            nn.LeakyReLU(),
+            nn.UpsamplingBilinear2d(scale_factor=2),
+            nn.Conv2d(in_dim // 2, in_dim // 4, 3, padding=1),
+            nn.LeakyReLU(),
+            nn.UpsamplingBilinear2d(scale_factor=2),
+            nn.Conv2d(in_dim // 4, in_dim // 8, 1),
+            nn.LeakyReLU(),
+            nn.Conv2d(in_dim // 8, 1, 1),
+            nn.ReLU(),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[1,256,128,128] -> [1,1,512,512]."""
@@ -366,6 +396,7 @@ class DsalvanetGraph(nn.Module):
 
 # --- building, loading, export ------------------------------------------------------------------
 
+
 def random_dsalvanet(seed: int = 0) -> DSALVANet:
     """An eval-mode DSALVANet with seeded random weights.
 
@@ -378,7 +409,7 @@ def random_dsalvanet(seed: int = 0) -> DSALVANet:
         if isinstance(module, MDM):
             for conv in (module.conv_offset, module.conv_mask):
                 fan_in = conv.weight[0].numel()
-                nn.init.normal_(conv.weight, std=fan_in ** -0.5)
+                nn.init.normal_(conv.weight, std=fan_in**-0.5)
     return model.eval()
 
 
@@ -402,13 +433,21 @@ def export_dsalvanet(model: DSALVANet, out_dir: Path, source_checkpoint: str) ->
     rows, cols = roi_indices(np.array([[0, 0, 511, 511], [100, 40, 180, 200], [300, 300, 310, 305]], np.float64))
     example = (torch.randn(1, 3, INPUT_SIZE, INPUT_SIZE), torch.from_numpy(rows), torch.from_numpy(cols))
     with torch.no_grad():
-        seconds = export_onnx(DsalvanetGraph(model.eval()), example, path, DsalvanetGraph.input_names,
-                              DsalvanetGraph.output_names)
-    return describe(path, "counter_dsalvanet", "fp32", "dsalvanet", source_checkpoint,
-                    {"export_seconds": round(seconds, 2), "lvam": "mu", "idm_threshold": IDM_THRESHOLD})
+        seconds = export_onnx(
+            DsalvanetGraph(model.eval()), example, path, DsalvanetGraph.input_names, DsalvanetGraph.output_names
+        )
+    return describe(
+        path,
+        "counter_dsalvanet",
+        "fp32",
+        "dsalvanet",
+        source_checkpoint,
+        {"export_seconds": round(seconds, 2), "lvam": "mu", "idm_threshold": IDM_THRESHOLD},
+    )
 
 
 # --- the torch reference counter ----------------------------------------------------------------
+
 
 def reference_boxes(exemplars: np.ndarray, image_size: tuple[int, int]) -> torch.Tensor:
     """The original `preprocess` box handling, Python lists and int() as written there -> (3, 4) float64 yxyx."""
@@ -419,8 +458,10 @@ def reference_boxes(exemplars: np.ndarray, image_size: tuple[int, int]) -> torch
     for i in range(N_EXEMPLARS - len(boxes)):
         boxes.append(boxes[i])
     h_scale, w_scale = INPUT_SIZE / image_size[0], INPUT_SIZE / image_size[1]
-    return torch.tensor([[int(y0 * h_scale), int(x0 * w_scale), int(y1 * h_scale), int(x1 * w_scale)]
-                         for y0, x0, y1, x1 in boxes], dtype=torch.float64)
+    return torch.tensor(
+        [[int(y0 * h_scale), int(x0 * w_scale), int(y1 * h_scale), int(x1 * w_scale)] for y0, x0, y1, x1 in boxes],
+        dtype=torch.float64,
+    )
 
 
 def reference_image(image_rgb: np.ndarray) -> torch.Tensor:

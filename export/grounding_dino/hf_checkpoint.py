@@ -25,8 +25,10 @@ def _checked_folder(folder: Path) -> None:
     if not folder.exists():
         raise PersenseError(f"{folder}: detector checkpoint not found")
     if not folder.is_dir():
-        raise PersenseError(f"{folder}: expected a Hugging Face checkpoint folder (config.json, model.safetensors "
-                            f"or pytorch_model.bin, tokenizer files) or an original .pth checkpoint")
+        raise PersenseError(
+            f"{folder}: expected a Hugging Face checkpoint folder (config.json, model.safetensors "
+            f"or pytorch_model.bin, tokenizer files) or an original .pth checkpoint"
+        )
     if not (folder / "config.json").is_file():
         raise PersenseError(f"{folder}: no config.json; not a Hugging Face Grounding DINO checkpoint folder")
     if not any((folder / name).is_file() for name in WEIGHT_FILES):
@@ -51,7 +53,8 @@ def load_hf_folder(folder: Path) -> Any:
     config = exportable_config(GroundingDinoConfig.from_pretrained(folder))
     try:
         model, info = GroundingDinoForObjectDetection.from_pretrained(
-            folder, config=config, local_files_only=True, output_loading_info=True)
+            folder, config=config, local_files_only=True, output_loading_info=True
+        )
     except (OSError, ValueError, RuntimeError) as exc:
         raise PersenseError(f"{folder}: cannot load the detector weights ({str(exc).splitlines()[0]})") from exc
     missing = [k for k in info.get("missing_keys", ()) if "relative_position_index" not in k]

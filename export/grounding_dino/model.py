@@ -40,12 +40,26 @@ def detector_config(name: str, vocab: int | None = None) -> Any:
         config = GroundingDinoConfig(text_config=BertConfig(vocab_size=vocab) if vocab else None)
     elif name == "grounding-dino-tiny":
         config = GroundingDinoConfig(
-            backbone_config=SwinConfig(embed_dim=16, depths=[1, 1, 2, 1], num_heads=[1, 2, 2, 4], window_size=4,
-                                       out_indices=[2, 3, 4]),
-            text_config=BertConfig(vocab_size=vocab or 512, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                   intermediate_size=64, max_position_embeddings=256),
-            d_model=32, encoder_layers=1, decoder_layers=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
-            encoder_attention_heads=2, decoder_attention_heads=2, num_queries=20)
+            backbone_config=SwinConfig(
+                embed_dim=16, depths=[1, 1, 2, 1], num_heads=[1, 2, 2, 4], window_size=4, out_indices=[2, 3, 4]
+            ),
+            text_config=BertConfig(
+                vocab_size=vocab or 512,
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                intermediate_size=64,
+                max_position_embeddings=256,
+            ),
+            d_model=32,
+            encoder_layers=1,
+            decoder_layers=2,
+            encoder_ffn_dim=64,
+            decoder_ffn_dim=64,
+            encoder_attention_heads=2,
+            decoder_attention_heads=2,
+            num_queries=20,
+        )
     else:
         raise PersenseError(f"unknown detector {name!r}; choose one of {', '.join(DETECTOR_CONFIGS)}")
     return exportable_config(config)
@@ -86,15 +100,19 @@ def load_detector(name: str, checkpoint: Path, tokenizer: str) -> Any:
     from persense.export.grounding_dino.original_checkpoint import load_original
 
     if name in RANDOM_ONLY:
-        raise PersenseError(f"{name} is a random-weight test configuration; use --random-weights or "
-                            f"--detector grounding-dino with a checkpoint")
+        raise PersenseError(
+            f"{name} is a random-weight test configuration; use --random-weights or "
+            f"--detector grounding-dino with a checkpoint"
+        )
     if checkpoint.is_file() and checkpoint.suffix in (".pth", ".pt"):
         model = load_original(checkpoint, detector_config(name))
     else:
         model = load_hf_folder(checkpoint)
     if model.config.text_config.vocab_size < vocab_size(tokenizer):
-        raise PersenseError(f"{checkpoint}: the tokenizer has {vocab_size(tokenizer)} tokens, the checkpoint's text "
-                            f"model {model.config.text_config.vocab_size}; pass the checkpoint's own tokenizer")
+        raise PersenseError(
+            f"{checkpoint}: the tokenizer has {vocab_size(tokenizer)} tokens, the checkpoint's text "
+            f"model {model.config.text_config.vocab_size}; pass the checkpoint's own tokenizer"
+        )
     return with_delimiters(model, tokenizer)
 
 
@@ -125,15 +143,27 @@ def export_graph(model: Any, path: Path, tokenizer: str) -> float:
     from persense.export.onnx_io import save_onnx, simplify
 
     start = time.perf_counter()
-    dynamic = {"pixel_values": {2: "H", 3: "W"}, "input_ids": {1: "T"}, "attention_mask": {1: "T"},
-               "token_type_ids": {1: "T"}, "logits": {2: "T"}}
+    dynamic = {
+        "pixel_values": {2: "H", 3: "W"},
+        "input_ids": {1: "T"},
+        "attention_mask": {1: "T"},
+        "token_type_ids": {1: "T"},
+        "logits": {2: "T"},
+    }
     size = max(EXAMPLE_SIZE[0], min_image_side(model.config)), max(EXAMPLE_SIZE[1], min_image_side(model.config))
     tmp = path.with_name(f".{path.name}.traced")
     with torch.no_grad(), export_patches(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TracerWarnings of the branches export_patches makes shape-agnostic
-        torch.onnx.export(GroundingDinoDetector(model).eval(), example_inputs(tokenizer, size), str(tmp),
-                          dynamo=False, opset_version=OPSET, input_names=INPUT_NAMES, output_names=OUTPUT_NAMES,
-                          dynamic_axes=dynamic)
+        torch.onnx.export(
+            GroundingDinoDetector(model).eval(),
+            example_inputs(tokenizer, size),
+            str(tmp),
+            dynamo=False,
+            opset_version=OPSET,
+            input_names=INPUT_NAMES,
+            output_names=OUTPUT_NAMES,
+            dynamic_axes=dynamic,
+        )
     try:
         graph = simplify(onnx.load(str(tmp)))
     finally:
@@ -165,11 +195,22 @@ def export_onnx(model: Any, path: Path, config_name: str, source: str, tokenizer
     seconds = export_graph(model, path, tokenizer)
     log.info("exported %s in %.1f s", path.name, seconds)
     config = model.config
-    return describe(path, DETECTOR, "fp32", config_name, source, {
-        "export_seconds": round(seconds, 2), "config": config_name,
-        "tokenizer": {"file": token_path.name, "sha256": sha256_file(token_path)},
-        "max_text_len": config.max_text_len, "num_queries": config.num_queries,
-        "min_image_side": min_image_side(config), "exporter": "torch.onnx (TorchScript tracer)"})
+    return describe(
+        path,
+        DETECTOR,
+        "fp32",
+        config_name,
+        source,
+        {
+            "export_seconds": round(seconds, 2),
+            "config": config_name,
+            "tokenizer": {"file": token_path.name, "sha256": sha256_file(token_path)},
+            "max_text_len": config.max_text_len,
+            "num_queries": config.num_queries,
+            "min_image_side": min_image_side(config),
+            "exporter": "torch.onnx (TorchScript tracer)",
+        },
+    )
 
 
 def write_tokenizer(folder: Path, tokenizer: str) -> Path:

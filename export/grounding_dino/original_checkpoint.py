@@ -24,8 +24,11 @@ SPLIT = "{qkv}"  # a target holding this placeholder receives the fused tensor's
 BLOCK = r"backbone\.0\.layers\.(\d+)\.blocks\.(\d+)\."  # an original Swin block; SWIN_BLOCK: its transformers name
 SWIN_BLOCK = SWIN + r".swin.encoder.layers.\1.blocks.\2."
 ENC, DEC = r"transformer\.encoder\.", r"transformer\.decoder\.layers\.(\d+)\."
-DEFORM, TEXT, FUSION = (r"model.encoder.layers.\1.deformable_layer.", r"model.encoder.layers.\1.text_enhancer_layer.",
-                        r"model.encoder.layers.\1.fusion_layer.")
+DEFORM, TEXT, FUSION = (
+    r"model.encoder.layers.\1.deformable_layer.",
+    r"model.encoder.layers.\1.text_enhancer_layer.",
+    r"model.encoder.layers.\1.fusion_layer.",
+)
 HF_DEC = r"model.decoder.layers.\1."
 # (original name pattern, transformers name); the first full match wins
 RULES: list[tuple[str, str]] = [
@@ -33,8 +36,10 @@ RULES: list[tuple[str, str]] = [
     (r"backbone\.0\.patch_embed\.norm\.(\w+)", SWIN + r".swin.embeddings.norm.\1"),
     (BLOCK + r"norm1\.(\w+)", SWIN_BLOCK + r"layernorm_before.\3"),
     (BLOCK + r"norm2\.(\w+)", SWIN_BLOCK + r"layernorm_after.\3"),
-    (BLOCK + r"attn\.relative_position_bias_table",
-     SWIN_BLOCK + "attention.relative_position_bias.relative_position_bias_table"),
+    (
+        BLOCK + r"attn\.relative_position_bias_table",
+        SWIN_BLOCK + "attention.relative_position_bias.relative_position_bias_table",
+    ),
     (BLOCK + r"attn\.qkv\.(\w+)", SWIN_BLOCK + r"attention.{qkv}_proj.\3"),
     (BLOCK + r"attn\.proj\.(\w+)", SWIN_BLOCK + r"attention.o_proj.\3"),
     (BLOCK + r"mlp\.(fc\d)\.(\w+)", SWIN_BLOCK + r"mlp.\3.\4"),
@@ -125,8 +130,7 @@ def load_original(path: Path, config: Any) -> Any:
 
     data = read_checkpoint(path)
     state = data.get("model", data) if isinstance(data, dict) else None
-    if not isinstance(state, dict) or not any(str(k).removeprefix("module.").startswith("transformer.")
-                                              for k in state):
+    if not isinstance(state, dict) or not any(str(k).removeprefix("module.").startswith("transformer.") for k in state):
         raise PersenseError(f"{path}: not an original Grounding DINO checkpoint (no transformer.* weights)")
     converted, unknown = convert_state_dict(state)
     if unknown:

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import types
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -40,11 +41,17 @@ class GroundingDinoDetector(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor,
-                token_type_ids: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor
+    ) -> tuple[Tensor, Tensor]:
         """Raw per-token logits of the T real tokens (transformers pads to max_text_len) and cx,cy,w,h boxes."""
-        out = self.model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask,
-                         token_type_ids=token_type_ids, return_dict=True)
+        out = self.model(
+            pixel_values=pixel_values,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            return_dict=True,
+        )
         return out.logits[..., : input_ids.shape[1]], out.pred_boxes
 
 
@@ -103,8 +110,13 @@ def _merge_pad(self: nn.Module, input_feature: Tensor, height: Any, width: Any) 
     return nn.functional.pad(input_feature, (0, 0, 0, width % 2, 0, height % 2))
 
 
-def _swin_layer_forward(self: nn.Module, hidden_states: Tensor, input_dimensions: tuple[Any, Any],
-                        always_partition: bool = False, **kwargs: Any) -> tuple[Tensor, Any]:
+def _swin_layer_forward(
+    self: nn.Module,
+    hidden_states: Tensor,
+    input_dimensions: tuple[Any, Any],
+    always_partition: bool = False,
+    **kwargs: Any,
+) -> tuple[Tensor, Any]:
     """SwinLayer.forward with the un-padding slice applied unconditionally (a no-op without padding)."""
     if not always_partition:
         self.set_shift_and_window_size(input_dimensions)
@@ -119,8 +131,9 @@ def _swin_layer_forward(self: nn.Module, hidden_states: Tensor, input_dimensions
     attn_mask = self.get_attn_mask(height_pad, width_pad, dtype=hidden_states.dtype, device=windows.device)
     attention_output, attn_weights = self.attention(windows, attn_mask, **kwargs)
     attention_windows = self.dropout(attention_output).view(-1, self.window_size, self.window_size, channels)
-    attention_windows = self.cyclic_shift(window_reverse(attention_windows, self.window_size, height_pad, width_pad),
-                                          reverse=True)
+    attention_windows = self.cyclic_shift(
+        window_reverse(attention_windows, self.window_size, height_pad, width_pad), reverse=True
+    )
     attention_windows = attention_windows[:, :height, :width, :].contiguous().view(batch_size, height * width, channels)
     hidden_states = shortcut + self.drop_path(attention_windows)
     hidden_states = self.dropout(self.mlp(self.layernorm_after(hidden_states))) + hidden_states
@@ -147,11 +160,13 @@ def export_patches() -> Iterator[None]:
     from transformers.models.grounding_dino import modeling_grounding_dino as gd
     from transformers.models.swin import modeling_swin as swin
 
-    replacements = [(gd, "generate_masks_with_special_tokens_and_transfer_map", phrase_masks),
-                    (gd, "torch", _TorchInGroundingDino("torch")),
-                    (swin.SwinPatchEmbeddings, "maybe_pad", _patch_embed_pad),
-                    (swin.SwinPatchMerging, "maybe_pad", _merge_pad),
-                    (swin.SwinLayer, "forward", _swin_layer_forward)]
+    replacements = [
+        (gd, "generate_masks_with_special_tokens_and_transfer_map", phrase_masks),
+        (gd, "torch", _TorchInGroundingDino("torch")),
+        (swin.SwinPatchEmbeddings, "maybe_pad", _patch_embed_pad),
+        (swin.SwinPatchMerging, "maybe_pad", _merge_pad),
+        (swin.SwinLayer, "forward", _swin_layer_forward),
+    ]
     originals = [(owner, name, getattr(owner, name)) for owner, name, _ in replacements]
     try:
         for owner, name, value in replacements:

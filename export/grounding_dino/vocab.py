@@ -47,12 +47,15 @@ def bert_tokenizer_json(vocab: list[str]) -> str:
     if missing:
         raise PersenseError(f"detector vocabulary lacks {', '.join(missing)}; not a BERT vocabulary")
     tokenizer = Tokenizer(WordPiece(ids, unk_token="[UNK]", max_input_chars_per_word=100))
-    tokenizer.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=None,
-                                                      lowercase=True)
+    tokenizer.normalizer = normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=True
+    )
     tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tokenizer.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", ids["[CLS]"]), ("[SEP]", ids["[SEP]"])])
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", ids["[CLS]"]), ("[SEP]", ids["[SEP]"])],
+    )
     tokenizer.decoder = decoders.WordPiece(prefix="##")
     return tokenizer.to_str()
 
@@ -73,8 +76,10 @@ def tokenizer_json(source: Path | None) -> str:
     if source.is_dir():
         found = [source / name for name in ("tokenizer.json", "vocab.txt") if (source / name).is_file()]
         if not found:
-            raise PersenseError(f"{source}: no tokenizer.json or vocab.txt; pass the checkpoint's tokenizer with "
-                                f"--detector-tokenizer PATH")
+            raise PersenseError(
+                f"{source}: no tokenizer.json or vocab.txt; pass the checkpoint's tokenizer with "
+                f"--detector-tokenizer PATH"
+            )
         source = found[0]
     if not source.is_file():
         raise PersenseError(f"{source}: detector tokenizer not found")

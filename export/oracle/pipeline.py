@@ -57,9 +57,14 @@ class TorchPredictor:
         return None if mask is None else to_input(mask)
 
     @torch.no_grad()
-    def predict(self, point: np.ndarray, box: np.ndarray | None = None, mask_input: np.ndarray | None = None,
-                attn_sim: torch.Tensor | None = None,
-                target_embedding: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def predict(
+        self,
+        point: np.ndarray,
+        box: np.ndarray | None = None,
+        mask_input: np.ndarray | None = None,
+        attn_sim: torch.Tensor | None = None,
+        target_embedding: torch.Tensor | None = None,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Multimask prediction for one positive point: (masks [3,H,W] bool, scores [3], low-res logits [3,256,256])."""
         transform = SamTransform(self.original_size, self.sam.image_encoder.img_size)
         coords = torch.as_tensor(transform.coords_to_input(np.asarray(point, float).reshape(1, 2)))
@@ -70,13 +75,23 @@ class TorchPredictor:
             coords = torch.cat([coords, torch.as_tensor(transform.boxes_to_input(box.reshape(1, 4))).reshape(2, 2)])
             labels = torch.tensor([1.0, 2.0, 3.0])
         guided = target_embedding is not None
-        low, iou = self.decoder(*(tensor.to(self.device) for tensor in (
-            self.features, coords[None], labels[None],
-            torch.zeros(1, 1, 256, 256) if mask_input is None else torch.as_tensor(mask_input).reshape(1, 1, 256, 256),
-            torch.tensor([0.0 if mask_input is None else 1.0]),
-            target_embedding.reshape(1, -1) if guided else torch.zeros(1, 256),
-            attn_sim.reshape(1, -1) if guided else torch.zeros(1, 4096),
-            torch.tensor([1.0 if guided else 0.0]))))
+        low, iou = self.decoder(
+            *(
+                tensor.to(self.device)
+                for tensor in (
+                    self.features,
+                    coords[None],
+                    labels[None],
+                    torch.zeros(1, 1, 256, 256)
+                    if mask_input is None
+                    else torch.as_tensor(mask_input).reshape(1, 1, 256, 256),
+                    torch.tensor([0.0 if mask_input is None else 1.0]),
+                    target_embedding.reshape(1, -1) if guided else torch.zeros(1, 256),
+                    attn_sim.reshape(1, -1) if guided else torch.zeros(1, 4096),
+                    torch.tensor([1.0 if guided else 0.0]),
+                )
+            )
+        )
         self.calls += 1
         low, iou = low[:, 1:], iou[:, 1:]
         masks = self.sam.postprocess_masks(low, self.input_size, self.original_size) > 0
@@ -110,8 +125,9 @@ class ReferencePipeline:
         return target_embedding.unsqueeze(0), target_feat
 
     @torch.no_grad()
-    def segment(self, image: np.ndarray, target: tuple[torch.Tensor, torch.Tensor],
-                box: np.ndarray | None = None) -> SegmentResult:
+    def segment(
+        self, image: np.ndarray, target: tuple[torch.Tensor, torch.Tensor], box: np.ndarray | None = None
+    ) -> SegmentResult:
         """Segment every instance, one decoder call per prompt, stage by stage as the original.
 
         `box`: the detector's box of the first exemplar; as persense.py's `filtered_similarity`, the
@@ -137,7 +153,7 @@ class ReferencePipeline:
             if box is None:
                 warnings.append("the initial exemplar mask is empty; using a one-pixel box at the best-matching point")
                 box = np.array([first[0], first[1], first[0], first[1]], dtype=np.float64)
-            predictor.predict(first, box=box, mask_input=logits[best:best + 1])
+            predictor.predict(first, box=box, mask_input=logits[best : best + 1])
         transform = SamTransform(predictor.original_size)
         request = CountRequest(image, box[None], transform, predictor.features.cpu().numpy(), sim.cpu().numpy())
         _, first_pass, _ = self._candidates(request, sim, timer)
@@ -171,18 +187,27 @@ class ReferencePipeline:
             warnings.append("no instance found: the counter's density map gave no candidate point")
         boxes = [_mask_box(m) for m in chosen]
         return SegmentResult(
-            union=union, labels=None, points=np.array(points, dtype=np.float64).reshape(-1, 2),
+            union=union,
+            labels=None,
+            points=np.array(points, dtype=np.float64).reshape(-1, 2),
             boxes=np.array([b if b is not None else [np.nan] * 4 for b in boxes]).reshape(-1, 4),
-            scores=np.array(final_scores), exemplars=request.exemplars, count=density.count,
-            first_pass_points=len(first_pass), decoder_prompts=predictor.calls - calls,
-            decoder_launches=predictor.calls - calls, timings_ms=timer.ms, warnings=warnings)
+            scores=np.array(final_scores),
+            exemplars=request.exemplars,
+            count=density.count,
+            first_pass_points=len(first_pass),
+            decoder_prompts=predictor.calls - calls,
+            decoder_launches=predictor.calls - calls,
+            timings_ms=timer.ms,
+            warnings=warnings,
+        )
 
-    def _guided_then_refined(self, point: np.ndarray, attn_sim: torch.Tensor, target_embedding: torch.Tensor
-                             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    def _guided_then_refined(
+        self, point: np.ndarray, attn_sim: torch.Tensor, target_embedding: torch.Tensor
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
         """A PerSAM-guided call, then a plain call with its best logits: (masks, scores, logits, best index)."""
         _, scores, logits = self.predictor.predict(point, attn_sim=attn_sim, target_embedding=target_embedding)
         best = int(np.argmax(scores))
-        masks, scores, logits = self.predictor.predict(point, mask_input=logits[best:best + 1])
+        masks, scores, logits = self.predictor.predict(point, mask_input=logits[best : best + 1])
         return masks, scores, logits, int(np.argmax(scores))
 
     def _location_prior(self, target_feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -198,14 +223,17 @@ class ReferencePipeline:
         sim_tgt = F.interpolate(sim_tgt.unsqueeze(0).unsqueeze(0), size=(64, 64), mode="bilinear")
         return sim, sim_tgt.sigmoid_().unsqueeze(0).flatten(3)
 
-    def _candidates(self, request: CountRequest, sim: torch.Tensor,
-                    timer: StageTimer) -> tuple[list[tuple[int, int]], list[tuple[int, int]], Density]:
+    def _candidates(
+        self, request: CountRequest, sim: torch.Tensor, timer: StageTimer
+    ) -> tuple[list[tuple[int, int]], list[tuple[int, int]], Density]:
         """Counter -> IDM -> PPSM, per point: (all IDM points, the points PPSM keeps, the density)."""
         with timer.stage("counter"):
             density = self.counter.count(request)
         with timer.stage("idm"):
-            points = [(int(x), int(y)) for x, y in
-                      idm_points(density.map, request.transform.original_size, density.idm_threshold)[0]]
+            points = [
+                (int(x), int(y))
+                for x, y in idm_points(density.map, request.transform.original_size, density.idm_threshold)[0]
+            ]
         with timer.stage("ppsm"):
             kept = ppsm_points(sim, np.array(points).reshape(-1, 2), density.count)
         return points, kept, density

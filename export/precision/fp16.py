@@ -94,9 +94,14 @@ def to_fp16(src: Path) -> onnx.ModelProto:
     _unshare_blocked_initializers(model, islands | {n.name for n in model.graph.node if n.op_type in op_blocked})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "the float32 number 1e-08 will be truncated to 1e-07", per constant
-        model = float16.convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True,
-                                                 max_finite_val=FP16_MAX, op_block_list=sorted(op_blocked),
-                                                 node_block_list=sorted(islands))
+        model = float16.convert_float_to_float16(
+            model,
+            keep_io_types=True,
+            disable_shape_infer=True,
+            max_finite_val=FP16_MAX,
+            op_block_list=sorted(op_blocked),
+            node_block_list=sorted(islands),
+        )
     _retype_float_casts(model)
     float_outputs_kept(model.graph, float_outputs)
     merge_casts(model.graph)
@@ -118,7 +123,7 @@ def convert_fp16(artefact: Artefact, folder: Path) -> Artefact:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m persense.export.precision.fp16 --folder DIR --name sam_encoder`: convert and record (used by CMake)."""
+    """`python -m persense.export.precision.fp16 --folder DIR --name sam_encoder`: convert and record (CMake)."""
     from persense.runtime.cli.common import add_common_flags, run_command
 
     parser = argparse.ArgumentParser(prog="persense.export.precision.fp16", description=main.__doc__)

@@ -17,9 +17,39 @@ import onnx
 # LayerNorm (fused, or SAM's LayerNorm2d as mean/pow/sqrt), softmax and reductions (the density head's sum)
 SENSITIVE_OPS = ("LayerNormalization", "Softmax", "ReduceMean", "ReduceSum", "Pow", "Sqrt")
 # element-wise and data-movement ops an island may take; never MatMul, Gemm, Conv: those are what FP16 is for
-GROWABLE_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Neg", "Reciprocal", "Abs", "Sqrt", "Pow", "Exp", "Log",
-                          "Erf", "Tanh", "Sigmoid", "Relu", "Max", "Min", "Clip", "Where", "Reshape", "Transpose",
-                          "Squeeze", "Unsqueeze", "Flatten", "Expand", "Identity", "Concat", "Slice", "Split"})
+GROWABLE_OPS = frozenset(
+    {
+        "Add",
+        "Sub",
+        "Mul",
+        "Div",
+        "Neg",
+        "Reciprocal",
+        "Abs",
+        "Sqrt",
+        "Pow",
+        "Exp",
+        "Log",
+        "Erf",
+        "Tanh",
+        "Sigmoid",
+        "Relu",
+        "Max",
+        "Min",
+        "Clip",
+        "Where",
+        "Reshape",
+        "Transpose",
+        "Squeeze",
+        "Unsqueeze",
+        "Flatten",
+        "Expand",
+        "Identity",
+        "Concat",
+        "Slice",
+        "Split",
+    }
+)
 FLOAT, FLOAT16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
 _FLOATS = (FLOAT, FLOAT16)
 
@@ -65,8 +95,11 @@ class _Graph:
         while queue:
             i = queue.popleft()
             tensors = self.float_outputs(i) if forward else self.float_inputs(i)
-            nxt = [c for t in tensors for c in self.consumers.get(t, ())] if forward else [
-                self.producer[t] for t in tensors]
+            nxt = (
+                [c for t in tensors for c in self.consumers.get(t, ())]
+                if forward
+                else [self.producer[t] for t in tensors]
+            )
             for j in nxt:
                 if j not in seen and j not in start and self.growable(j):
                     seen.add(j)
@@ -76,8 +109,10 @@ class _Graph:
     def casts_saved(self, i: int, island: set[int]) -> int:
         """Border casts avoided by running node `i` in FP32 rather than FP16 (negative: more casts)."""
         inputs = [self.producer[t] in island for t in self.float_inputs(i)]
-        outputs = [[c in island for c in self.consumers.get(t, ())] + ([False] if t in self.outputs else [])
-                   for t in self.float_outputs(i)]
+        outputs = [
+            [c in island for c in self.consumers.get(t, ())] + ([False] if t in self.outputs else [])
+            for t in self.float_outputs(i)
+        ]
         as_fp16 = sum(inputs) + sum(any(users) for users in outputs)
         as_fp32 = len(inputs) - sum(inputs) + sum(not all(users) for users in outputs)
         return as_fp16 - as_fp32
@@ -114,8 +149,13 @@ def float_outputs_kept(graph: onnx.GraphProto, names: set[str]) -> None:
     producer = {t: n for n in graph.node for t in n.output}
     for output in graph.output:
         cast = producer.get(output.name)
-        if output.name not in names or output.type.tensor_type.elem_type != FLOAT16 or cast is None \
-                or cast.op_type != "Cast" or value_types(graph).get(cast.input[0]) != FLOAT:
+        if (
+            output.name not in names
+            or output.type.tensor_type.elem_type != FLOAT16
+            or cast is None
+            or cast.op_type != "Cast"
+            or value_types(graph).get(cast.input[0]) != FLOAT
+        ):
             continue
         inner = cast.input[0]
         producer[inner].output[list(producer[inner].output).index(inner)] = output.name
@@ -137,8 +177,13 @@ def merge_casts(graph: onnx.GraphProto) -> None:
                 continue
             source, to = node.input[0], _cast_to(node)
             inner = producer.get(source)
-            if to in _FLOATS and inner is not None and inner.op_type == "Cast" and _cast_to(inner) in _FLOATS \
-                    and types.get(inner.input[0]) == to:
+            if (
+                to in _FLOATS
+                and inner is not None
+                and inner.op_type == "Cast"
+                and _cast_to(inner) in _FLOATS
+                and types.get(inner.input[0]) == to
+            ):
                 redirect[node.output[0]] = inner.input[0]  # cast back to the type the value started in
             elif (source, to) in seen:
                 redirect[node.output[0]] = seen[(source, to)]

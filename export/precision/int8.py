@@ -53,8 +53,14 @@ def convert_int8(name: str, artefact: Artefact, folder: Path) -> Artefact:
     level = root.level
     root.setLevel(logging.ERROR)  # quantize_dynamic logs a generic pre-processing hint on the root logger
     try:
-        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, use_external_data_format=large,
-                         op_types_to_quantize=QUANTISED_OPS.get(name), extra_options=dict(QUANTISE_OPTIONS[name]))
+        quantize_dynamic(
+            str(src),
+            str(dst),
+            weight_type=QuantType.QInt8,
+            use_external_data_format=large,
+            op_types_to_quantize=QUANTISED_OPS.get(name),
+            extra_options=dict(QUANTISE_OPTIONS[name]),
+        )
     finally:
         root.setLevel(level)
     onnx.checker.check_model(str(dst))
@@ -67,8 +73,11 @@ def convert_int8(name: str, artefact: Artefact, folder: Path) -> Artefact:
 
 def int8_artefacts(artefacts: dict[str, Artefact], folder: Path, previous: Manifest | None) -> dict[str, Artefact]:
     """`--int8`: INT8 entries for SAM's FP32 encoder and decoder, reusing those made the same way from the same file."""
-    return {name + INT8_SUFFIX: _reusable(previous, name, art) or convert_int8(name, art, folder)
-            for name, art in artefacts.items() if name in QUANTISED_KINDS}
+    return {
+        name + INT8_SUFFIX: _reusable(previous, name, art) or convert_int8(name, art, folder)
+        for name, art in artefacts.items()
+        if name in QUANTISED_KINDS
+    }
 
 
 def _reusable(previous: Manifest | None, name: str, artefact: Artefact) -> Artefact | None:

@@ -53,8 +53,10 @@ def input_profiles(artefact: Artefact) -> dict[str, list[list[int]]]:
             continue
         missing = [d for d in spec.shape if isinstance(d, str) and d not in ranges]
         if missing:
-            raise PersenseError(f"{artefact.file}: no TensorRT profile range for axis {missing[0]!r} of input "
-                                f"'{spec.name}' ({artefact.kind}); add it to PROFILE_RANGES")
+            raise PersenseError(
+                f"{artefact.file}: no TensorRT profile range for axis {missing[0]!r} of input "
+                f"'{spec.name}' ({artefact.kind}); add it to PROFILE_RANGES"
+            )
         profiles[spec.name] = [[d if isinstance(d, int) else ranges[d][i] for d in spec.shape] for i in range(3)]
     return profiles
 
@@ -78,19 +80,42 @@ def record_engine(source: Artefact, folder: Path, plan: bytes, extra: dict[str, 
         if old.name != name:
             old.unlink()
     _write_atomic(folder / name, plan)
-    extra = {"source_key": source.extra.get("source_key"), "onnx_file": source.file, "onnx_sha256": source.sha256,
-             **extra}
-    return Artefact(file=name, sha256=sha256_file(folder / name), kind=source.kind, precision="fp16",
-                    model_type=source.model_type, source_checkpoint=source.source_checkpoint, opset=source.opset,
-                    inputs=list(source.inputs), outputs=list(source.outputs), extra=extra)
+    extra = {
+        "source_key": source.extra.get("source_key"),
+        "onnx_file": source.file,
+        "onnx_sha256": source.sha256,
+        **extra,
+    }
+    return Artefact(
+        file=name,
+        sha256=sha256_file(folder / name),
+        kind=source.kind,
+        precision="fp16",
+        model_type=source.model_type,
+        source_checkpoint=source.source_checkpoint,
+        opset=source.opset,
+        inputs=list(source.inputs),
+        outputs=list(source.outputs),
+        extra=extra,
+    )
 
 
-def _current(previous: Artefact, source: Artefact, folder: Path, version: str, capability: str,
-             profiles: dict[str, list[list[int]]]) -> bool:
+def _current(
+    previous: Artefact,
+    source: Artefact,
+    folder: Path,
+    version: str,
+    capability: str,
+    profiles: dict[str, list[list[int]]],
+) -> bool:
     """Whether a previous engine entry was built from this ONNX, here, with these profiles, and is intact."""
     path = folder / previous.file
-    return (stale_reason(previous, version, capability, source) is None and previous.extra.get("profiles") == profiles
-            and path.is_file() and sha256_file(path) == previous.sha256)
+    return (
+        stale_reason(previous, version, capability, source) is None
+        and previous.extra.get("profiles") == profiles
+        and path.is_file()
+        and sha256_file(path) == previous.sha256
+    )
 
 
 def _sensitive_nodes(onnx_path: Path) -> set[str]:
@@ -126,13 +151,14 @@ def _timing_cache(config: Any, path: Path) -> None:
         cache = config.create_timing_cache(data)
         if config.set_timing_cache(cache, ignore_mismatch=False):
             return
-    except Exception as exc:  # TensorRT raises its own types on an unreadable cache
+    except Exception as exc:  # noqa: BLE001 (TensorRT raises its own types on an unreadable cache)
         log.warning("%s unusable (%s), starting a new timing cache", path.name, exc)
     config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
 
 
-def _build_plan(onnx_path: Path, profiles: dict[str, list[list[int]]], cache_path: Path,
-                workspace_gib: float) -> tuple[bytes, int]:
+def _build_plan(
+    onnx_path: Path, profiles: dict[str, list[list[int]]], cache_path: Path, workspace_gib: float
+) -> tuple[bytes, int]:
     """Parse, configure (FP16, FP32 sensitive layers, profile, timing cache) and build; returns (plan, pinned)."""
     import tensorrt as trt
 
@@ -161,8 +187,9 @@ def _build_plan(onnx_path: Path, profiles: dict[str, list[list[int]]], cache_pat
     return bytes(memoryview(plan)), pinned
 
 
-def build_engine(artefact: Artefact, folder: Path, previous: Artefact | None = None,
-                 workspace_gib: float = WORKSPACE_GIB) -> Artefact:
+def build_engine(
+    artefact: Artefact, folder: Path, previous: Artefact | None = None, workspace_gib: float = WORKSPACE_GIB
+) -> Artefact:
     """The `<name>_trt` entry of an FP32 ONNX artefact: `previous` when still current, else a fresh FP16 build."""
     reason = tensorrt_unavailable_reason()
     if reason is not None:
@@ -176,14 +203,26 @@ def build_engine(artefact: Artefact, folder: Path, previous: Artefact | None = N
     plan, pinned = _build_plan(folder / artefact.file, profiles, folder / TIMING_CACHE, workspace_gib)
     seconds = round(time.perf_counter() - start, 1)
     log.info("built TensorRT engine for %s in %.1f s (%d layers pinned to FP32)", artefact.file, seconds, pinned)
-    return record_engine(artefact, folder, plan, {
-        "tensorrt_version": version, "compute_capability": capability, "profiles": profiles,
-        "fp32_layers": pinned, "precision_constraints": "prefer", "timing_cache": TIMING_CACHE,
-        "workspace_gib": workspace_gib, "build_seconds": seconds})
+    return record_engine(
+        artefact,
+        folder,
+        plan,
+        {
+            "tensorrt_version": version,
+            "compute_capability": capability,
+            "profiles": profiles,
+            "fp32_layers": pinned,
+            "precision_constraints": "prefer",
+            "timing_cache": TIMING_CACHE,
+            "workspace_gib": workspace_gib,
+            "build_seconds": seconds,
+        },
+    )
 
 
-def fp16_artefacts(artefacts: dict[str, Artefact], folder: Path,
-                   previous: Manifest | None = None) -> tuple[dict[str, Artefact], str | None]:
+def fp16_artefacts(
+    artefacts: dict[str, Artefact], folder: Path, previous: Manifest | None = None
+) -> tuple[dict[str, Artefact], str | None]:
     """`--fp16`: FP16 ONNX entries for every FP32 ONNX artefact, plus engines where TensorRT and a GPU are usable.
 
     Returns the new entries and, when no engines were built, one line saying why.
@@ -204,7 +243,7 @@ def fp16_artefacts(artefacts: dict[str, Artefact], folder: Path,
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m persense.export.precision.tensorrt --folder DIR --name sam_decoder [--stamp F]`: build and record (CMake)."""
+    """`python -m persense.export.precision.tensorrt --folder DIR --name NAME [--stamp F]`: build, record (CMake)."""
     from persense.runtime.cli.common import add_common_flags, run_command
 
     parser = argparse.ArgumentParser(prog="persense.export.precision.tensorrt", description=main.__doc__)

@@ -53,17 +53,32 @@ def build_sam(model_type: str) -> Sam:
     grid = IMAGE_SIZE // PATCH_SIZE
     sam = Sam(
         image_encoder=ImageEncoderViT(
-            depth=cfg.depth, embed_dim=cfg.embed_dim, img_size=IMAGE_SIZE, mlp_ratio=4,
-            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=cfg.num_heads, patch_size=PATCH_SIZE,
-            qkv_bias=True, use_rel_pos=True, global_attn_indexes=cfg.global_attn_indexes,
-            window_size=cfg.window_size, out_chans=PROMPT_DIM),
+            depth=cfg.depth,
+            embed_dim=cfg.embed_dim,
+            img_size=IMAGE_SIZE,
+            mlp_ratio=4,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+            num_heads=cfg.num_heads,
+            patch_size=PATCH_SIZE,
+            qkv_bias=True,
+            use_rel_pos=True,
+            global_attn_indexes=cfg.global_attn_indexes,
+            window_size=cfg.window_size,
+            out_chans=PROMPT_DIM,
+        ),
         prompt_encoder=PromptEncoder(
-            embed_dim=PROMPT_DIM, image_embedding_size=(grid, grid), input_image_size=(IMAGE_SIZE, IMAGE_SIZE),
-            mask_in_chans=16),
+            embed_dim=PROMPT_DIM,
+            image_embedding_size=(grid, grid),
+            input_image_size=(IMAGE_SIZE, IMAGE_SIZE),
+            mask_in_chans=16,
+        ),
         mask_decoder=MaskDecoder(
             num_multimask_outputs=3,
             transformer=TwoWayTransformer(depth=2, embedding_dim=PROMPT_DIM, mlp_dim=cfg.decoder_mlp_dim, num_heads=8),
-            transformer_dim=PROMPT_DIM, iou_head_depth=3, iou_head_hidden_dim=cfg.iou_head_hidden_dim),
+            transformer_dim=PROMPT_DIM,
+            iou_head_depth=3,
+            iou_head_hidden_dim=cfg.iou_head_hidden_dim,
+        ),
         pixel_mean=[123.675, 116.28, 103.53],
         pixel_std=[58.395, 57.12, 57.375],
     )
@@ -102,9 +117,12 @@ def load_sam(model_type: str, checkpoint: str | Path) -> Sam:
         raise PersenseError(f"{checkpoint}: not a SAM checkpoint (no image_encoder weights)")
     guessed = _guess_model_type(state_dict)
     if guessed is None or SAM_CONFIGS[guessed] != SAM_CONFIGS[model_type]:
-        raise PersenseError(f"{checkpoint}: this is a {guessed or 'unknown'} SAM checkpoint but --model is "
-                            f"{model_type}; pass --model {guessed}" if guessed else
-                            f"{checkpoint}: SAM checkpoint of unknown size; expected {model_type}")
+        raise PersenseError(
+            f"{checkpoint}: this is a {guessed or 'unknown'} SAM checkpoint but --model is "
+            f"{model_type}; pass --model {guessed}"
+            if guessed
+            else f"{checkpoint}: SAM checkpoint of unknown size; expected {model_type}"
+        )
     sam = build_sam(model_type)
     try:
         sam.load_state_dict(state_dict, strict=True)

@@ -49,13 +49,14 @@ class RowBlockedAttention(nn.Module):
         blocks = []
         for top in range(0, h, self.rows):
             bottom = min(h, top + self.rows)
-            query = q[:, top * w:bottom * w]
+            query = q[:, top * w : bottom * w]
             attn = (query * inner.scale) @ k.transpose(-2, -1)
             grid_q = query.reshape(query.shape[0], bottom - top, w, -1)
             term_h = torch.einsum("bhwc,hkc->bhwk", grid_q, rel_h[top:bottom])
             term_w = torch.einsum("bhwc,wkc->bhwk", grid_q, rel_w)
-            attn = (attn.view(-1, bottom - top, w, h, w) + term_h[:, :, :, :, None]
-                    + term_w[:, :, :, None, :]).view(-1, (bottom - top) * w, h * w)
+            attn = (attn.view(-1, bottom - top, w, h, w) + term_h[:, :, :, :, None] + term_w[:, :, :, None, :]).view(
+                -1, (bottom - top) * w, h * w
+            )
             blocks.append(attn.softmax(dim=-1) @ v)
         out = torch.cat(blocks, dim=1)
         out = out.view(b, inner.num_heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)

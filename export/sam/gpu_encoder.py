@@ -59,13 +59,15 @@ def _merge_heads(t: Tensor) -> Tensor:
 
 def split_heads_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, num_heads: int, scale: float) -> Tensor:
     """Attention of [B,S,D] query/key/value with an additive bias [B,heads,S,S]; returns [B,S,D]."""
-    out = F.scaled_dot_product_attention(_heads(q, num_heads), _heads(k, num_heads), _heads(v, num_heads),
-                                         attn_mask=bias, scale=scale)
+    out = F.scaled_dot_product_attention(
+        _heads(q, num_heads), _heads(k, num_heads), _heads(v, num_heads), attn_mask=bias, scale=scale
+    )
     return _merge_heads(out)
 
 
-def folded_attention(q: Tensor, k: Tensor, v: Tensor, term_h: Tensor, term_w: Tensor, num_heads: int,
-                     scale: float) -> Tensor:
+def folded_attention(
+    q: Tensor, k: Tensor, v: Tensor, term_h: Tensor, term_w: Tensor, num_heads: int, scale: float
+) -> Tensor:
     """Attention with the relative-position bias folded into the product, so no [S,S] bias is ever written.
 
     q' = [q * scale, term_h, term_w] and k' = [k, onehot(key row), onehot(key column)] give
@@ -75,8 +77,10 @@ def folded_attention(q: Tensor, k: Tensor, v: Tensor, term_h: Tensor, term_w: Te
     b, s, _ = q.shape
     rows, cols = term_w.shape[2], term_w.shape[3]
     positions = key_positions(rows, cols, q.dtype).expand(b, num_heads, s, rows + cols)
-    query = torch.cat([_heads(q, num_heads) * scale, term_h.reshape(b, num_heads, s, rows),
-                       term_w.reshape(b, num_heads, s, cols)], dim=-1)
+    query = torch.cat(
+        [_heads(q, num_heads) * scale, term_h.reshape(b, num_heads, s, rows), term_w.reshape(b, num_heads, s, cols)],
+        dim=-1,
+    )
     key = torch.cat([_heads(k, num_heads), positions], dim=-1)
     return _merge_heads(F.scaled_dot_product_attention(query, key, _heads(v, num_heads), scale=1.0))
 
@@ -88,8 +92,7 @@ def multi_head_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, num_head
 
 
 @multi_head_attention.register_fake
-def _multi_head_attention_shape(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, num_heads: int,
-                                scale: float) -> Tensor:
+def _multi_head_attention_shape(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, num_heads: int, scale: float) -> Tensor:
     """Output shape and dtype for tracing: those of the query."""
     return torch.empty_like(q)
 
@@ -97,15 +100,25 @@ def _multi_head_attention_shape(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, n
 _OPTIONAL = OpSchema.FormalParameterOption.Optional
 # The part of ONNX Runtime's contrib schema this export uses (onnx itself has no schema for the domain).
 _MHA_SCHEMA = OpSchema(
-    "MultiHeadAttention", "com.microsoft", 1, doc="onnxruntime contrib MultiHeadAttention (inputs used here)",
-    inputs=[OpSchema.FormalParameter("query", "T"), OpSchema.FormalParameter("key", "T"),
-            OpSchema.FormalParameter("value", "T"), OpSchema.FormalParameter("bias", "T", param_option=_OPTIONAL),
-            OpSchema.FormalParameter("key_padding_mask", "M", param_option=_OPTIONAL),
-            OpSchema.FormalParameter("attention_bias", "T", param_option=_OPTIONAL)],
+    "MultiHeadAttention",
+    "com.microsoft",
+    1,
+    doc="onnxruntime contrib MultiHeadAttention (inputs used here)",
+    inputs=[
+        OpSchema.FormalParameter("query", "T"),
+        OpSchema.FormalParameter("key", "T"),
+        OpSchema.FormalParameter("value", "T"),
+        OpSchema.FormalParameter("bias", "T", param_option=_OPTIONAL),
+        OpSchema.FormalParameter("key_padding_mask", "M", param_option=_OPTIONAL),
+        OpSchema.FormalParameter("attention_bias", "T", param_option=_OPTIONAL),
+    ],
     outputs=[OpSchema.FormalParameter("output", "T")],
     type_constraints=[("T", ["tensor(float)", "tensor(float16)"], ""), ("M", ["tensor(int32)"], "")],
-    attributes=[OpSchema.Attribute("num_heads", OpSchema.AttrType.INT, "number of heads"),
-                OpSchema.Attribute("scale", OpSchema.AttrType.FLOAT, "scale of the QK product")])
+    attributes=[
+        OpSchema.Attribute("num_heads", OpSchema.AttrType.INT, "number of heads"),
+        OpSchema.Attribute("scale", OpSchema.AttrType.FLOAT, "scale of the QK product"),
+    ],
+)
 _MHA_OP = onnxscript.values.Op(onnxscript.values.Opset("com.microsoft", 1), "MultiHeadAttention", _MHA_SCHEMA)
 
 
@@ -158,15 +171,28 @@ def export_options(form: str) -> dict:
     """torch.onnx.export options of a form: its opset and, for `mha`, the MultiHeadAttention translation."""
     options: dict = {"opset_version": OPSETS[form]}
     if form == "mha":
-        options["custom_translation_table"] = {torch.ops.persense.multi_head_attention.default:
-                                               _multi_head_attention_onnx}
+        options["custom_translation_table"] = {
+            torch.ops.persense.multi_head_attention.default: _multi_head_attention_onnx
+        }
     return options
 
 
 def export_gpu_encoder(sam: nn.Module, path: Path, model_type: str, source: str, form: str = DEFAULT_FORM) -> Artefact:
     """`sam_encoder_gpu`: sam_encoder's I/O (`image` -> `image_embeddings`) with FusedAttention of `form`."""
     with torch.no_grad():
-        seconds = export_onnx(gpu_encoder(sam.image_encoder, form), (torch.randn(1, 3, 1024, 1024),), path,
-                              ["image"], ["image_embeddings"], options=export_options(form))
-    return describe(path, "sam_encoder", "fp32", model_type, source,
-                    {"export_seconds": round(seconds, 2), "attention": form, "backends": BACKENDS})
+        seconds = export_onnx(
+            gpu_encoder(sam.image_encoder, form),
+            (torch.randn(1, 3, 1024, 1024),),
+            path,
+            ["image"],
+            ["image_embeddings"],
+            options=export_options(form),
+        )
+    return describe(
+        path,
+        "sam_encoder",
+        "fp32",
+        model_type,
+        source,
+        {"export_seconds": round(seconds, 2), "attention": form, "backends": BACKENDS},
+    )

@@ -33,10 +33,11 @@ def decoder_example_inputs(batch: int = 4, points: int = 2) -> tuple[torch.Tenso
 
 
 def export_encoder(sam: Sam, path: Path, model_type: str, source: str) -> Artefact:
-    """`image` [1,3,1024,1024] (normalised, padded) -> `image_embeddings` [1,256,64,64] (row-blocked global attention)."""
+    """`image` [1,3,1024,1024] (normalised, padded) -> `image_embeddings` [1,256,64,64] (row-blocked global attn)."""
     with torch.no_grad():
-        seconds = export_onnx(cpu_encoder(sam.image_encoder), (torch.randn(1, 3, 1024, 1024),), path,
-                              ["image"], ["image_embeddings"])
+        seconds = export_onnx(
+            cpu_encoder(sam.image_encoder), (torch.randn(1, 3, 1024, 1024),), path, ["image"], ["image_embeddings"]
+        )
     return describe(path, "sam_encoder", "fp32", model_type, source, {"export_seconds": round(seconds, 2)})
 
 
@@ -52,8 +53,16 @@ def export_decoder_graph(decoder: PerSamDecoder, path: Path) -> float:
     """Export a PerSamDecoder module (either output form) with the decoder's names and dynamic axes; seconds taken."""
     batch = torch.export.Dim("B", min=1, max=MAX_PROMPTS)
     points = torch.export.Dim("N", min=1, max=MAX_POINTS)
-    dynamic = {"image_embeddings": None, "point_coords": {0: batch, 1: points}, "point_labels": {0: batch, 1: points},
-               "mask_input": {0: batch}, "has_mask_input": {0: batch}, "target_embedding": None, "attn_sim": None,
-               "persam_weight": {0: batch}}
-    return export_onnx(decoder, decoder_example_inputs(), path, PerSamDecoder.input_names,
-                       PerSamDecoder.output_names, dynamic)
+    dynamic = {
+        "image_embeddings": None,
+        "point_coords": {0: batch, 1: points},
+        "point_labels": {0: batch, 1: points},
+        "mask_input": {0: batch},
+        "has_mask_input": {0: batch},
+        "target_embedding": None,
+        "attn_sim": None,
+        "persam_weight": {0: batch},
+    }
+    return export_onnx(
+        decoder, decoder_example_inputs(), path, PerSamDecoder.input_names, PerSamDecoder.output_names, dynamic
+    )

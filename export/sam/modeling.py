@@ -23,7 +23,8 @@ def _load() -> ModuleType:
         raise ImportError("segment-anything is not installed: pip install 'persense[export]'")
     folder = Path(list(spec.submodule_search_locations)[0]) / "modeling"
     module_spec = importlib.util.spec_from_file_location(
-        _PRIVATE_NAME, folder / "__init__.py", submodule_search_locations=[str(folder)])
+        _PRIVATE_NAME, folder / "__init__.py", submodule_search_locations=[str(folder)]
+    )
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[_PRIVATE_NAME] = module
     module_spec.loader.exec_module(module)

@@ -25,8 +25,9 @@ from torch import Tensor, nn
 from persense.export.sam.modeling import Sam
 
 
-def attention(module: nn.Module, q: Tensor, k: Tensor, v: Tensor,
-              attn_sim: Tensor | None = None, guided: Tensor | None = None) -> Tensor:
+def attention(
+    module: nn.Module, q: Tensor, k: Tensor, v: Tensor, attn_sim: Tensor | None = None, guided: Tensor | None = None
+) -> Tensor:
     """segment-anything's Attention.forward, plus PerSAM's `softmax(attn + attn_sim)` where `guided`."""
     heads = module.num_heads
     q, k, v = module.q_proj(q), module.k_proj(k), module.v_proj(v)
@@ -52,8 +53,16 @@ def select_best(hyper_in: Tensor, iou: Tensor) -> tuple[Tensor, Tensor]:
 class PerSamDecoder(nn.Module):
     """Prompt encoder + PerSAM-guided mask decoder over a batch of prompts for one image embedding."""
 
-    input_names = ["image_embeddings", "point_coords", "point_labels", "mask_input", "has_mask_input",
-                   "target_embedding", "attn_sim", "persam_weight"]
+    input_names = [
+        "image_embeddings",
+        "point_coords",
+        "point_labels",
+        "mask_input",
+        "has_mask_input",
+        "target_embedding",
+        "attn_sim",
+        "persam_weight",
+    ]
     output_names = ["low_res_masks", "iou_predictions"]
 
     def __init__(self, sam: Sam, best_only: bool = False) -> None:
@@ -88,8 +97,9 @@ class PerSamDecoder(nn.Module):
         src = image_embeddings + self.dense_embedding(mask_input, has_mask_input)
         return src.flatten(2).permute(0, 2, 1)
 
-    def transformer(self, keys: Tensor, tokens: Tensor, target: Tensor, attn_sim: Tensor,
-                    guided: Tensor) -> tuple[Tensor, Tensor]:
+    def transformer(
+        self, keys: Tensor, tokens: Tensor, target: Tensor, attn_sim: Tensor, guided: Tensor
+    ) -> tuple[Tensor, Tensor]:
         """TwoWayTransformer.forward on image tokens `keys` (B,N,C) with PerSAM's additions, written without
         in-place aliasing."""
         tf = self.mask_decoder.transformer
@@ -106,8 +116,9 @@ class PerSamDecoder(nn.Module):
             queries = layer.norm1(queries)
             q = queries + query_pe
             k = keys + key_pe
-            queries = layer.norm2(queries + self.tokens_to_image(layer.cross_attn_token_to_image, q, k, keys, attn_sim,
-                                                                 guided))
+            queries = layer.norm2(
+                queries + self.tokens_to_image(layer.cross_attn_token_to_image, q, k, keys, attn_sim, guided)
+            )
             queries = layer.norm3(queries + layer.mlp(queries))
             q = queries + query_pe
             update = self.image_to_tokens(layer.cross_attn_image_to_token, k, q, queries)
@@ -118,8 +129,9 @@ class PerSamDecoder(nn.Module):
         return queries, keys
 
     @staticmethod
-    def tokens_to_image(module: nn.Module, q: Tensor, k: Tensor, v: Tensor, attn_sim: Tensor | None = None,
-                        guided: Tensor | None = None) -> Tensor:
+    def tokens_to_image(
+        module: nn.Module, q: Tensor, k: Tensor, v: Tensor, attn_sim: Tensor | None = None, guided: Tensor | None = None
+    ) -> Tensor:
         """Token-to-image attention, PerSAM-guided where `guided`."""
         return attention(module, q, k, v, attn_sim, guided)
 
@@ -133,9 +145,17 @@ class PerSamDecoder(nn.Module):
         """Residual add and LayerNorm of the image tokens (B,N,C)."""
         return norm(keys + update)
 
-    def forward(self, image_embeddings: Tensor, point_coords: Tensor, point_labels: Tensor, mask_input: Tensor,
-                has_mask_input: Tensor, target_embedding: Tensor, attn_sim: Tensor,
-                persam_weight: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(
+        self,
+        image_embeddings: Tensor,
+        point_coords: Tensor,
+        point_labels: Tensor,
+        mask_input: Tensor,
+        has_mask_input: Tensor,
+        target_embedding: Tensor,
+        attn_sim: Tensor,
+        persam_weight: Tensor,
+    ) -> tuple[Tensor, Tensor]:
         """Decode B prompts against one image embedding: (B,4,256,256) logits and (B,4) IoU scores, or with
         `best_only` the best multimask output's (B,256,256) logits and (B,) score."""
         md = self.mask_decoder
@@ -149,9 +169,8 @@ class PerSamDecoder(nn.Module):
         guided = weight.reshape(-1, 1, 1, 1) > 0.5
         sim = attn_sim.reshape(1, 1, 1, -1)
         hs, keys = self.transformer(keys, tokens, target, sim, guided)
-        mask_tokens = hs[:, 1:1 + md.num_mask_tokens, :]
-        hyper_in = torch.stack([mlp(mask_tokens[:, i, :]) for i, mlp in enumerate(md.output_hypernetworks_mlps)],
-                               dim=1)
+        mask_tokens = hs[:, 1 : 1 + md.num_mask_tokens, :]
+        hyper_in = torch.stack([mlp(mask_tokens[:, i, :]) for i, mlp in enumerate(md.output_hypernetworks_mlps)], dim=1)
         iou = md.iou_prediction_head(hs[:, 0, :])
         if self.best_only:
             hyper_in, iou = select_best(hyper_in, iou)

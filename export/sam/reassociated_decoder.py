@@ -43,8 +43,9 @@ def _head_weights(linear: nn.Linear, heads: int) -> Tensor:
     return linear.weight.reshape(heads, out // heads, inp)
 
 
-def tokens_to_image(module: nn.Module, q: Tensor, k: Tensor, v: Tensor, attn_sim: Tensor | None = None,
-                    guided: Tensor | None = None) -> Tensor:
+def tokens_to_image(
+    module: nn.Module, q: Tensor, k: Tensor, v: Tensor, attn_sim: Tensor | None = None, guided: Tensor | None = None
+) -> Tensor:
     """Attention of few query tokens (B,T,C) over many image tokens k, v (B,N,C), re-associated."""
     heads = module.num_heads
     b, t, _ = q.shape

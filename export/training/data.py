@@ -72,8 +72,9 @@ def _scene(rng: np.random.Generator, easy: float) -> tuple[np.ndarray, np.ndarra
     return transform.resize(image), cv2.resize(scene.labels, (out_w, out_h), interpolation=cv2.INTER_NEAREST)
 
 
-def _window(rng: np.random.Generator, image: np.ndarray, labels: np.ndarray,
-            side: int) -> tuple[tuple[int, int], np.ndarray, np.ndarray]:
+def _window(
+    rng: np.random.Generator, image: np.ndarray, labels: np.ndarray, side: int
+) -> tuple[tuple[int, int], np.ndarray, np.ndarray]:
     """A token-aligned side x side window of the 1024 frame: its (row, col) cell offset, normalised
     (3, side, side) image (zero where the frame is padding, as SAM pads) and label map. Windows reach up
     to a quarter window into the padding below and right of the image."""
@@ -81,10 +82,10 @@ def _window(rng: np.random.Generator, image: np.ndarray, labels: np.ndarray,
     spans = [min(GRID - cells, max(0, -(-extent // TOKEN) - cells + cells // 4)) for extent in labels.shape]
     row, col = (int(rng.integers(0, span + 1)) for span in spans)
     y, x = row * TOKEN, col * TOKEN
-    part = image[y:y + side, x:x + side]
+    part = image[y : y + side, x : x + side]
     crop = SamTransform(part.shape[:2], long_side=side).normalize_pad(part)[0]
     window = np.zeros((side, side), labels.dtype)
-    window[:part.shape[0], :part.shape[1]] = labels[y:y + side, x:x + side]
+    window[: part.shape[0], : part.shape[1]] = labels[y : y + side, x : x + side]
     return (row, col), crop, window
 
 
@@ -115,11 +116,15 @@ def _box(rng: np.random.Generator, mask: np.ndarray) -> np.ndarray:
     return np.clip(box, 0, mask.shape[0] - 1).reshape(2, 2)
 
 
-def _prompts(coords: list[np.ndarray], labels: list[np.ndarray], masks: list[np.ndarray],
-             origin: np.ndarray) -> Prompts:
+def _prompts(
+    coords: list[np.ndarray], labels: list[np.ndarray], masks: list[np.ndarray], origin: np.ndarray
+) -> Prompts:
     """Stack per-prompt coordinates (crop pixels, shifted to the 1024 frame), labels and targets."""
-    return Prompts(np.stack(coords).astype(np.float32) + origin, np.stack(labels).astype(np.float32),
-                   np.stack([_target(m) for m in masks]))
+    return Prompts(
+        np.stack(coords).astype(np.float32) + origin,
+        np.stack(labels).astype(np.float32),
+        np.stack([_target(m) for m in masks]),
+    )
 
 
 def _prompted(areas: np.ndarray, window: np.ndarray) -> np.ndarray:
@@ -144,8 +149,7 @@ def sample_crops(rng: np.random.Generator, easy: float = 0.0, windows: int = WIN
             return crops
 
 
-def _crop(rng: np.random.Generator, image: np.ndarray, labels: np.ndarray, areas: np.ndarray,
-          side: int) -> Crop | None:
+def _crop(rng: np.random.Generator, image: np.ndarray, labels: np.ndarray, areas: np.ndarray, side: int) -> Crop | None:
     """A random window of a scene (instance areas `areas`) with its prompts, or None when it holds fewer than two
     instances to prompt."""
     offset, crop, window = _window(rng, image, labels, side)
@@ -156,12 +160,21 @@ def _crop(rng: np.random.Generator, image: np.ndarray, labels: np.ndarray, areas
     masks = {i: window == i for i in rng.choice(ids, size=min(len(ids), POINTS + BOXES + MULTI), replace=False)}
     order = list(masks) * (1 + (POINTS + BOXES + MULTI) // len(masks))
     pad = np.zeros((1, 2), np.float32)
-    point_ids, box_ids, multi_ids = order[:POINTS], order[POINTS:POINTS + BOXES], order[-MULTI:]
-    points = _prompts([np.concatenate([_inside(rng, masks[i], 1), pad]) for i in point_ids],
-                      [np.array([1.0, -1.0])] * POINTS, [masks[i] for i in point_ids], origin)
-    boxes = _prompts([_box(rng, masks[i]) for i in box_ids], [np.array([2.0, 3.0])] * BOXES,
-                     [masks[i] for i in box_ids], origin)
+    point_ids, box_ids, multi_ids = order[:POINTS], order[POINTS : POINTS + BOXES], order[-MULTI:]
+    points = _prompts(
+        [np.concatenate([_inside(rng, masks[i], 1), pad]) for i in point_ids],
+        [np.array([1.0, -1.0])] * POINTS,
+        [masks[i] for i in point_ids],
+        origin,
+    )
+    boxes = _prompts(
+        [_box(rng, masks[i]) for i in box_ids], [np.array([2.0, 3.0])] * BOXES, [masks[i] for i in box_ids], origin
+    )
     n = int(rng.integers(2, 4))
-    multi = _prompts([np.concatenate([_inside(rng, masks[i], n), pad]) for i in multi_ids],
-                     [np.array([1.0] * n + [-1.0])] * MULTI, [masks[i] for i in multi_ids], origin)
+    multi = _prompts(
+        [np.concatenate([_inside(rng, masks[i], n), pad]) for i in multi_ids],
+        [np.array([1.0] * n + [-1.0])] * MULTI,
+        [masks[i] for i in multi_ids],
+        origin,
+    )
     return Crop(crop, offset, points, boxes, multi, window == point_ids[-1], window > 0)

@@ -50,9 +50,16 @@ def single_point_ious(sam: Sam, image: np.ndarray, labels: np.ndarray, limit: in
     coords = np.concatenate([transform.coords_to_input(points)[:, None], np.zeros((len(ids), 1, 2))], 1)
     point_labels = np.tile([1.0, -1.0], (len(ids), 1))
     batch = len(ids)
-    low, iou = decoder(embedding, torch.as_tensor(coords, dtype=torch.float32),
-                       torch.as_tensor(point_labels, dtype=torch.float32), torch.zeros(batch, 1, 256, 256),
-                       torch.zeros(batch), torch.zeros(1, 256), torch.zeros(1, 4096), torch.zeros(batch))
+    low, iou = decoder(
+        embedding,
+        torch.as_tensor(coords, dtype=torch.float32),
+        torch.as_tensor(point_labels, dtype=torch.float32),
+        torch.zeros(batch, 1, 256, 256),
+        torch.zeros(batch),
+        torch.zeros(1, 256),
+        torch.zeros(1, 4096),
+        torch.zeros(batch),
+    )
     best = iou[:, 1:].argmax(1) + 1
     chosen = low[torch.arange(batch), best][:, None]
     masks = (sam.postprocess_masks(chosen, transform.input_size, image.shape[:2])[:, 0] > 0).numpy()
@@ -64,7 +71,13 @@ def single_point_ious(sam: Sam, image: np.ndarray, labels: np.ndarray, limit: in
 
 def held_out_iou(sam: Sam, seed: int, scenes: int = 8) -> dict[str, float]:
     """Mean single-point IoU over `scenes` held-out scenes, with the share of masks above 0.5 and 0.8."""
-    ious = np.concatenate([single_point_ious(sam, s.image, s.labels)
-                           for s in (held_out_scene(seed, i) for i in range(scenes))])
-    return {"mean_iou": float(ious.mean()), "iou_above_0.5": float((ious > 0.5).mean()),
-            "iou_above_0.8": float((ious > 0.8).mean()), "masks": int(ious.size), "scenes": scenes}
+    ious = np.concatenate(
+        [single_point_ious(sam, s.image, s.labels) for s in (held_out_scene(seed, i) for i in range(scenes))]
+    )
+    return {
+        "mean_iou": float(ious.mean()),
+        "iou_above_0.5": float((ious > 0.5).mean()),
+        "iou_above_0.8": float((ious > 0.8).mean()),
+        "masks": int(ious.size),
+        "scenes": scenes,
+    }

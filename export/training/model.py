@@ -25,8 +25,8 @@ def _global_attention(attn: nn.Module, x: Tensor, offset: tuple[int, int], grid:
     q, k, v = qkv.reshape(3, b * attn.num_heads, h * w, -1).unbind(0)
     scores = (q * attn.scale) @ k.transpose(-2, -1)
     centre = grid - 1  # index of distance 0 in the full frame's (2 * grid - 1)-row tables
-    rel_h = attn.rel_pos_h[centre - (h - 1):centre + h]
-    rel_w = attn.rel_pos_w[centre - (w - 1):centre + w]
+    rel_h = attn.rel_pos_h[centre - (h - 1) : centre + h]
+    rel_w = attn.rel_pos_w[centre - (w - 1) : centre + w]
     scores = add_decomposed_rel_pos(scores, q, rel_h, rel_w, (h, w), (h, w)).softmax(dim=-1)
     out = (scores @ v).view(b, attn.num_heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
     return attn.proj(out)
@@ -38,7 +38,7 @@ def encode_crop(sam: Sam, image: Tensor, offset: tuple[int, int]) -> Tensor:
     grid = encoder.pos_embed.shape[1]
     x = encoder.patch_embed(image)
     g = x.shape[1]
-    x = x + encoder.pos_embed[:, offset[0]:offset[0] + g, offset[1]:offset[1] + g]
+    x = x + encoder.pos_embed[:, offset[0] : offset[0] + g, offset[1] : offset[1] + g]
     for block in encoder.blocks:
         if block.window_size > 0:
             x = block(x)
@@ -55,22 +55,35 @@ class CropDecoder(PerSamDecoder):
         super().__init__(sam)
         self.full_pe = self.image_pe
 
-    def at(self, offset: tuple[int, int], grid: int) -> "CropDecoder":
+    def at(self, offset: tuple[int, int], grid: int) -> CropDecoder:
         """Point the decoder at the crop of `grid` cells starting at `offset`; returns self."""
-        self.image_pe = self.full_pe[:, :, offset[0]:offset[0] + grid, offset[1]:offset[1] + grid]
+        self.image_pe = self.full_pe[:, :, offset[0] : offset[0] + grid, offset[1] : offset[1] + grid]
         return self
 
-    def decode(self, embedding: Tensor, coords: Tensor, labels: Tensor, mask_input: Tensor | None = None,
-               target: Tensor | None = None, attn_sim: Tensor | None = None,
-               guided: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def decode(
+        self,
+        embedding: Tensor,
+        coords: Tensor,
+        labels: Tensor,
+        mask_input: Tensor | None = None,
+        target: Tensor | None = None,
+        attn_sim: Tensor | None = None,
+        guided: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
         """(B, 4, 4g, 4g) logits and (B, 4) IoU predictions; optional mask input and PerSAM guidance."""
         batch, grid = coords.shape[0], embedding.shape[-1]
         no_mask = mask_input is None
         mask_input = torch.zeros(batch, 1, 4 * grid, 4 * grid) if no_mask else mask_input
-        return self(embedding, coords, labels, mask_input, torch.full((batch,), 0.0 if no_mask else 1.0),
-                    torch.zeros(1, 256) if target is None else target,
-                    torch.zeros(1, grid * grid) if attn_sim is None else attn_sim,
-                    torch.zeros(batch) if guided is None else guided)
+        return self(
+            embedding,
+            coords,
+            labels,
+            mask_input,
+            torch.full((batch,), 0.0 if no_mask else 1.0),
+            torch.zeros(1, 256) if target is None else target,
+            torch.zeros(1, grid * grid) if attn_sim is None else attn_sim,
+            torch.zeros(batch) if guided is None else guided,
+        )
 
 
 def location_prior(embedding: Tensor, reference: Tensor) -> tuple[Tensor, Tensor]:

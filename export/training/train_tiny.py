@@ -59,8 +59,9 @@ def _tensors(prompts: Prompts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     return torch.from_numpy(prompts.coords), torch.from_numpy(prompts.labels), torch.from_numpy(prompts.targets)
 
 
-def crop_loss(sam: torch.nn.Module, decoder: CropDecoder, crop: Crop,
-              prior_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+def crop_loss(
+    sam: torch.nn.Module, decoder: CropDecoder, crop: Crop, prior_weight: float = 0.0
+) -> tuple[torch.Tensor, dict[str, float]]:
     """Total loss on one crop (with `prior_weight` x the location-prior loss) and the mean IoU of each prompt
     kind's chosen masks."""
     embedding = encode_crop(sam, torch.from_numpy(crop.image)[None], crop.offset)
@@ -111,13 +112,23 @@ def learning_rate(step: int, steps: int, peak: float) -> float:
     return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def _save_state(path: Path, sam: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
-                args: argparse.Namespace) -> None:
+def _save_state(
+    path: Path, sam: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int, args: argparse.Namespace
+) -> None:
     """Write a resumable training checkpoint atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    torch.save({"model": sam.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                "seed": args.seed, "steps": args.steps, "lr": args.lr}, tmp)
+    torch.save(
+        {
+            "model": sam.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "step": step,
+            "seed": args.seed,
+            "steps": args.steps,
+            "lr": args.lr,
+        },
+        tmp,
+    )
     tmp.replace(path)
 
 
@@ -126,8 +137,10 @@ def _resume(path: Path, sam: torch.nn.Module, optimizer: torch.optim.Optimizer, 
     state = read_checkpoint(path)
     for key in ("seed", "steps", "lr"):
         if state.get(key) != getattr(args, key):
-            raise PersenseError(f"{path}: written with --{key} {state.get(key)}, not {getattr(args, key)}; "
-                                "resume with the same settings or start without --resume")
+            raise PersenseError(
+                f"{path}: written with --{key} {state.get(key)}, not {getattr(args, key)}; "
+                "resume with the same settings or start without --resume"
+            )
     sam.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     return int(state["step"])
@@ -179,16 +192,24 @@ def train(args: argparse.Namespace) -> dict:
         torch.nn.utils.clip_grad_norm_(sam.parameters(), 1.0)
         optimizer.step()
         window = (window + [stats])[-50:]
-        bar.set_postfix(loss=f"{loss.item():.3f}",
-                        **{k: f"{np.mean([s[k] for s in window if k in s]):.2f}" for k in stats})
+        bar.set_postfix(
+            loss=f"{loss.item():.3f}", **{k: f"{np.mean([s[k] for s in window if k in s]):.2f}" for k in stats}
+        )
         if (step + 1) % args.save_every == 0 or step + 1 == total:
             _save_state(state_path, sam, optimizer, step + 1, args)
     sam.eval()
     digest = export_weights(sam, args.out)
-    report = {"model": MODEL, "weights": str(args.out), "sha256": digest, "seed": args.seed, "steps": args.steps,
-              "full_frame_steps": args.full_frame_steps,
-              "lr": args.lr, "train_seconds_this_run": round(time.monotonic() - began, 1),
-              "held_out": held_out_iou(sam, args.seed, args.eval_scenes)}
+    report = {
+        "model": MODEL,
+        "weights": str(args.out),
+        "sha256": digest,
+        "seed": args.seed,
+        "steps": args.steps,
+        "full_frame_steps": args.full_frame_steps,
+        "lr": args.lr,
+        "train_seconds_this_run": round(time.monotonic() - began, 1),
+        "held_out": held_out_iou(sam, args.seed, args.eval_scenes),
+    }
     write_json(args.report or args.out.with_suffix(".json"), report)
     return report
 
@@ -200,11 +221,16 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--report", type=Path, help="JSON report (default: --out with .json)")
     parser.add_argument("--work", type=Path, default=Path("train_tiny"), help="folder for resumable checkpoints")
     parser.add_argument("--resume", action="store_true", help="continue from --work/train_state.pt")
-    parser.add_argument("--steps", type=int, default=2000,
-                        help="steps on two 256x256 windows of one scene each (default 2000)")
-    parser.add_argument("--full-frame-steps", type=int, default=FULL_FRAME_STEPS,
-                        help=f"then steps on one whole 1024 frame each (default {FULL_FRAME_STEPS}; may change on "
-                             "--resume: these steps only append)")
+    parser.add_argument(
+        "--steps", type=int, default=2000, help="steps on two 256x256 windows of one scene each (default 2000)"
+    )
+    parser.add_argument(
+        "--full-frame-steps",
+        type=int,
+        default=FULL_FRAME_STEPS,
+        help=f"then steps on one whole 1024 frame each (default {FULL_FRAME_STEPS}; may change on "
+        "--resume: these steps only append)",
+    )
     parser.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (default 3e-4)")
     parser.add_argument("--seed", type=int, default=0, help="seed of weights and data (default 0)")
     parser.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (default 100)")
@@ -220,9 +246,11 @@ def _run(args: argparse.Namespace) -> int:
         raise PersenseError("--steps, --save-every and --eval-scenes must be at least 1, --full-frame-steps at least 0")
     report = train(args)
     held = report["held_out"]
-    print(f"{PROG}: held-out mean single-point IoU {held['mean_iou']:.3f} over {held['masks']} instances in "
-          f"{held['scenes']} scenes ({100 * held['iou_above_0.8']:.0f}% above 0.8); weights {report['weights']} "
-          f"sha256 {report['sha256']}")
+    print(
+        f"{PROG}: held-out mean single-point IoU {held['mean_iou']:.3f} over {held['masks']} instances in "
+        f"{held['scenes']} scenes ({100 * held['iou_above_0.8']:.0f}% above 0.8); weights {report['weights']} "
+        f"sha256 {report['sha256']}"
+    )
     print(json.dumps(report, indent=2))
     return 0
 

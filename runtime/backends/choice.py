@@ -48,8 +48,15 @@ def side_backend(backend: str) -> str:
     return "ort-cpu" if backend == "openvino" else backend
 
 
-def open_engine(manifest: Manifest, name: str, backend: str = "ort-cpu", threads: int | None = None,
-                arena: bool = True, cuda_graph: bool = False, ov_precision: str = "fp32") -> Engine:
+def open_engine(
+    manifest: Manifest,
+    name: str,
+    backend: str = "ort-cpu",
+    threads: int | None = None,
+    arena: bool = True,
+    cuda_graph: bool = False,
+    ov_precision: str = "fp32",
+) -> Engine:
     """Verify artefact `name` of a manifest (hash, existence) and open it on a resolved backend
     (`cuda_graph` applies to ORT-CUDA only, `ov_precision` (fp32 or bf16) to OpenVINO only)."""
     if backend == "trt":
@@ -61,5 +68,6 @@ def open_engine(manifest: Manifest, name: str, backend: str = "ort-cpu", threads
         from persense.runtime.backends.openvino_engine import OvEngine
 
         return OvEngine(path, ov_precision, threads)
-    return OrtEngine(path, device="cuda" if backend == "ort-cuda" else "cpu", threads=threads, arena=arena,
-                     cuda_graph=cuda_graph)
+    return OrtEngine(
+        path, device="cuda" if backend == "ort-cuda" else "cpu", threads=threads, arena=arena, cuda_graph=cuda_graph
+    )

@@ -28,5 +28,3 @@ def default_threads() -> int:
     """Intra-op threads: PERSENSE_THREADS if set, else every core this process may use."""
     env = os.environ.get("PERSENSE_THREADS")
     return int(env) if env else len(os.sched_getaffinity(0))
-
-

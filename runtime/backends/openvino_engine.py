@@ -49,10 +49,15 @@ class OvEngine:
         self.precision_hint = precision_hint(core, precision)
         try:
             model = core.read_model(str(path))
-            self.compiled = core.compile_model(model, "CPU", {
-                "INFERENCE_PRECISION_HINT": self.precision_hint,
-                "INFERENCE_NUM_THREADS": threads or default_threads(),
-                "PERFORMANCE_HINT": "LATENCY"})
+            self.compiled = core.compile_model(
+                model,
+                "CPU",
+                {
+                    "INFERENCE_PRECISION_HINT": self.precision_hint,
+                    "INFERENCE_NUM_THREADS": threads or default_threads(),
+                    "PERFORMANCE_HINT": "LATENCY",
+                },
+            )
         except RuntimeError as exc:  # OpenVINO raises RuntimeError for unreadable or unsupported models
             raise PersenseError(f"{path}: OpenVINO cannot load it ({str(exc).splitlines()[0]})") from exc
         self.inputs = [_spec(port) for port in self.compiled.inputs]

@@ -79,8 +79,10 @@ def choose_build(builds: list[Build], root: Path | None) -> Build:
     if len(imported) != 1:
         names = " and ".join(str(b) for b in (imported or builds))
         uninstall = " ".join(sorted({b.name for b in (imported or builds)}))
-        raise PersenseError(f"{names} are installed together in {root} and overwrite each other's `onnxruntime` "
-                            f"module: pip uninstall -y {uninstall}, then {FIX}")
+        raise PersenseError(
+            f"{names} are installed together in {root} and overwrite each other's `onnxruntime` "
+            f"module: pip uninstall -y {uninstall}, then {FIX}"
+        )
     shadowed = ", ".join(f"{b} in {b.location}" for b in builds if b is not imported[0])
     log.info("onnxruntime: using %s from %s; shadowed on sys.path: %s", imported[0], root, shadowed)
     return imported[0]
@@ -94,10 +96,18 @@ def check_onnxruntime() -> Build:
 
 def main(argv: list[str] | None = None) -> int:
     """Print the ONNX Runtime build in use and its providers; exit 2 if unusable or a required provider is missing."""
-    parser = argparse.ArgumentParser(prog="python -m persense.runtime.backends.ort_check", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--require-provider", action="append", default=[], metavar="NAME",
-                        help="fail unless onnxruntime lists this execution provider (repeatable)")
+    parser = argparse.ArgumentParser(
+        prog="python -m persense.runtime.backends.ort_check",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--require-provider",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="fail unless onnxruntime lists this execution provider (repeatable)",
+    )
     args = parser.parse_args(argv)
     try:
         build = check_onnxruntime()

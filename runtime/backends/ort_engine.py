@@ -15,8 +15,13 @@ from persense.runtime.backends.ort_check import check_onnxruntime
 from persense.runtime.errors import PersenseError
 from persense.runtime.manifest import TensorSpec
 
-_ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
-              "tensor(int32)": "int32", "tensor(bool)": "bool"}
+_ORT_TYPES = {
+    "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+    "tensor(int64)": "int64",
+    "tensor(int32)": "int32",
+    "tensor(bool)": "bool",
+}
 
 
 class OrtEngine:
@@ -32,8 +37,15 @@ class OrtEngine:
     captured graph owns one set of buffers and runs take turns.
     """
 
-    def __init__(self, path: str | Path, device: str = "cpu", threads: int | None = None, arena: bool = True,
-                 io_binding: bool | None = None, cuda_graph: bool = False) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        device: str = "cpu",
+        threads: int | None = None,
+        arena: bool = True,
+        io_binding: bool | None = None,
+        cuda_graph: bool = False,
+    ) -> None:
         check_onnxruntime()
         import onnxruntime as ort
 
@@ -43,8 +55,10 @@ class OrtEngine:
         providers: list[Any] = ["CPUExecutionProvider"]
         if device == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
-                raise PersenseError("ONNX Runtime has no CUDA provider here: install the `gpu` extra "
-                                    "(onnxruntime-gpu) on a machine with an NVIDIA GPU, or use --backend ort-cpu")
+                raise PersenseError(
+                    "ONNX Runtime has no CUDA provider here: install the `gpu` extra "
+                    "(onnxruntime-gpu) on a machine with an NVIDIA GPU, or use --backend ort-cpu"
+                )
             providers.insert(0, ("CUDAExecutionProvider", {"enable_cuda_graph": "1" if self.cuda_graph else "0"}))
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or default_threads()
@@ -107,8 +121,9 @@ class OrtEngine:
             if None in shape:  # a dimension no input names: ONNX Runtime allocates the output
                 binding.bind_output(spec.name, self.device, 0)
             else:
-                binding.bind_ortvalue_output(spec.name, self._buffer(state.buffers, f"out:{spec.name}", shape,
-                                                                      spec.dtype))
+                binding.bind_ortvalue_output(
+                    spec.name, self._buffer(state.buffers, f"out:{spec.name}", shape, spec.dtype)
+                )
         self.session.run_with_iobinding(binding)
         return dict(zip(names, binding.copy_outputs_to_cpu()))
 

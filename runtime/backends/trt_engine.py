@@ -42,11 +42,11 @@ def tensorrt_unavailable_reason() -> str | None:
     """None when TensorRT and a CUDA GPU are usable here, else one line saying why not."""
     try:
         import tensorrt  # noqa: F401
-    except Exception as exc:  # ImportError, or the PyPI stub failing at import
+    except Exception as exc:  # noqa: BLE001 (ImportError, or the PyPI stub failing at import)
         return f"tensorrt is not importable ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
     try:
         runtime = cudart()
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 (as for tensorrt)
         return f"cuda-python is not importable ({type(exc).__name__})"
     err, count = runtime.cudaGetDeviceCount()
     if int(err) != 0 or count == 0:
@@ -118,8 +118,9 @@ def open_trt_engine(manifest: Manifest, name: str) -> TrtEngine:
     """Open the TensorRT engine of artefact `name` after checking TensorRT, staleness and the file's hash."""
     reason = tensorrt_unavailable_reason()
     if reason is not None:
-        raise PersenseError(f"--backend trt needs TensorRT and an NVIDIA GPU: {reason}; "
-                            f"use --backend ort-cuda or ort-cpu (or auto)")
+        raise PersenseError(
+            f"--backend trt needs TensorRT and an NVIDIA GPU: {reason}; use --backend ort-cuda or ort-cpu (or auto)"
+        )
     engine = check_engine_current(manifest, name, tensorrt_version(), compute_capability())
     path = manifest.verified_path(engine_name(name))
     return TrtEngine(path, engine.inputs, engine.outputs)
@@ -191,13 +192,16 @@ class TrtEngine:
         self.runtime = trt.Runtime(self.logger)
         self.engine = self.runtime.deserialize_cuda_engine(Path(path).read_bytes())
         if self.engine is None:
-            raise PersenseError(f"{path}: TensorRT could not deserialise the engine; "
-                                + REBUILD_HINT.format(folder=Path(path).parent))
+            raise PersenseError(
+                f"{path}: TensorRT could not deserialise the engine; " + REBUILD_HINT.format(folder=Path(path).parent)
+            )
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         missing = sorted({t.name for t in inputs + outputs} - set(names))
         if missing:
-            raise PersenseError(f"{path}: engine lacks tensors {missing} listed in the manifest; "
-                                + REBUILD_HINT.format(folder=Path(path).parent))
+            raise PersenseError(
+                f"{path}: engine lacks tensors {missing} listed in the manifest; "
+                + REBUILD_HINT.format(folder=Path(path).parent)
+            )
         self.inputs, self.outputs = inputs, outputs
         self.context = self.engine.create_execution_context()
         self.stream = CudaStream()
@@ -217,8 +221,10 @@ class TrtEngine:
                 raise PersenseError(f"{self.path.name}: input '{spec.name}' not given")
             array = np.ascontiguousarray(feeds[spec.name], dtype=self.dtypes[spec.name])
             if not self.context.set_input_shape(spec.name, array.shape):
-                raise PersenseError(f"{self.path.name}: input '{spec.name}' shape {array.shape} is outside the "
-                                    f"engine's optimisation profile {self._profile_range(spec.name)}")
+                raise PersenseError(
+                    f"{self.path.name}: input '{spec.name}' shape {array.shape} is outside the "
+                    f"engine's optimisation profile {self._profile_range(spec.name)}"
+                )
             self.context.set_tensor_address(spec.name, self.stream.upload(array, self.buffers[spec.name]))
         results = {}
         for spec in self.outputs:

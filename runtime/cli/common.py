@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from persense.runtime.errors import PersenseError
 
@@ -20,17 +20,26 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
 
 def add_cache_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """--cache-dir and --no-cache: where encoded references are cached across runs, or not at all."""
-    parser.add_argument("--cache-dir", type=Path, help="reference cache folder (default $PERSENSE_CACHE_DIR, else "
-                        "$XDG_CACHE_HOME/persense, else ~/.cache/persense)")
-    parser.add_argument("--no-cache", action="store_true",
-                        help="encode the reference even if it is cached, and cache nothing")
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        help="reference cache folder (default $PERSENSE_CACHE_DIR, else "
+        "$XDG_CACHE_HOME/persense, else ~/.cache/persense)",
+    )
+    parser.add_argument(
+        "--no-cache", action="store_true", help="encode the reference even if it is cached, and cache nothing"
+    )
 
 
 def configure_logging(args: argparse.Namespace) -> None:
     """Log persense to stderr at the level the flags ask for (warnings by default); others at warnings."""
     level = logging.ERROR if args.quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
-    logging.basicConfig(level=logging.ERROR if args.quiet else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
+    logging.basicConfig(
+        level=logging.ERROR if args.quiet else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
     logging.getLogger("persense").setLevel(level)
 
 
@@ -51,6 +60,7 @@ def run_command(prog: str, body: Callable[[argparse.Namespace], int], args: argp
     except Exception as exc:  # noqa: BLE001 - the one place that turns crashes into a clear line
         if args.debug:
             raise
-        print(f"{prog}: internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)",
-              file=sys.stderr)
+        print(
+            f"{prog}: internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", file=sys.stderr
+        )
         return 1

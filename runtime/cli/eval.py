@@ -31,24 +31,40 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", type=Path, required=True, help="dataset folder holding Images/<class>/NN.{jpg,png}")
     parser.add_argument("--pred", type=Path, required=True, help="prediction folder holding <class>/NN.png")
     parser.add_argument("--json", type=Path, help="write the report as JSON to this file")
-    parser.add_argument("--ref-idx", default="00", help="reference marker: ground truth whose path contains "
-                        "it is skipped, as in eval_miou.py (default: 00)")
+    parser.add_argument(
+        "--ref-idx",
+        default="00",
+        help="reference marker: ground truth whose path contains it is skipped, as in eval_miou.py (default: 00)",
+    )
     run = parser.add_argument_group("running the pipeline first (--run)")
     run.add_argument("--run", action="store_true", help="segment images without a prediction, then score")
     run.add_argument("--engines", type=Path, default=Path("engines"), help="engines folder (default engines/)")
     run.add_argument("--backend", choices=BACKENDS, default="auto", help="execution backend (default auto)")
-    run.add_argument("--counter", choices=COUNTERS, default="auto",
-                     help="density counter (auto: --density-dir if given, else the SAM-only counter)")
-    run.add_argument("--density-dir", type=Path,
-                     help="per-image .npy density maps as <dir>/<class>/<NN>_density.npy (e.g. persense-synth's meta/)")
+    run.add_argument(
+        "--counter",
+        choices=COUNTERS,
+        default="auto",
+        help="density counter (auto: --density-dir if given, else the SAM-only counter)",
+    )
+    run.add_argument(
+        "--density-dir",
+        type=Path,
+        help="per-image .npy density maps as <dir>/<class>/<NN>_density.npy (e.g. persense-synth's meta/)",
+    )
     run.add_argument("--threads", type=int, help="CPU threads per engine (default: all cores; with --ray 1)")
     run.add_argument("--precision", choices=PRECISIONS, default="fp32", help="ONNX models to run (bf16: openvino)")
     add_cache_flags(run)
-    run.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
-                     help="distribute --run over Ray (pip install 'persense[ray]'): alone, a private local Ray "
-                     "instance; with an address (e.g. ray://head:10001 or auto), an existing cluster (docs/RAY.md)")
-    run.add_argument("--ray-workers", type=int, default=2, metavar="N",
-                     help="Ray actors, each with its own engines (default 2)")
+    run.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        metavar="ADDRESS",
+        help="distribute --run over Ray (pip install 'persense[ray]'): alone, a private local Ray "
+        "instance; with an address (e.g. ray://head:10001 or auto), an existing cluster (docs/RAY.md)",
+    )
+    run.add_argument(
+        "--ray-workers", type=int, default=2, metavar="N", help="Ray actors, each with its own engines (default 2)"
+    )
     add_common_flags(parser)
     return parser
 
@@ -84,20 +100,32 @@ def run_pipeline(args: argparse.Namespace) -> BatchReport:
         raise PersenseError("--ray-workers must be at least 1")
     density_for = (lambda name, stem: density_dir / name / f"{stem}_density.npy") if density_dir else None
     counter_name = "sam" if args.counter in ("auto", "npy") else args.counter
-    spec = PipelineSpec(args.engines, args.backend, counter_name, args.threads, args.precision, args.cache_dir,
-                        not args.no_cache)
+    spec = PipelineSpec(
+        args.engines, args.backend, counter_name, args.threads, args.precision, args.cache_dir, not args.no_cache
+    )
     if args.ray:
         from persense.runtime.datasets.ray_batch import run_dataset_ray
 
-        report = run_dataset_ray(args.data, args.pred, spec, args.ray, args.ray_workers, args.ref_idx, density_for,
-                                 progress=not args.quiet, log_level=logging.getLogger("persense").level)
+        report = run_dataset_ray(
+            args.data,
+            args.pred,
+            spec,
+            args.ray,
+            args.ray_workers,
+            args.ref_idx,
+            density_for,
+            progress=not args.quiet,
+            log_level=logging.getLogger("persense").level,
+        )
     else:
         report = run_dataset(args.data, args.pred, spec.open(), args.ref_idx, density_for, progress=not args.quiet)
     for path, message in report.failed.items():
         print(f"{PROG}: error: {message if message.startswith(path) else f'{path}: {message}'}", file=sys.stderr)
     retry = " (no prediction written: the next --run tries them again)" if report.failed else ""
-    print(f"segmented {report.segmented} image(s), {report.skipped} already done, {len(report.failed)} failed{retry}",
-          file=sys.stderr)
+    print(
+        f"segmented {report.segmented} image(s), {report.skipped} already done, {len(report.failed)} failed{retry}",
+        file=sys.stderr,
+    )
     return report
 
 

@@ -29,35 +29,64 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
     parser = argparse.ArgumentParser(
-        prog="persense-infer", description=__doc__,
-        usage="persense-infer IMAGE [IMAGE|DIR ...] (REF REF_MASK | --reference FILE.npz) [options]")
-    parser.add_argument("paths", nargs="+", type=Path, metavar="IMAGE... REF REF_MASK",
-                        help="target image(s) or folder(s), then the reference image and its 0/255 mask "
-                             "(without them with --reference; targets may be left out with --save-reference)")
+        prog="persense-infer",
+        description=__doc__,
+        usage="persense-infer IMAGE [IMAGE|DIR ...] (REF REF_MASK | --reference FILE.npz) [options]",
+    )
+    parser.add_argument(
+        "paths",
+        nargs="+",
+        type=Path,
+        metavar="IMAGE... REF REF_MASK",
+        help="target image(s) or folder(s), then the reference image and its 0/255 mask "
+        "(without them with --reference; targets may be left out with --save-reference)",
+    )
     parser.add_argument("--out", type=Path, default=Path("out"), help="output folder (default out/)")
     parser.add_argument("--engines", type=Path, default=Path("engines"), help="engines folder (default engines/)")
     parser.add_argument("--backend", choices=BACKENDS, default="auto", help="execution backend (default auto)")
-    parser.add_argument("--counter", choices=COUNTERS, default="auto",
-                        help="density counter (auto: --density if given, else the SAM-only counter)")
+    parser.add_argument(
+        "--counter",
+        choices=COUNTERS,
+        default="auto",
+        help="density counter (auto: --density if given, else the SAM-only counter)",
+    )
     parser.add_argument("--density", type=Path, help=".npy density map to use as the counter's output")
     first = parser.add_mutually_exclusive_group()
-    first.add_argument("--box", metavar="x0,y0,x1,y1",
-                       help="the first exemplar as a box in the target image (as a detector gives it): the "
-                            "cascade starts from its centre instead of the best-matching point")
-    first.add_argument("--text", metavar="WORD",
-                       help="the object's name: the exported Grounding DINO's most confident box for it is the first "
-                            "exemplar, as in the original (needs `persense-export --detector ...`; the best-matching "
-                            "point, with a warning, when it finds nothing)")
-    parser.add_argument("--reference", type=Path, metavar="FILE.npz",
-                        help="a reference saved with --save-reference, instead of REF REF_MASK")
-    parser.add_argument("--save-reference", type=Path, metavar="FILE.npz",
-                        help="save the encoded reference for later runs with --reference (same engines)")
+    first.add_argument(
+        "--box",
+        metavar="x0,y0,x1,y1",
+        help="the first exemplar as a box in the target image (as a detector gives it): the "
+        "cascade starts from its centre instead of the best-matching point",
+    )
+    first.add_argument(
+        "--text",
+        metavar="WORD",
+        help="the object's name: the exported Grounding DINO's most confident box for it is the first "
+        "exemplar, as in the original (needs `persense-export --detector ...`; the best-matching "
+        "point, with a warning, when it finds nothing)",
+    )
+    parser.add_argument(
+        "--reference",
+        type=Path,
+        metavar="FILE.npz",
+        help="a reference saved with --save-reference, instead of REF REF_MASK",
+    )
+    parser.add_argument(
+        "--save-reference",
+        type=Path,
+        metavar="FILE.npz",
+        help="save the encoded reference for later runs with --reference (same engines)",
+    )
     add_cache_flags(parser)
     parser.add_argument("--threads", type=int, help="CPU threads per engine (default: all cores)")
     parser.add_argument("--decode-chunk", type=int, help="prompts per decoder launch (default: per backend)")
-    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                        help="ONNX models to run (fp16/int8 need `persense-export --fp16/--int8`; int8: INT8 encoder, "
-                             "FP32 decoder; TensorRT engines are fp16; openvino: fp32 or bf16)")
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="ONNX models to run (fp16/int8 need `persense-export --fp16/--int8`; int8: INT8 encoder, "
+        "FP32 decoder; TensorRT engines are fp16; openvino: fp32 or bf16)",
+    )
     parser.add_argument("--overlay", action="store_true", help="also write overlay.jpg")
     parser.add_argument("--json", action="store_true", help="print each result.json to stdout")
     add_common_flags(parser)
@@ -88,8 +117,10 @@ def _output_folders(targets: list[Path], out: Path) -> list[Path]:
     for path in targets:
         folder = out / path.stem
         if folder in seen:
-            raise PersenseError(f"{seen[folder]} and {path} would both write to {folder}; "
-                                f"rename one of them or segment them in separate runs")
+            raise PersenseError(
+                f"{seen[folder]} and {path} would both write to {folder}; "
+                f"rename one of them or segment them in separate runs"
+            )
         seen[folder] = path
     return list(seen)
 
@@ -132,8 +163,9 @@ def _split_paths(args: argparse.Namespace) -> tuple[list[Path], tuple[Path, Path
     """(target paths, (REF, REF_MASK) or None with --reference), refusing a count that fits neither form."""
     if args.reference is not None:
         if args.save_reference is not None:
-            raise PersenseError("--save-reference saves a reference encoded from REF REF_MASK; "
-                                "--reference already names a saved one")
+            raise PersenseError(
+                "--save-reference saves a reference encoded from REF REF_MASK; --reference already names a saved one"
+            )
         return list(args.paths), None
     least = 2 if args.save_reference is not None else 3
     if len(args.paths) < least:
@@ -153,8 +185,17 @@ def _infer(args: argparse.Namespace) -> int:
     saved = Reference.load(args.reference) if args.reference is not None else None
     if targets:
         _check_writable(args.out)
-    ps = PerSense.open(args.engines, args.backend, args.precision, args.counter, args.threads, args.decode_chunk,
-                       args.density, args.cache_dir, not args.no_cache)
+    ps = PerSense.open(
+        args.engines,
+        args.backend,
+        args.precision,
+        args.counter,
+        args.threads,
+        args.decode_chunk,
+        args.density,
+        args.cache_dir,
+        not args.no_cache,
+    )
     if args.text is not None:
         ps.text_tokens(args.text)  # refuse a prompt or a missing detector before any encoding
     reference = ps.reference(*pair) if saved is None else saved
@@ -174,30 +215,57 @@ def _infer(args: argparse.Namespace) -> int:
             continue
         summary = _summary(args, ps, reference, path, box, result)
         _write_outputs(folder, read_rgb(path) if args.overlay else None, result, summary)
-        log.info("[%d/%d] %s: %d instances in %.0f ms", index + 1, len(targets), path.name, len(result.points),
-                 sum(result.timings_ms.values()))
+        log.info(
+            "[%d/%d] %s: %d instances in %.0f ms",
+            index + 1,
+            len(targets),
+            path.name,
+            len(result.points),
+            sum(result.timings_ms.values()),
+        )
         print(json.dumps(summary) if args.json else f"{path}: {len(result.points)} instances -> {folder}")
     return _report(len(targets), failed, args.json)
 
 
-def _summary(args: argparse.Namespace, ps: PerSense, reference: Reference, path: Path, box: np.ndarray | None,
-             result: SegmentResult) -> dict:
+def _summary(
+    args: argparse.Namespace,
+    ps: PerSense,
+    reference: Reference,
+    path: Path,
+    box: np.ndarray | None,
+    result: SegmentResult,
+) -> dict:
     """The content of result.json for one target."""
-    source = {"reference_file": str(args.reference)} if args.reference is not None else {
-        "reference": str(args.paths[-2]), "reference_mask": str(args.paths[-1])}
-    return {"image": str(path), **source, "box": None if box is None else box.tolist(), "text": args.text,
-            "backend": ps.backend, "precision": ps.precision, "model_type": ps.manifest.model_type,
-            "counter": ps.counter_name, "manifest": ps.manifest.digest(),
-            "reference_encoding_ms": round(reference.encoding_ms, 3), "reference_source": reference.source,
-            "reference_key": reference.key, **result.summary()}
+    source = (
+        {"reference_file": str(args.reference)}
+        if args.reference is not None
+        else {"reference": str(args.paths[-2]), "reference_mask": str(args.paths[-1])}
+    )
+    return {
+        "image": str(path),
+        **source,
+        "box": None if box is None else box.tolist(),
+        "text": args.text,
+        "backend": ps.backend,
+        "precision": ps.precision,
+        "model_type": ps.manifest.model_type,
+        "counter": ps.counter_name,
+        "manifest": ps.manifest.digest(),
+        "reference_encoding_ms": round(reference.encoding_ms, 3),
+        "reference_source": reference.source,
+        "reference_key": reference.key,
+        **result.summary(),
+    }
 
 
 def _report(total: int, failed: dict[Path, str], quiet_stdout: bool) -> int:
     """The summary line of a run over several targets; exit code 1 when any of them failed."""
     if total > 1 and failed:
         names = ", ".join(str(path) for path in failed)
-        print(f"persense-infer: {total - len(failed)} of {total} targets segmented; {len(failed)} failed: {names}",
-              file=sys.stderr)
+        print(
+            f"persense-infer: {total - len(failed)} of {total} targets segmented; {len(failed)} failed: {names}",
+            file=sys.stderr,
+        )
         return 1
     if total > 1 and not quiet_stdout:
         print(f"{total} of {total} targets segmented")

@@ -37,12 +37,21 @@ def _parser() -> argparse.ArgumentParser:
     """The command-line parser."""
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__)
     parser.add_argument("--out", type=Path, required=True, help="output folder (gets Images/ and meta/)")
-    parser.add_argument("--classes", type=int, default=DEFAULT_CLASSES,
-                        help=f"number of object classes (default {DEFAULT_CLASSES})")
-    parser.add_argument("--images", type=int, default=DEFAULT_IMAGES,
-                        help=f"test images per class (1..99), besides 00 (default {DEFAULT_IMAGES})")
-    parser.add_argument("--instances", type=_instances, default=DEFAULT_INSTANCES,
-                        help="instances per image, A..B (default {}..{})".format(*DEFAULT_INSTANCES))
+    parser.add_argument(
+        "--classes", type=int, default=DEFAULT_CLASSES, help=f"number of object classes (default {DEFAULT_CLASSES})"
+    )
+    parser.add_argument(
+        "--images",
+        type=int,
+        default=DEFAULT_IMAGES,
+        help=f"test images per class (1..99), besides 00 (default {DEFAULT_IMAGES})",
+    )
+    parser.add_argument(
+        "--instances",
+        type=_instances,
+        default=DEFAULT_INSTANCES,
+        help="instances per image, A..B (default {}..{})".format(*DEFAULT_INSTANCES),
+    )
     parser.add_argument("--size", type=_size, default=(768, 576), help="image size WxH (default 768x576)")
     parser.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes (default 0)")
     add_common_flags(parser)

@@ -71,7 +71,7 @@ class NpyDensityCounter:
         self.density = _checked_density(path, density)
 
     @classmethod
-    def from_array(cls, density: np.ndarray, name: str = "density") -> "NpyDensityCounter":
+    def from_array(cls, density: np.ndarray, name: str = "density") -> NpyDensityCounter:
         """The same counter over an in-memory map, checked as a file's map is."""
         counter = cls.__new__(cls)
         counter.density = _checked_density(Path(name), np.asarray(density))

@@ -12,8 +12,9 @@ from persense.runtime.manifest import Manifest
 COUNTERS = ("auto", "sam", "npy", "countr", "dsalvanet")
 
 
-def make_counter(name: str, manifest: Manifest, backend: str, threads: int | None,
-                 density: Path | None = None) -> Counter:
+def make_counter(
+    name: str, manifest: Manifest, backend: str, threads: int | None, density: Path | None = None
+) -> Counter:
     """The counter `name` ('auto' = the .npy map when --density is given, else the SAM-only counter)."""
     if name not in COUNTERS:
         raise PersenseError(f"unknown counter {name!r}; choose one of {', '.join(COUNTERS)}")
@@ -29,8 +30,10 @@ def make_counter(name: str, manifest: Manifest, backend: str, threads: int | Non
         return SamPrototypeCounter()
     artefact = f"counter_{name}"
     if artefact not in manifest.artefacts:
-        raise PersenseError(f"{manifest.folder}: no {artefact} engine; export it with "
-                            f"`persense-export --counter {name} --out {manifest.folder}`")
+        raise PersenseError(
+            f"{manifest.folder}: no {artefact} engine; export it with "
+            f"`persense-export --counter {name} --out {manifest.folder}`"
+        )
     engine = open_engine(manifest, artefact, side_backend(backend), threads)
     if name == "countr":
         from persense.runtime.counters.countr import CountrCounter

@@ -92,7 +92,7 @@ class CountrGeometry:
         return bool(np.any((heights < TINY_EXEMPLAR) & (widths < TINY_EXEMPLAR)))
 
     @staticmethod
-    def of(image_size: tuple[int, int], exemplars: np.ndarray) -> "CountrGeometry":
+    def of(image_size: tuple[int, int], exemplars: np.ndarray) -> CountrGeometry:
         """Geometry of an (H, W) image and (K, 4) (x0, y0, x1, y1) exemplar boxes in original pixels."""
         height, width = image_size
         new_w = WIDTH_STEP * int((width / height * WINDOW) / WIDTH_STEP)
@@ -104,8 +104,14 @@ class CountrGeometry:
         scale = np.array([WINDOW / height, new_w / width] * 2)
         rects = np.trunc(np.trunc(xyxy_to_yxyx(boxes)) * scale).astype(np.int64)
         geometry = CountrGeometry(height, width, new_w, rects)
-        bad = (rects[:, 0] < 0) | (rects[:, 1] < 0) | (rects[:, 2] < rects[:, 0]) | (rects[:, 3] < rects[:, 1]) \
-            | (rects[:, 0] >= WINDOW) | (rects[:, 1] >= geometry.padded_w)
+        bad = (
+            (rects[:, 0] < 0)
+            | (rects[:, 1] < 0)
+            | (rects[:, 2] < rects[:, 0])
+            | (rects[:, 3] < rects[:, 1])
+            | (rects[:, 0] >= WINDOW)
+            | (rects[:, 1] >= geometry.padded_w)
+        )
         if np.any(bad):
             raise PersenseError(f"exemplar boxes {boxes[bad].tolist()} are empty or outside the {width}x{height} image")
         return geometry
@@ -132,19 +138,25 @@ def prepare_image(image_rgb: np.ndarray, geometry: CountrGeometry) -> np.ndarray
     """(3, 384, padded_w) float32 in [0, 1]: Pillow-exact resize to height 384, centre zero padding."""
     resized = resize_bilinear_pil(np.ascontiguousarray(image_rgb), WINDOW, geometry.new_w)
     out = np.zeros((3, WINDOW, geometry.padded_w), dtype=np.float32)
-    out[:, :, geometry.pad:geometry.pad + geometry.new_w] = resized.transpose(2, 0, 1).astype(np.float32) / 255
+    out[:, :, geometry.pad : geometry.pad + geometry.new_w] = resized.transpose(2, 0, 1).astype(np.float32) / 255
     return out
 
 
 def exemplar_crops(image: np.ndarray, geometry: CountrGeometry) -> np.ndarray:
     """(1, K, 3, 64, 64) crops of the padded image at the (unpadded) rects, at most MAX_SHOTS of them."""
-    crops = np.stack([resize_aa(image[:, y0:y1 + 1, x0:x1 + 1], EXEMPLAR_SIZE, EXEMPLAR_SIZE)
-                      for y0, x0, y1, x1 in geometry.rects[:MAX_SHOTS]])
+    crops = np.stack(
+        [
+            resize_aa(image[:, y0 : y1 + 1, x0 : x1 + 1], EXEMPLAR_SIZE, EXEMPLAR_SIZE)
+            for y0, x0, y1, x1 in geometry.rects[:MAX_SHOTS]
+        ]
+    )
     blank = ~crops.reshape(len(crops), -1).any(axis=1)
     if blank.any():
-        log.warning("CounTR exemplar crops %s are blank (in the side padding, as the original crops without "
-                    "the pad offset): their tokens are numerically undefined in the original",
-                    np.flatnonzero(blank).tolist())
+        log.warning(
+            "CounTR exemplar crops %s are blank (in the side padding, as the original crops without "
+            "the pad offset): their tokens are numerically undefined in the original",
+            np.flatnonzero(blank).tolist(),
+        )
     return crops[None]
 
 
@@ -158,8 +170,9 @@ def tile_origins(height: int, width: int) -> list[tuple[int, int]]:
 def tile_images(image: np.ndarray) -> list[np.ndarray]:
     """The 9 tiles of a (3, h, w) image, each resized back to (3, h, w)."""
     _, h, w = image.shape
-    return [resize_aa(image[:, top:top + int(h / 3), left:left + int(w / 3)], h, w)
-            for top, left in tile_origins(h, w)]
+    return [
+        resize_aa(image[:, top : top + int(h / 3), left : left + int(w / 3)], h, w) for top, left in tile_origins(h, w)
+    ]
 
 
 def window_starts(width: int) -> np.ndarray:
@@ -176,7 +189,7 @@ def blend_weights(starts: np.ndarray, width: int) -> np.ndarray:
     cover = (columns >= starts[:, None]) & (columns < starts[:, None] + WINDOW)
     later = np.cumsum(cover[::-1], axis=0)[::-1] - cover
     earlier = np.cumsum(cover, axis=0) - cover
-    return np.where(cover, 0.5 ** later * np.where(earlier > 0, 0.5, 1.0), 0.0).astype(np.float32)
+    return np.where(cover, 0.5**later * np.where(earlier > 0, 0.5, 1.0), 0.0).astype(np.float32)
 
 
 def blend_windows(outputs: np.ndarray, starts: np.ndarray, width: int) -> np.ndarray:
@@ -184,7 +197,7 @@ def blend_windows(outputs: np.ndarray, starts: np.ndarray, width: int) -> np.nda
     weights = blend_weights(starts, width)
     density = np.zeros((outputs.shape[1], width), dtype=np.float32)
     for output, start, weight in zip(outputs, starts, weights):
-        density[:, start:start + WINDOW] += output * weight[start:start + WINDOW]
+        density[:, start : start + WINDOW] += output * weight[start : start + WINDOW]
     return density
 
 
@@ -195,13 +208,13 @@ def density_count(density: np.ndarray) -> float:
 
 def calibrate(count: float, density: np.ndarray, rects: np.ndarray) -> float:
     """Divide the count by the mean exemplar count (over 3) when that exceeds 1.8."""
-    shots = sum(density_count(density[y0:y1 + 1, x0:x1 + 1]) for y0, x0, y1, x1 in rects) / CALIBRATION_SHOTS
+    shots = sum(density_count(density[y0 : y1 + 1, x0 : x1 + 1]) for y0, x0, y1, x1 in rects) / CALIBRATION_SHOTS
     return count / shots if shots > CALIBRATION_LIMIT else count
 
 
 def idm_map(density: np.ndarray, geometry: CountrGeometry) -> np.ndarray:
     """The map IDM gets: padding columns cropped, bilinear resize to (H, W), min-max normalised (float32)."""
-    crop = np.ascontiguousarray(density[:, geometry.pad:geometry.pad + geometry.new_w], dtype=np.float32)
+    crop = np.ascontiguousarray(density[:, geometry.pad : geometry.pad + geometry.new_w], dtype=np.float32)
     resized = cv2.resize(crop, (geometry.width, geometry.height), interpolation=cv2.INTER_LINEAR)
     low, high = resized.min(), resized.max()
     return (resized - low) / (high - low) if high > low else np.zeros_like(resized)
@@ -215,15 +228,17 @@ class CountrCounter:
     def __init__(self, engine: Engine) -> None:
         names = {spec.name for spec in engine.inputs}
         if not set(INPUT_NAMES) <= names:
-            raise PersenseError(f"engine inputs {sorted(names)} are not CounTR's {list(INPUT_NAMES)}; "
-                                "re-export the counter with `persense-export`")
+            raise PersenseError(
+                f"engine inputs {sorted(names)} are not CounTR's {list(INPUT_NAMES)}; "
+                "re-export the counter with `persense-export`"
+            )
         self.engine = engine
 
     def densities(self, planes: list[np.ndarray], crops: np.ndarray) -> list[np.ndarray]:
         """Merged (384, w) density of each (3, 384, w) plane, from one batched engine call."""
         width = planes[0].shape[-1]
         starts = window_starts(width)
-        windows = np.stack([plane[:, :, start:start + WINDOW] for plane in planes for start in starts])
+        windows = np.stack([plane[:, :, start : start + WINDOW] for plane in planes for start in starts])
         outputs = self.engine.run({"windows": windows, "exemplars": crops})[OUTPUT_NAMES[0]]
         return [blend_windows(chunk, starts, width) for chunk in np.split(outputs, len(planes))]
 

@@ -64,11 +64,13 @@ def crop_slices(rows_yxyx: np.ndarray) -> list[tuple[range, range]]:
     bottom_right = np.minimum(np.ceil(scaled[:, 2:]), FEATURE_SIZE)
     crops = []
     for (y0, x0), (y1, x1) in zip(top_left.astype(int), bottom_right.astype(int)):
-        rows, cols = range(FEATURE_SIZE)[y0:y1 + 1], range(FEATURE_SIZE)[x0:x1 + 1]
+        rows, cols = range(FEATURE_SIZE)[y0 : y1 + 1], range(FEATURE_SIZE)[x0 : x1 + 1]
         if len(rows) == 0 or len(cols) == 0:
-            raise PersenseError(f"exemplar box (y0, x0, y1, x1) = {rows_yxyx[len(crops)].tolist()} in the "
-                                f"{INPUT_SIZE}x{INPUT_SIZE} frame covers no feature cell; boxes need x0 <= x1 "
-                                f"and y0 <= y1 inside the image")
+            raise PersenseError(
+                f"exemplar box (y0, x0, y1, x1) = {rows_yxyx[len(crops)].tolist()} in the "
+                f"{INPUT_SIZE}x{INPUT_SIZE} frame covers no feature cell; boxes need x0 <= x1 "
+                f"and y0 <= y1 inside the image"
+            )
         crops.append((rows, cols))
     return crops
 
@@ -87,8 +89,7 @@ def pool_bins(cells: range) -> np.ndarray:
 def roi_indices(rows_yxyx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Engine inputs `roi_rows`, `roi_cols`: [3, POOL, BIN_LENGTH] int64 feature indices of every bin."""
     crops = crop_slices(rows_yxyx)
-    return (np.stack([pool_bins(rows) for rows, _ in crops]),
-            np.stack([pool_bins(cols) for _, cols in crops]))
+    return (np.stack([pool_bins(rows) for rows, _ in crops]), np.stack([pool_bins(cols) for _, cols in crops]))
 
 
 def engine_feeds(image_rgb: np.ndarray, exemplars: np.ndarray) -> dict[str, np.ndarray]:

@@ -1,8 +1,8 @@
 """A density counter that needs no weights beyond SAM's: prototype similarity peaks at the exemplars' scale.
 
 From SAM's image embedding, the exemplar boxes give a prototype feature (mean of the cells under the
-central half of each box). Cosine similarity to it, upsampled to SAM's 256x256 low-res frame and smoothed at a quarter of the
-exemplar size, is searched for local maxima
+central half of each box). Cosine similarity to it, upsampled to SAM's 256x256 low-res frame and smoothed at a
+quarter of the exemplar size, is searched for local maxima
 no closer than 0.7 exemplar sizes; a peak counts if its similarity is above the midpoint between
 the image's median similarity and the exemplars' own. Each peak becomes a unit-mass Gaussian whose
 width follows the exemplar size, so the map sums to the count and IDM finds one blob per peak.

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
 
 import numpy as np
 from tqdm import tqdm
@@ -35,8 +35,15 @@ class PipelineSpec:
 
     def open(self) -> PerSense:
         """Open and verify the engines and the counter, with the reference cache asked for."""
-        return PerSense.open(self.engines, self.backend, self.precision, self.counter, self.threads,
-                             cache_dir=self.cache_dir, cache=self.cache)
+        return PerSense.open(
+            self.engines,
+            self.backend,
+            self.precision,
+            self.counter,
+            self.threads,
+            cache_dir=self.cache_dir,
+            cache=self.cache,
+        )
 
 
 @dataclass
@@ -104,8 +111,14 @@ def progress_bar(total: int, progress: bool) -> tqdm:
     return tqdm(total=total, unit="image", disable=not progress, file=sys.stderr)
 
 
-def run_dataset(data_dir: Path, pred_dir: Path, ps: PerSense, ref_idx: str = "00",
-                density_for: DensityFor | None = None, progress: bool = True) -> BatchReport:
+def run_dataset(
+    data_dir: Path,
+    pred_dir: Path,
+    ps: PerSense,
+    ref_idx: str = "00",
+    density_for: DensityFor | None = None,
+    progress: bool = True,
+) -> BatchReport:
     """Segment every image without a prediction yet; each prediction is written atomically when complete.
 
     `density_for(class, stem)` gives a .npy density map per image (the npy counter); otherwise the

@@ -53,8 +53,11 @@ class EvalResult:
 
     def to_json(self) -> dict[str, Any]:
         """The JSON report: {"miou", "classes": {name: {"iou", "images", "intersection", "union"}}, "warnings"}."""
-        return {"miou": self.miou, "classes": {name: asdict(r) for name, r in self.classes.items()},
-                "warnings": list(self.warnings)}
+        return {
+            "miou": self.miou,
+            "classes": {name: asdict(r) for name, r in self.classes.items()},
+            "warnings": list(self.warnings),
+        }
 
 
 def read_eval_mask(path: Path) -> np.ndarray:
@@ -78,7 +81,8 @@ def _pair_counts(gt: Path, pred: Path) -> tuple[int, int]:
     if gt_mask.shape != pred_mask.shape:
         raise PersenseError(
             f"size mismatch: ground truth {gt} is {gt_mask.shape[1]}x{gt_mask.shape[0]} but prediction "
-            f"{pred} is {pred_mask.shape[1]}x{pred_mask.shape[0]}; predictions must have the image's size")
+            f"{pred} is {pred_mask.shape[1]}x{pred_mask.shape[0]}; predictions must have the image's size"
+        )
     return int(np.count_nonzero(gt_mask & pred_mask)), int(np.count_nonzero(gt_mask | pred_mask))
 
 
@@ -101,8 +105,10 @@ def evaluate_class(data_dir: Path, pred_dir: Path, name: str, ref_idx: str = "00
     if not pred_class.is_dir():
         warnings.append(f"{name}: no prediction folder {pred_class}")
     elif len(gts) != len(preds):
-        warnings.append(f"{name}: {len(gts)} ground-truth masks but {len(preds)} predictions; pairing by "
-                        f"sorted position stops after {min(len(gts), len(preds))} (as eval_miou.py's zip)")
+        warnings.append(
+            f"{name}: {len(gts)} ground-truth masks but {len(preds)} predictions; pairing by "
+            f"sorted position stops after {min(len(gts), len(preds))} (as eval_miou.py's zip)"
+        )
     intersection = union = images = 0
     odd_skips: list[str] = []
     renamed: list[str] = []
@@ -117,15 +123,17 @@ def evaluate_class(data_dir: Path, pred_dir: Path, name: str, ref_idx: str = "00
         pair_i, pair_u = _pair_counts(gt, pred)
         intersection, union, images = intersection + pair_i, union + pair_u, images + 1
     if odd_skips:
-        warnings.append(f"{name}: skipped non-reference ground truth because '{ref_idx}' occurs in its path "
-                        f"(as eval_miou.py does): {_listing(odd_skips)}")
+        warnings.append(
+            f"{name}: skipped non-reference ground truth because '{ref_idx}' occurs in its path "
+            f"(as eval_miou.py does): {_listing(odd_skips)}"
+        )
     if renamed:
-        warnings.append(f"{name}: {len(renamed)} pairs join files of different names by sorted position: "
-                        f"{_listing(renamed)}")
+        warnings.append(
+            f"{name}: {len(renamed)} pairs join files of different names by sorted position: {_listing(renamed)}"
+        )
     if images == 0:
         warnings.append(f"{name}: no image pair evaluated; its IoU is 0 and still counts in the mean")
-    result = ClassResult(iou=100 * _ratio(intersection, union), images=images, intersection=intersection,
-                         union=union)
+    result = ClassResult(iou=100 * _ratio(intersection, union), images=images, intersection=intersection, union=union)
     return result, warnings
 
 
@@ -134,8 +142,10 @@ def miou(data_dir: Path, pred_dir: Path, ref_idx: str = "00") -> EvalResult:
     data_dir, pred_dir = Path(data_dir), Path(pred_dir)
     images_dir = data_dir / "Images"
     if not images_dir.is_dir():
-        raise PersenseError(f"{images_dir}: no such folder; --data must hold Images/<class>/NN.png "
-                            "(pass the parent of the Images folder)")
+        raise PersenseError(
+            f"{images_dir}: no such folder; --data must hold Images/<class>/NN.png "
+            "(pass the parent of the Images folder)"
+        )
     if not pred_dir.is_dir():
         raise PersenseError(f"{pred_dir}: no such prediction folder")
     names = class_names(images_dir)

@@ -4,8 +4,8 @@ Ray is an optional extra (`pip install 'persense[ray]'`), imported only when a r
 driver plans the run with the resume rule of `run_dataset` (only images without a prediction), has
 one actor encode each class's reference once (the small `Reference` stays in Ray's object store and
 every task gets it by reference; the actor looks it up in, and adds it to, the reference cache, which
-the workers share when `--cache-dir` is on a shared filesystem), hands image paths to the pool, and writes each returned union mask
-atomically itself. One writer: the prediction folder needs no shared filesystem, a worker lost
+the workers share when `--cache-dir` is on a shared filesystem), hands image paths to the pool, and writes each
+returned union mask atomically itself. One writer: the prediction folder needs no shared filesystem, a worker lost
 mid-image leaves nothing behind, and the PNG bytes come from the same code as a single-process run.
 """
 
@@ -95,8 +95,9 @@ def import_ray() -> ModuleType:
 def connect(ray: ModuleType, address: str, workers: int, cpus_per_worker: int) -> None:
     """Start a private local Ray instance sized for the workers, or join the cluster at `address`."""
     if address == LOCAL:
-        ray.init(address=LOCAL, num_cpus=workers * cpus_per_worker, include_dashboard=False,
-                 logging_level=logging.ERROR)
+        ray.init(
+            address=LOCAL, num_cpus=workers * cpus_per_worker, include_dashboard=False, logging_level=logging.ERROR
+        )
     else:
         ray.init(address=address, logging_level=logging.WARNING)
 
@@ -113,7 +114,7 @@ def start_actors(ray: ModuleType, spec: PipelineSpec, workers: int, log_level: i
 
 
 def share_references(ray: ModuleType, actors: list[Any], jobs: list[ClassJob]) -> dict[str, Any]:
-    """Per class, an object-store reference to its encoded `Reference`, computed once by one actor (spread over them)."""
+    """Per class, an object-store reference to its encoded `Reference`, computed once by one actor of the pool."""
     refs = {job.name: actors[i % len(actors)].reference.remote(job.reference, job.mask) for i, job in enumerate(jobs)}
     get(ray, list(refs.values()))  # surfaces a bad reference pair before any image
     return refs
@@ -129,9 +130,17 @@ def get(ray: ModuleType, refs: Any) -> Any:
         raise
 
 
-def run_dataset_ray(data_dir: Path, pred_dir: Path, spec: PipelineSpec, address: str = LOCAL, workers: int = 2,
-                    ref_idx: str = "00", density_for: DensityFor | None = None, progress: bool = True,
-                    log_level: int = logging.WARNING) -> BatchReport:
+def run_dataset_ray(
+    data_dir: Path,
+    pred_dir: Path,
+    spec: PipelineSpec,
+    address: str = LOCAL,
+    workers: int = 2,
+    ref_idx: str = "00",
+    density_for: DensityFor | None = None,
+    progress: bool = True,
+    log_level: int = logging.WARNING,
+) -> BatchReport:
     """`run_dataset` over `workers` Ray actors at `address` (`local`: a private instance); same outputs."""
     ray = import_ray()
     data_dir, pred_dir = Path(data_dir).absolute(), Path(pred_dir).absolute()

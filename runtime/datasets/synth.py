@@ -135,7 +135,8 @@ def _check_density(count: int, size: tuple[int, int]) -> None:
     if count > max_instances(size):
         raise PersenseError(
             f"{count} instances do not fit in {width}x{height} (objects would be under "
-            f"{2 * _MIN_RADIUS:.0f} px); use a larger --size or fewer --instances")
+            f"{2 * _MIN_RADIUS:.0f} px); use a larger --size or fewer --instances"
+        )
 
 
 def _grid(total: int, size: tuple[int, int]) -> tuple[int, int]:
@@ -154,8 +155,7 @@ def _place(rng: np.random.Generator, total: int, size: tuple[int, int]) -> tuple
     cell_w, cell_h = width / cols, height / rows
     cells = rng.choice(cols * rows, size=total, replace=False)
     jitter = rng.uniform(-_JITTER, _JITTER, size=(total, 2))
-    centres = np.stack([(cells % cols + 0.5 + jitter[:, 0]) * cell_w,
-                        (cells // cols + 0.5 + jitter[:, 1]) * cell_h], 1)
+    centres = np.stack([(cells % cols + 0.5 + jitter[:, 0]) * cell_w, (cells // cols + 0.5 + jitter[:, 1]) * cell_h], 1)
     radius = min(_RADIUS * min(cell_w, cell_h), min(width, height) / 8)
     return centres, radius * rng.uniform(0.7, 1.3, size=total)
 
@@ -164,8 +164,10 @@ def _polygons(template: Template, centres: np.ndarray, radii: np.ndarray, angles
     """Fixed-point (shift 4) contours of each object: outline scaled, rotated and moved into place."""
     cos, sin = np.cos(angles), np.sin(angles)
     rotation = np.stack([np.stack([cos, -sin], 1), np.stack([sin, cos], 1)], 1)  # (n, 2, 2)
-    contours = [np.einsum("nij,pj->npi", rotation * radii[:, None, None], unit) + centres[:, None, :]
-                for unit in _outline(template)]
+    contours = [
+        np.einsum("nij,pj->npi", rotation * radii[:, None, None], unit) + centres[:, None, :]
+        for unit in _outline(template)
+    ]
     fixed = [np.round(c * 16).astype(np.int32) for c in contours]
     return [[c[i] for c in fixed] for i in range(len(centres))]
 
@@ -197,8 +199,15 @@ def _boxes(labels: np.ndarray, count: int) -> np.ndarray:
     order = np.argsort(labels[ys, xs], kind="stable")
     ys, xs = ys[order], xs[order]
     starts = np.searchsorted(labels[ys, xs], np.arange(1, count + 1))
-    return np.stack([np.minimum.reduceat(xs, starts), np.minimum.reduceat(ys, starts),
-                     np.maximum.reduceat(xs, starts), np.maximum.reduceat(ys, starts)], 1).astype(np.int64)
+    return np.stack(
+        [
+            np.minimum.reduceat(xs, starts),
+            np.minimum.reduceat(ys, starts),
+            np.maximum.reduceat(xs, starts),
+            np.maximum.reduceat(ys, starts),
+        ],
+        1,
+    ).astype(np.int64)
 
 
 def _density(centres: np.ndarray, sigmas: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -291,14 +300,23 @@ def render_scene(rng: np.random.Generator, template: Template, count: int, size:
     kept = np.flatnonzero(relabel[1:])
     centres = objects.centres[kept]
     sigmas = objects.radii[kept] * math.sqrt(template.aspect) / 2  # a quarter of the size 2r*sqrt(aspect)
-    return Scene(image=image, mask=labels > 0, labels=labels, boxes=_boxes(labels, kept.size), centres=centres,
-                 density=_density(centres, sigmas, size), top_label=int(relabel[objects.order[-1] + 1]))
+    return Scene(
+        image=image,
+        mask=labels > 0,
+        labels=labels,
+        boxes=_boxes(labels, kept.size),
+        centres=centres,
+        density=_density(centres, sigmas, size),
+        top_label=int(relabel[objects.order[-1] + 1]),
+    )
 
 
 def _class_names(templates: list[Template]) -> list[str]:
     """Unique, digit-free folder names ("a-teal-star", "b-red-ring", ...; no "00" for eval_miou)."""
+
     def letters(i: int) -> str:
         return letters(i // 26 - 1) + chr(ord("a") + i % 26) if i >= 26 else chr(ord("a") + i)
+
     return [f"{letters(i)}-{t.name}" for i, t in enumerate(templates)]
 
 
@@ -309,25 +327,40 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def _write_image_set(out: Path, name: str, stem: str, scene: Scene, mask: np.ndarray,
-                     extra: dict[str, int]) -> list[Path]:
+def _write_image_set(
+    out: Path, name: str, stem: str, scene: Scene, mask: np.ndarray, extra: dict[str, int]
+) -> list[Path]:
     """Write one image, its mask and its ground truth; return the paths written."""
     image_dir, meta_dir = out / "Images" / name, out / "meta" / name
-    paths = [image_dir / f"{stem}.jpg", image_dir / f"{stem}.png", meta_dir / f"{stem}.json",
-             meta_dir / f"{stem}_density.npy", meta_dir / f"{stem}_instances.png"]
+    paths = [
+        image_dir / f"{stem}.jpg",
+        image_dir / f"{stem}.png",
+        meta_dir / f"{stem}.json",
+        meta_dir / f"{stem}_density.npy",
+        meta_dir / f"{stem}_instances.png",
+    ]
     write_image(paths[0], scene.image)
     write_image(paths[1], mask.astype(np.uint8) * 255)
-    write_json(paths[2], {
-        "image": f"Images/{name}/{stem}.jpg", "width": scene.image.shape[1], "height": scene.image.shape[0],
-        "count": scene.count, "boxes": scene.boxes.tolist(), "centres": np.round(scene.centres, 3).tolist(),
-        **extra})
+    write_json(
+        paths[2],
+        {
+            "image": f"Images/{name}/{stem}.jpg",
+            "width": scene.image.shape[1],
+            "height": scene.image.shape[0],
+            "count": scene.count,
+            "boxes": scene.boxes.tolist(),
+            "centres": np.round(scene.centres, 3).tolist(),
+            **extra,
+        },
+    )
     _save_npy(paths[3], scene.density)
     write_image(paths[4], scene.labels)
     return paths
 
 
-def _check_request(out: Path, classes: int, images: int, instances: tuple[int, int], size: tuple[int, int],
-                   seed: int) -> None:
+def _check_request(
+    out: Path, classes: int, images: int, instances: tuple[int, int], size: tuple[int, int], seed: int
+) -> None:
     """Validate generate_dataset's arguments with messages that say what to change."""
     low, high = instances
     if seed < 0:
@@ -335,8 +368,10 @@ def _check_request(out: Path, classes: int, images: int, instances: tuple[int, i
     if classes < 1:
         raise PersenseError(f"--classes must be at least 1 (got {classes})")
     if not 1 <= images <= MAX_IMAGES:
-        raise PersenseError(f"--images must be 1..{MAX_IMAGES} (got {images}): test images are named 01..NN "
-                            "and eval_miou treats any path containing '00' as the reference")
+        raise PersenseError(
+            f"--images must be 1..{MAX_IMAGES} (got {images}): test images are named 01..NN "
+            "and eval_miou treats any path containing '00' as the reference"
+        )
     if not 1 <= low <= high:
         raise PersenseError(f"--instances must be A..B with 1 <= A <= B (got {low}..{high})")
     _check_density(high, size)
@@ -345,8 +380,9 @@ def _check_request(out: Path, classes: int, images: int, instances: tuple[int, i
             raise PersenseError(f"{out / sub} already has content; choose an empty --out folder")
 
 
-def generate_dataset(out: Path, classes: int, images: int, instances: tuple[int, int],
-                     size: tuple[int, int] = (768, 576), seed: int = 0) -> list[Path]:
+def generate_dataset(
+    out: Path, classes: int, images: int, instances: tuple[int, int], size: tuple[int, int] = (768, 576), seed: int = 0
+) -> list[Path]:
     """Write a deterministic synthetic PerSense-D dataset under `out`; return the files written."""
     out = Path(out)
     _check_request(out, classes, images, instances, size, seed)

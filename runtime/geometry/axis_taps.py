@@ -34,7 +34,7 @@ class AxisTaps:
         index, weight = self.index[start:stop], self.weight[start:stop]
         out = image[index[:, 0]] * weight[:, :1]
         for k in range(1, index.shape[1]):
-            out += image[index[:, k]] * weight[:, k:k + 1]
+            out += image[index[:, k]] * weight[:, k : k + 1]
         return out
 
     def cols(self, image: np.ndarray, start: int, stop: int) -> np.ndarray:

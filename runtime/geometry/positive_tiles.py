@@ -22,7 +22,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from persense.runtime.geometry.axis_taps import AxisTaps
 
-MARGIN = 2.0 ** -12  # relative bound (a reserve of 8 at worst) on the float32 rounding of an upsampled logit
+MARGIN = 2.0**-12  # relative bound (a reserve of 8 at worst) on the float32 rounding of an upsampled logit
 MAX_TILE = 96  # output pixels per tile side at most
 MAX_SPAN = 28  # low-res logits per tile side at most: keeps each product small (single-threaded BLAS calls)
 
@@ -42,7 +42,7 @@ class TileAxis:
 
     def _span(self, size: int) -> int:
         """Most low-res inputs that `size` consecutive outputs draw on."""
-        return int((self.taps.high[size - 1:] - self.taps.low[:self.taps.out_size - size + 1]).max())
+        return int((self.taps.high[size - 1 :] - self.taps.low[: self.taps.out_size - size + 1]).max())
 
     def starts(self, first: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per tile starting at output `first` (clipped into the image): (first output, first low-res input)."""
@@ -65,7 +65,7 @@ class PositiveTiles:
         """Per map of a float32 stack, output rows [top, bottom) and columns [left, right) outside which no pixel
         is positive (empty where bottom <= top or right <= left)."""
         rows, cols = self.rows.taps, self.cols.taps
-        bits = low_res[:, :rows.used, :cols.used].view(np.int32)  # > 0 exactly for floats > 0 (and +NaN)
+        bits = low_res[:, : rows.used, : cols.used].view(np.int32)  # > 0 exactly for floats > 0 (and +NaN)
         row_hit = bits.max(axis=2) > 0
         top, bottom = _window(rows, row_hit)
         left, right = _window(cols, _column_hits(bits, row_hit))
@@ -76,8 +76,9 @@ class PositiveTiles:
         down = np.maximum(-(-(bottom - top) // self.rows.size), 0)
         return down * np.maximum(-(-(right - left) // self.cols.size), 0)
 
-    def grid(self, maps: np.ndarray, top: np.ndarray, bottom: np.ndarray, left: np.ndarray,
-             right: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def grid(
+        self, maps: np.ndarray, top: np.ndarray, bottom: np.ndarray, left: np.ndarray, right: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Tiles covering the windows of maps `maps`, in map order: (map, top, left, edge), `edge` marking tiles
         on the border of their map's tile grid."""
         top, bottom, left, right = top[maps], bottom[maps], left[maps], right[maps]
@@ -90,15 +91,16 @@ class PositiveTiles:
         edge = (i == 0) | (j == 0) | (i == down[owner] - 1) | (j == across[owner] - 1)
         return maps[owner], top[owner] + i * self.rows.size, left[owner] + j * self.cols.size, edge
 
-    def positive(self, low_res: np.ndarray, maps: np.ndarray, top: np.ndarray,
-                 left: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def positive(
+        self, low_res: np.ndarray, maps: np.ndarray, top: np.ndarray, left: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Tiles' `full(map) > 0` as [N,T_r,T_c] booleans, with the tiles' (top, left) after clipping into the image."""
         (top, r0), (left, c0) = self.rows.starts(top), self.cols.starts(left)
         crops = sliding_window_view(low_res, (self.rows.span, self.cols.span), axis=(1, 2))[maps, r0, c0]
         with np.errstate(invalid="ignore", over="ignore"):  # non-finite logits: their tiles are recomputed exactly
             approx = self.rows.weights[top, r0] @ crops @ self.cols.weights[left, c0].transpose(0, 2, 1)
             margin = MARGIN * np.abs(crops).max(axis=(1, 2))
-            margin = np.where(margin < 2.0 ** 100, margin, np.inf)[:, None, None]  # non-finite (or huge): all exact
+            margin = np.where(margin < 2.0**100, margin, np.inf)[:, None, None]  # non-finite (or huge): all exact
             positive = approx > margin
             near = np.abs(approx, out=approx) <= margin  # within rounding of 0
             near[np.isinf(margin[:, 0, 0])] = True  # and every pixel of a tile drawing on a non-finite logit
@@ -109,8 +111,9 @@ class PositiveTiles:
         return positive, top, left
 
 
-def exact_values(stack: np.ndarray, rows: AxisTaps, cols: AxisTaps, maps: np.ndarray, ys: np.ndarray,
-                 xs: np.ndarray) -> np.ndarray:
+def exact_values(
+    stack: np.ndarray, rows: AxisTaps, cols: AxisTaps, maps: np.ndarray, ys: np.ndarray, xs: np.ndarray
+) -> np.ndarray:
     """Pixels (ys, xs) of maps `maps` of a float32 stack upsampled with the very float32 operations of
     `AxisTaps.rows` then `AxisTaps.cols` (as `Upsampler.full`), so bit-identical to them."""
     r_index, r_weight = rows.index[ys], rows.weight[ys]

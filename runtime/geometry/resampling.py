@@ -43,12 +43,12 @@ def _resample_lines(lines: np.ndarray, out_size: int) -> np.ndarray:
     out = np.empty((lines.shape[0], out_size) + lines.shape[2:], np.uint8)
     step = max(1, _BLOCK_ELEMENTS // (out_size * math.prod(lines.shape[2:])))
     for start in range(0, lines.shape[0], step):
-        block = lines[start:start + step]
+        block = lines[start : start + step]
         acc = np.full((block.shape[0],) + out.shape[1:], 1 << (_PRECISION_BITS - 1), np.int32)
         for tap in range(len(used)):
             acc += block[:, index[:, tap]] * weights[:, tap]
         np.right_shift(acc, _PRECISION_BITS, out=acc)
-        out[start:start + step] = np.clip(acc, 0, 255)
+        out[start : start + step] = np.clip(acc, 0, 255)
     return out
 
 

@@ -80,7 +80,7 @@ class SamTransform:
         return out
 
     @cached_property
-    def upsampler(self) -> "Upsampler":
+    def upsampler(self) -> Upsampler:
         """Composite bilinear maps from the 256x256 low-res frame to the original image."""
         return Upsampler(self.input_size, self.original_size, self.long_side, LOW_RES)
 

@@ -20,12 +20,13 @@ class Upsampler:
 
     _BLOCK_ROWS = 256
 
-    def __init__(self, input_size: tuple[int, int], original_size: tuple[int, int], square: int,
-                 low_res: int) -> None:
+    def __init__(self, input_size: tuple[int, int], original_size: tuple[int, int], square: int, low_res: int) -> None:
         (in_h, in_w), (out_h, out_w) = input_size, original_size
         self.low_res = low_res
-        self._dense = (bilinear_matrix(in_h, out_h) @ bilinear_matrix(low_res, square)[:in_h],
-                       bilinear_matrix(in_w, out_w) @ bilinear_matrix(low_res, square)[:in_w])
+        self._dense = (
+            bilinear_matrix(in_h, out_h) @ bilinear_matrix(low_res, square)[:in_h],
+            bilinear_matrix(in_w, out_w) @ bilinear_matrix(low_res, square)[:in_w],
+        )
         self.rows, self.cols = AxisTaps(self._dense[0]), AxisTaps(self._dense[1])
         self._from_grid: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
@@ -62,12 +63,11 @@ class Upsampler:
         """`full(low_res)[y0:y1, x0:x1] > 0` for a float32 map, computed for that window only."""
         return self._window(low_res, y0, y1, x0, x1, 0.0)
 
-    def _window(self, low_res: np.ndarray, y0: int, y1: int, x0: int, x1: int,
-                threshold: float | None) -> np.ndarray:
+    def _window(self, low_res: np.ndarray, y0: int, y1: int, x0: int, x1: int, threshold: float | None) -> np.ndarray:
         """Output rows y0..y1-1, columns x0..x1-1: float32 values, or `> threshold` booleans."""
         out = np.empty((y1 - y0, x1 - x0), np.float32 if threshold is None else bool)
         for top in range(y0, y1, self._BLOCK_ROWS):
             bottom = min(top + self._BLOCK_ROWS, y1)
             block = self.cols.cols(self.rows.rows(low_res, top, bottom), x0, x1)
-            out[top - y0:bottom - y0] = block if threshold is None else block > threshold
+            out[top - y0 : bottom - y0] = block if threshold is None else block > threshold
         return out

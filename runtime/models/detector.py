@@ -35,12 +35,15 @@ SHORT_SIDE, MAX_SIZE = 800, 1333
 MEAN = np.array([0.485, 0.456, 0.406], np.float32).reshape(3, 1, 1)
 STD = np.array([0.229, 0.224, 0.225], np.float32).reshape(3, 1, 1)
 PHRASE_END = 255  # get_phrases_from_posmap's default right_idx: tokens from here on never name a phrase
-DETECTOR_IO = ([TensorSpec("pixel_values", (1, 3, "H", "W"), "float32"),
-                TensorSpec("input_ids", (1, "T"), "int64"),
-                TensorSpec("attention_mask", (1, "T"), "int64"),
-                TensorSpec("token_type_ids", (1, "T"), "int64")],
-               [TensorSpec("logits", (1, "Q", "T"), "float32"),
-                TensorSpec("boxes", (1, "Q", 4), "float32")])
+DETECTOR_IO = (
+    [
+        TensorSpec("pixel_values", (1, 3, "H", "W"), "float32"),
+        TensorSpec("input_ids", (1, "T"), "int64"),
+        TensorSpec("attention_mask", (1, "T"), "int64"),
+        TensorSpec("token_type_ids", (1, "T"), "int64"),
+    ],
+    [TensorSpec("logits", (1, "Q", "T"), "float32"), TensorSpec("boxes", (1, "Q", 4), "float32")],
+)
 
 
 def resized_size(height: int, width: int, size: int = SHORT_SIDE, max_size: int = MAX_SIZE) -> tuple[int, int]:
@@ -64,9 +67,11 @@ def preprocess(image_rgb: np.ndarray, min_side: int = 1) -> np.ndarray:
     """
     height, width = resized_size(*image_rgb.shape[:2])
     if min(height, width) < max(min_side, 1):
-        raise PersenseError(f"a {image_rgb.shape[1]}x{image_rgb.shape[0]} image is too elongated for the detector "
-                            f"(resized to {width}x{height}; it takes sides of at least {max(min_side, 1)} px): "
-                            f"crop it, or give --box instead of --text")
+        raise PersenseError(
+            f"a {image_rgb.shape[1]}x{image_rgb.shape[0]} image is too elongated for the detector "
+            f"(resized to {width}x{height}; it takes sides of at least {max(min_side, 1)} px): "
+            f"crop it, or give --box instead of --text"
+        )
     resized = resize_bilinear_pil(np.ascontiguousarray(image_rgb), height, width)
     chw = resized.transpose(2, 0, 1).astype(np.float32) / np.float32(255)
     return ((chw - MEAN) / STD)[None]
@@ -90,8 +95,9 @@ class Detections:
         return int(np.argmax(self.confidence)) if len(self.confidence) else None
 
 
-def postprocess(logits: np.ndarray, boxes: np.ndarray, image_size: tuple[int, int],
-                box_threshold: float = BOX_THRESHOLD) -> Detections:
+def postprocess(
+    logits: np.ndarray, boxes: np.ndarray, image_size: tuple[int, int], box_threshold: float = BOX_THRESHOLD
+) -> Detections:
     """The original's `predict` + `post_process_result` on one image's logits [Q,T] and cxcywh boxes [Q,4]."""
     probabilities = sigmoid(logits)
     confidence = probabilities.max(axis=1)
@@ -120,8 +126,14 @@ class Detection:
 class GroundingDino:
     """The detector engine and its tokenizer: a text prompt in, the most confident box of an image out."""
 
-    def __init__(self, engine: Engine, text: TextEncoder, min_side: int = 1, box_threshold: float = BOX_THRESHOLD,
-                 text_threshold: float = TEXT_THRESHOLD) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        text: TextEncoder,
+        min_side: int = 1,
+        box_threshold: float = BOX_THRESHOLD,
+        text_threshold: float = TEXT_THRESHOLD,
+    ) -> None:
         self.engine = engine
         self.text = text
         self.min_side = min_side
@@ -129,8 +141,9 @@ class GroundingDino:
         self.text_threshold = text_threshold
 
     @staticmethod
-    def from_manifest(manifest: Manifest, backend: str = "ort-cpu", threads: int | None = None,
-                      precision: str = "fp32") -> "GroundingDino":
+    def from_manifest(
+        manifest: Manifest, backend: str = "ort-cpu", threads: int | None = None, precision: str = "fp32"
+    ) -> GroundingDino:
         """Open and verify the detector of an engines folder (its FP16 form for fp16 where exported)."""
         text, min_side = detector_text(manifest)
         name, engine_backend = _engine_choice(manifest, backend, precision)
@@ -168,16 +181,20 @@ class GroundingDino:
 def detector_text(manifest: Manifest) -> tuple[TextEncoder, int]:
     """The detector's verified tokenizer and the smallest image side its export serves (the manifest entry's)."""
     if DETECTOR not in manifest.artefacts:
-        raise PersenseError(f"{manifest.folder}: no Grounding DINO detector for --text; export it with "
-                            f"`persense-export --detector grounding-dino --out {manifest.folder}`")
+        raise PersenseError(
+            f"{manifest.folder}: no Grounding DINO detector for --text; export it with "
+            f"`persense-export --detector grounding-dino --out {manifest.folder}`"
+        )
     extra = manifest.artefact(DETECTOR).extra
     try:
         tokenizer, max_text_len = extra["tokenizer"], int(extra["max_text_len"])
         text = TextEncoder.verified(manifest.folder / tokenizer["file"], tokenizer["sha256"], max_text_len)
         return text, int(extra.get("min_image_side", 1))
     except (KeyError, TypeError, ValueError) as exc:
-        raise PersenseError(f"{DETECTOR}: the manifest entry lacks its tokenizer or max_text_len; "
-                            + REEXPORT_HINT.format(folder=manifest.folder)) from exc
+        raise PersenseError(
+            f"{DETECTOR}: the manifest entry lacks its tokenizer or max_text_len; "
+            + REEXPORT_HINT.format(folder=manifest.folder)
+        ) from exc
 
 
 def _engine_choice(manifest: Manifest, backend: str, precision: str) -> tuple[str, str]:

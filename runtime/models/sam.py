@@ -22,20 +22,25 @@ EMBED_DIM = 256
 GRID = 64
 LOW_RES = 256
 PAD_LABEL = -1.0
-ENCODER_IO = ([TensorSpec("image", (1, 3, 1024, 1024), "float32")],
-              [TensorSpec("image_embeddings", (1, EMBED_DIM, GRID, GRID), "float32")])
+ENCODER_IO = (
+    [TensorSpec("image", (1, 3, 1024, 1024), "float32")],
+    [TensorSpec("image_embeddings", (1, EMBED_DIM, GRID, GRID), "float32")],
+)
 # The decoder returns, per prompt, SAM's best multimask output chosen inside the graph (index 1..3 by
 # predicted IoU, the first maximum on ties): its low-res logits [B,256,256] and its predicted IoU [B].
-DECODER_IO = ([TensorSpec("image_embeddings", (1, EMBED_DIM, GRID, GRID), "float32"),
-               TensorSpec("point_coords", ("B", "N", 2), "float32"),
-               TensorSpec("point_labels", ("B", "N"), "float32"),
-               TensorSpec("mask_input", ("B", 1, LOW_RES, LOW_RES), "float32"),
-               TensorSpec("has_mask_input", ("B",), "float32"),
-               TensorSpec("target_embedding", (1, EMBED_DIM), "float32"),
-               TensorSpec("attn_sim", (1, GRID * GRID), "float32"),
-               TensorSpec("persam_weight", ("B",), "float32")],
-              [TensorSpec("low_res_masks", ("B", LOW_RES, LOW_RES), "float32"),
-               TensorSpec("iou_predictions", ("B",), "float32")])
+DECODER_IO = (
+    [
+        TensorSpec("image_embeddings", (1, EMBED_DIM, GRID, GRID), "float32"),
+        TensorSpec("point_coords", ("B", "N", 2), "float32"),
+        TensorSpec("point_labels", ("B", "N"), "float32"),
+        TensorSpec("mask_input", ("B", 1, LOW_RES, LOW_RES), "float32"),
+        TensorSpec("has_mask_input", ("B",), "float32"),
+        TensorSpec("target_embedding", (1, EMBED_DIM), "float32"),
+        TensorSpec("attn_sim", (1, GRID * GRID), "float32"),
+        TensorSpec("persam_weight", ("B",), "float32"),
+    ],
+    [TensorSpec("low_res_masks", ("B", LOW_RES, LOW_RES), "float32"), TensorSpec("iou_predictions", ("B",), "float32")],
+)
 
 
 @dataclass
@@ -46,7 +51,7 @@ class Guidance:
     attn_sim: np.ndarray
 
     @staticmethod
-    def none() -> "Guidance":
+    def none() -> Guidance:
         """Placeholder guidance for plain SAM calls (ignored when persam_weight is 0)."""
         return Guidance(np.zeros((1, EMBED_DIM), np.float32), np.zeros((1, GRID * GRID), np.float32))
 
@@ -63,7 +68,7 @@ class Prompts:
         return self.coords.shape[0]
 
     @staticmethod
-    def points(coords: np.ndarray, mask_input: np.ndarray | None = None) -> "Prompts":
+    def points(coords: np.ndarray, mask_input: np.ndarray | None = None) -> Prompts:
         """One positive point per prompt plus SAM's padding point, as SamPredictor does without a box."""
         coords = np.asarray(coords, np.float32).reshape(-1, 2)
         batch = coords.shape[0]
@@ -72,14 +77,14 @@ class Prompts:
         return Prompts(padded, labels, mask_input)
 
     @staticmethod
-    def point_and_box(coords: np.ndarray, boxes: np.ndarray, mask_input: np.ndarray | None = None) -> "Prompts":
+    def point_and_box(coords: np.ndarray, boxes: np.ndarray, mask_input: np.ndarray | None = None) -> Prompts:
         """One positive point and one box (x0, y0, x1, y1) per prompt (box corners labelled 2 and 3)."""
         coords = np.asarray(coords, np.float32).reshape(-1, 1, 2)
         corners = np.asarray(boxes, np.float32).reshape(-1, 2, 2)
         labels = np.tile(np.array([[1.0, 2.0, 3.0]], np.float32), (coords.shape[0], 1))
         return Prompts(np.concatenate([coords, corners], axis=1), labels, mask_input)
 
-    def chunk(self, start: int, stop: int) -> "Prompts":
+    def chunk(self, start: int, stop: int) -> Prompts:
         """Prompts start..stop-1."""
         mask = None if self.mask_input is None else self.mask_input[start:stop]
         return Prompts(self.coords[start:stop], self.labels[start:stop], mask)
@@ -96,9 +101,14 @@ class SamEngines:
         self._resident: tuple[np.ndarray, object] | None = None  # (host embedding, its copy on the decoder's device)
 
     @staticmethod
-    def from_manifest(manifest: Manifest, backend: str = "ort-cpu", threads: int | None = None,
-                      decode_chunk: int | None = None, precision: str = "fp32",
-                      cuda_graph: bool = False) -> "SamEngines":
+    def from_manifest(
+        manifest: Manifest,
+        backend: str = "ort-cpu",
+        threads: int | None = None,
+        decode_chunk: int | None = None,
+        precision: str = "fp32",
+        cuda_graph: bool = False,
+    ) -> SamEngines:
         """Open and verify both SAM engines; `precision` picks the ONNX models (see `engine_names`; TensorRT
         uses its own engines; OpenVINO takes it as the encoder's inference precision, the decoder staying f32:
         OpenVINO 2026.4.1 fails to compile the vit_b dynamic-shape decoder in bf16); the decoder chunk size
@@ -107,12 +117,21 @@ class SamEngines:
         names = engine_names(manifest, backend, precision)
         for base, (inputs, outputs) in ((ENCODER, ENCODER_IO), (DECODER, DECODER_IO)):
             if backend != "trt":
-                check_io(names[base], manifest.artefact(names[base]), inputs, outputs,
-                         REEXPORT_HINT.format(folder=manifest.folder))
+                check_io(
+                    names[base],
+                    manifest.artefact(names[base]),
+                    inputs,
+                    outputs,
+                    REEXPORT_HINT.format(folder=manifest.folder),
+                )
         chunk = decode_chunk or default_decode_chunk(backend)
-        return SamEngines(open_engine(manifest, names[ENCODER], backend, threads, arena=False, cuda_graph=cuda_graph,
-                                      ov_precision=precision),
-                          open_engine(manifest, names[DECODER], backend, threads), chunk)
+        return SamEngines(
+            open_engine(
+                manifest, names[ENCODER], backend, threads, arena=False, cuda_graph=cuda_graph, ov_precision=precision
+            ),
+            open_engine(manifest, names[DECODER], backend, threads),
+            chunk,
+        )
 
     def encode(self, image_rgb: np.ndarray) -> tuple[np.ndarray, SamTransform]:
         """Image embedding [1,256,64,64] of an RGB uint8 image, and the transform of its geometry."""
@@ -120,8 +139,9 @@ class SamEngines:
         embedding = self.encoder.run({"image": transform.image_tensor(image_rgb)})["image_embeddings"]
         return embedding, transform
 
-    def decode_best(self, embedding: np.ndarray, prompts: Prompts,
-                    guidance: Guidance | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def decode_best(
+        self, embedding: np.ndarray, prompts: Prompts, guidance: Guidance | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Per prompt, SAM's best multimask output (chosen in the graph): logits [B,256,256] and score [B],
         in launches of `decode_chunk` prompts; PerSAM guidance applies to every prompt when given."""
         logits = np.empty((len(prompts), LOW_RES, LOW_RES), np.float32)
@@ -143,8 +163,11 @@ class SamEngines:
             "image_embeddings": self._embedding_feed(embedding),
             "point_coords": prompts.coords.astype(np.float32),
             "point_labels": prompts.labels.astype(np.float32),
-            "mask_input": (prompts.mask_input.reshape(batch, 1, LOW_RES, LOW_RES).astype(np.float32) if has_mask
-                           else np.zeros((batch, 1, LOW_RES, LOW_RES), np.float32)),
+            "mask_input": (
+                prompts.mask_input.reshape(batch, 1, LOW_RES, LOW_RES).astype(np.float32)
+                if has_mask
+                else np.zeros((batch, 1, LOW_RES, LOW_RES), np.float32)
+            ),
             "has_mask_input": np.full(batch, 1.0 if has_mask else 0.0, np.float32),
             "target_embedding": guide.target_embedding.reshape(1, EMBED_DIM).astype(np.float32),
             "attn_sim": guide.attn_sim.reshape(1, GRID * GRID).astype(np.float32),
@@ -173,8 +196,10 @@ def engine_names(manifest: Manifest, backend: str, precision: str) -> dict[str, 
     On ort-cuda the encoder is `sam_encoder_gpu[_<precision>]` where the manifest has it.
     """
     if precision not in (tuple(OV_PRECISIONS) if backend == "openvino" else ("fp32", "fp16", "int8")):
-        raise PersenseError(f"precision {precision} does not run on backend {backend}: openvino runs fp32 or bf16 "
-                            f"(from the FP32 models), the other backends fp32, fp16 or int8")
+        raise PersenseError(
+            f"precision {precision} does not run on backend {backend}: openvino runs fp32 or bf16 "
+            f"(from the FP32 models), the other backends fp32, fp16 or int8"
+        )
     names = {ENCODER: ENCODER, DECODER: DECODER}
     if precision in ("fp16", "int8") and backend != "trt":
         names[ENCODER] = f"{ENCODER}_{precision}"

@@ -38,8 +38,11 @@ class TextTokens:
 
     def feeds(self) -> dict[str, np.ndarray]:
         """The text inputs of the detector engine."""
-        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask,
-                "token_type_ids": self.token_type_ids}
+        return {
+            "input_ids": self.input_ids,
+            "attention_mask": self.attention_mask,
+            "token_type_ids": self.token_type_ids,
+        }
 
 
 class TextEncoder:
@@ -51,27 +54,35 @@ class TextEncoder:
         try:
             self.tokenizer = Tokenizer.from_file(str(path))
         except Exception as exc:  # tokenizers raises its own exception type for unreadable JSON
-            raise PersenseError(f"{path}: not a tokenizers JSON file ({str(exc).splitlines()[0]}); "
-                                f"re-export the detector with persense-export --detector") from exc
+            raise PersenseError(
+                f"{path}: not a tokenizers JSON file ({str(exc).splitlines()[0]}); "
+                f"re-export the detector with persense-export --detector"
+            ) from exc
         self.tokenizer.no_truncation()
         self.tokenizer.no_padding()
         self.max_text_len = max_text_len
         self.unk_id = self.tokenizer.token_to_id(UNK)
         probe = self.tokenizer.encode("a.").tokens
         if probe[:1] != [CLS] or probe[-1:] != [SEP]:
-            raise PersenseError(f"{path}: the tokenizer does not wrap text as [CLS] ... [SEP] as BERT does; "
-                                f"re-export the detector with persense-export --detector")
+            raise PersenseError(
+                f"{path}: the tokenizer does not wrap text as [CLS] ... [SEP] as BERT does; "
+                f"re-export the detector with persense-export --detector"
+            )
 
     @staticmethod
-    def verified(path: Path, sha256: str, max_text_len: int) -> "TextEncoder":
+    def verified(path: Path, sha256: str, max_text_len: int) -> TextEncoder:
         """The encoder of a tokenizer file whose sha256 is the manifest's."""
         if not path.is_file():
-            raise PersenseError(f"{path}: the detector's tokenizer is missing; re-export it with "
-                                f"`persense-export --detector ... --out {path.parent}`")
+            raise PersenseError(
+                f"{path}: the detector's tokenizer is missing; re-export it with "
+                f"`persense-export --detector ... --out {path.parent}`"
+            )
         actual = sha256_file(path)
         if actual != sha256:
-            raise PersenseError(f"{path}: sha256 {actual[:12]}... does not match the manifest ({sha256[:12]}...): "
-                                f"the tokenizer was modified or replaced; re-export the detector")
+            raise PersenseError(
+                f"{path}: sha256 {actual[:12]}... does not match the manifest ({sha256[:12]}...): "
+                f"the tokenizer was modified or replaced; re-export the detector"
+            )
         return TextEncoder(path, max_text_len)
 
     def encode(self, prompt: str) -> TextTokens:
@@ -80,22 +91,32 @@ class TextEncoder:
             raise PersenseError(f"text prompt {prompt!r} is empty: give the object's name, e.g. --text apple")
         caption = caption_for(prompt)
         encoding = self.tokenizer.encode(caption)
-        unknown = [caption[start:end] for token, (start, end) in zip(encoding.ids, encoding.offsets)
-                   if token == self.unk_id]
+        unknown = [
+            caption[start:end] for token, (start, end) in zip(encoding.ids, encoding.offsets) if token == self.unk_id
+        ]
         if unknown:
-            raise PersenseError(f"text prompt {prompt!r}: {', '.join(map(repr, unknown))} not in the detector's "
-                                f"vocabulary (tokenised to {UNK}); use another word")
+            raise PersenseError(
+                f"text prompt {prompt!r}: {', '.join(map(repr, unknown))} not in the detector's "
+                f"vocabulary (tokenised to {UNK}); use another word"
+            )
         if len(encoding.ids) > self.max_text_len:
-            raise PersenseError(f"text prompt {prompt!r} is {len(encoding.ids)} tokens long; the detector takes at "
-                                f"most {self.max_text_len} (with [CLS] and [SEP]): shorten it")
+            raise PersenseError(
+                f"text prompt {prompt!r} is {len(encoding.ids)} tokens long; the detector takes at "
+                f"most {self.max_text_len} (with [CLS] and [SEP]): shorten it"
+            )
 
         def row(values: list[int]) -> np.ndarray:
             return np.asarray(values, np.int64).reshape(1, -1)
 
-        return TextTokens(prompt, caption, tuple(encoding.tokens), row(encoding.ids), row(encoding.attention_mask),
-                          row(encoding.type_ids))
+        return TextTokens(
+            prompt,
+            caption,
+            tuple(encoding.tokens),
+            row(encoding.ids),
+            row(encoding.attention_mask),
+            row(encoding.type_ids),
+        )
 
     def decode(self, ids: list[int]) -> str:
         """Text of token ids as the original's `tokenizer.decode` gives it (pieces joined, special tokens kept)."""
         return self.tokenizer.decode(ids, skip_special_tokens=False)
-

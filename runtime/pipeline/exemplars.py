@@ -15,7 +15,7 @@ from persense.runtime.errors import PersenseError
 
 
 def parse_box(text: str) -> np.ndarray:
-    """"x0,y0,x1,y1" -> a float64 array of four numbers (checked against the image later)."""
+    """ "x0,y0,x1,y1" -> a float64 array of four numbers (checked against the image later)."""
     parts = text.replace(" ", "").split(",")
     try:
         values = [float(part) for part in parts]
@@ -36,8 +36,10 @@ def check_box(box: Sequence[float] | np.ndarray, image_size: tuple[int, int]) ->
     if x1 <= x0 or y1 <= y0:
         raise PersenseError(f"box {values.tolist()} is inverted or empty: it needs x0 < x1 and y0 < y1")
     if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
-        raise PersenseError(f"box {values.tolist()} is not inside the {width}x{height} target image "
-                            f"(it needs 0 <= x0 < x1 <= {width} and 0 <= y0 < y1 <= {height})")
+        raise PersenseError(
+            f"box {values.tolist()} is not inside the {width}x{height} target image "
+            f"(it needs 0 <= x0 < x1 <= {width} and 0 <= y0 < y1 <= {height})"
+        )
     return values
 
 

@@ -46,8 +46,9 @@ class PerSensePipeline:
         embedding, transform = self.sam.encode(image)
         return reference_target(embedding, mask, transform)
 
-    def segment(self, image: np.ndarray, target: Target, box: np.ndarray | None = None,
-                text: TextTokens | None = None) -> SegmentResult:
+    def segment(
+        self, image: np.ndarray, target: Target, box: np.ndarray | None = None, text: TextTokens | None = None
+    ) -> SegmentResult:
         """Segment every instance of the target object in an RGB uint8 image.
 
         `box` (x0, y0, x1, y1), the first exemplar as a detector gives it: the cascade starts from its
@@ -83,14 +84,26 @@ class PerSensePipeline:
         for message in warnings:
             log.warning(message)
         return SegmentResult(
-            union=union, labels=instances.labels, points=points, boxes=instances.boxes, scores=final_scores,
-            exemplars=request.exemplars, count=density.count, first_pass_points=len(first_pass),
+            union=union,
+            labels=instances.labels,
+            points=points,
+            boxes=instances.boxes,
+            scores=final_scores,
+            exemplars=request.exemplars,
+            count=density.count,
+            first_pass_points=len(first_pass),
             decoder_prompts=2 + 2 * len(first_pass) + len(points),
-            decoder_launches=self.sam.decoder_launches - launches, timings_ms=timer.ms, warnings=warnings,
-            logits=logits, transform=transform, first_exemplar=first_exemplar)
+            decoder_launches=self.sam.decoder_launches - launches,
+            timings_ms=timer.ms,
+            warnings=warnings,
+            logits=logits,
+            transform=transform,
+            first_exemplar=first_exemplar,
+        )
 
-    def _start(self, image: np.ndarray, box: np.ndarray | None, text: TextTokens | None, timer: StageTimer,
-               warnings: list[str]) -> tuple[np.ndarray | None, dict]:
+    def _start(
+        self, image: np.ndarray, box: np.ndarray | None, text: TextTokens | None, timer: StageTimer, warnings: list[str]
+    ) -> tuple[np.ndarray | None, dict]:
         """The first point when a box or the detector gives it (None: the similarity arg-max), and its record
         (`source` "box", "text" or "similarity"; the detector's box, confidence and phrase for "text")."""
         if box is not None:
@@ -103,13 +116,21 @@ class PerSensePipeline:
         with timer.stage("detector"):
             detection = self.detector.best_box(image, text)
         if detection is None:
-            warnings.append(f"the detector found no {text.caption!r} above box_threshold "
-                            f"{self.detector.box_threshold}; starting from the best-matching point instead")
+            warnings.append(
+                f"the detector found no {text.caption!r} above box_threshold "
+                f"{self.detector.box_threshold}; starting from the best-matching point instead"
+            )
             return None, {"source": "similarity", "text": text.prompt, "detection": None}
         return box_centre(detection.box), {"source": "text", "text": text.prompt, "detection": detection.summary()}
 
-    def _candidates(self, request: CountRequest, similarity: np.ndarray, timer: StageTimer, fallback: bool = False,
-                    warnings: list[str] | None = None) -> tuple[np.ndarray, Density]:
+    def _candidates(
+        self,
+        request: CountRequest,
+        similarity: np.ndarray,
+        timer: StageTimer,
+        fallback: bool = False,
+        warnings: list[str] | None = None,
+    ) -> tuple[np.ndarray, Density]:
         """Counter -> IDM -> PPSM; with `fallback`, all IDM points when PPSM keeps none (as the original)."""
         with timer.stage("counter"):
             density = self.counter.count(request)
@@ -122,8 +143,9 @@ class PerSensePipeline:
             kept = points
         return kept, density
 
-    def _initial_exemplar(self, embedding: np.ndarray, transform: SamTransform, point: np.ndarray,
-                          guidance: Guidance, warnings: list[str]) -> np.ndarray:
+    def _initial_exemplar(
+        self, embedding: np.ndarray, transform: SamTransform, point: np.ndarray, guidance: Guidance, warnings: list[str]
+    ) -> np.ndarray:
         """The exemplar cascade: guided point call, then the point with its best logits; the box of that mask.
 
         The original's third call (point + box + logits) is skipped: its mask is discarded and its score
@@ -138,8 +160,14 @@ class PerSensePipeline:
             box = np.array([point[0], point[1], point[0], point[1]], dtype=np.float64)
         return box
 
-    def _point_boxes(self, embedding: np.ndarray, transform: SamTransform, points: np.ndarray, guidance: Guidance,
-                     warnings: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    def _point_boxes(
+        self,
+        embedding: np.ndarray,
+        transform: SamTransform,
+        points: np.ndarray,
+        guidance: Guidance,
+        warnings: list[str],
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Feedback: per point a guided call then a refined call (batched); boxes and scores of non-empty masks."""
         prompts = transform.coords_to_input(points)
         guided, _ = self.sam.decode_best(embedding, Prompts.points(prompts), guidance)

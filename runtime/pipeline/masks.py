@@ -55,7 +55,7 @@ def rasterise(logits: np.ndarray, transform: SamTransform, with_labels: bool) ->
     order = np.arange(len(maps)) if with_labels else np.concatenate([np.flatnonzero(edge), np.flatnonzero(~edge)])
     height, width = tiles.shape
     for start in range(0, len(order), CHUNK):
-        chunk = order[start:start + CHUNK]
+        chunk = order[start : start + CHUNK]
         if not with_labels and not edge[chunk[0]]:
             chunk = chunk[extents.may_widen(maps[chunk], top[chunk], left[chunk], height, width)]
         positive, y, x = tiles.positive(stack, maps[chunk], top[chunk], left[chunk])
@@ -69,7 +69,7 @@ def rasterise(logits: np.ndarray, transform: SamTransform, with_labels: bool) ->
 def _paint(labels: np.ndarray | None, index: int, mask: np.ndarray, y0: int, x0: int) -> None:
     """Label `index + 1` where `mask` is set, unless a larger label is there already."""
     if labels is not None:
-        window = labels[y0:y0 + mask.shape[0], x0:x0 + mask.shape[1]]
+        window = labels[y0 : y0 + mask.shape[0], x0 : x0 + mask.shape[1]]
         np.maximum(window, mask * np.uint16(index + 1), out=window)
 
 
@@ -94,8 +94,13 @@ class _Extents:
     def may_widen(self, maps: np.ndarray, top: np.ndarray, left: np.ndarray, height: int, width: int) -> np.ndarray:
         """Which tiles reach outside their map's current box (or belong to a map without one yet)."""
         low, high = self.low[maps], self.high[maps]
-        return ((high[:, 0] < 0) | (top < low[:, 0]) | (top + height - 1 > high[:, 0])
-                | (left < low[:, 1]) | (left + width - 1 > high[:, 1]))
+        return (
+            (high[:, 0] < 0)
+            | (top < low[:, 0])
+            | (top + height - 1 > high[:, 0])
+            | (left < low[:, 1])
+            | (left + width - 1 > high[:, 1])
+        )
 
     def valid(self) -> np.ndarray:
         """Maps with at least one positive pixel."""

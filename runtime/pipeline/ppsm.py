@@ -1,4 +1,4 @@
-"""PPSM, Point Prompt Selection: keep IDM points whose similarity clears a count-adaptive threshold (docs/ALGORITHM.md §6)."""
+"""PPSM, Point Prompt Selection: keep IDM points whose similarity clears a count-adaptive threshold (ALGORITHM §6)."""
 
 from __future__ import annotations
 

@@ -34,12 +34,18 @@ def reference_target(embedding: np.ndarray, mask: np.ndarray, transform: SamTran
     h, w = resized.shape
     normalised[:h, :w] = (resized.astype(np.float32) - PIXEL_MEAN[0]) / PIXEL_STD[0]
     centre = _CELL // 2
-    cells = 0.25 * (normalised[centre - 1::_CELL, centre - 1::_CELL] + normalised[centre - 1::_CELL, centre::_CELL]
-                    + normalised[centre::_CELL, centre - 1::_CELL] + normalised[centre::_CELL, centre::_CELL])
+    cells = 0.25 * (
+        normalised[centre - 1 :: _CELL, centre - 1 :: _CELL]
+        + normalised[centre - 1 :: _CELL, centre::_CELL]
+        + normalised[centre::_CELL, centre - 1 :: _CELL]
+        + normalised[centre::_CELL, centre::_CELL]
+    )
     selected = cells > 0
     if not selected.any():
-        raise PersenseError("reference mask is too small: it covers the centre of no 16x16 cell of SAM's "
-                            "feature grid (at 1024 px on the long side); use a larger object or a tighter crop")
+        raise PersenseError(
+            "reference mask is too small: it covers the centre of no 16x16 cell of SAM's "
+            "feature grid (at 1024 px on the long side); use a larger object or a tighter crop"
+        )
     features = embedding[0].transpose(1, 2, 0)[selected]
     mean = features.mean(axis=0)
     return Target(mean.astype(np.float32), (mean / np.linalg.norm(mean)).astype(np.float32))

@@ -45,6 +45,7 @@ class SegmentResult:
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready description (without the pixel arrays)."""
+
         def boxes_json(boxes: np.ndarray) -> list[list[float] | None]:
             return [None if np.isnan(b).any() else [float(v) for v in b] for b in boxes]
 

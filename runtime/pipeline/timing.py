@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
-STAGES = ("reference_encoding", "image_encoding", "location_prior", "exemplar_cascade", "counter", "idm", "ppsm",
-          "feedback", "final_decoding", "merge")
+STAGES = (
+    "reference_encoding",
+    "image_encoding",
+    "location_prior",
+    "exemplar_cascade",
+    "counter",
+    "idm",
+    "ppsm",
+    "feedback",
+    "final_decoding",
+    "merge",
+)
 
 
 class StageTimer:
