@@ -48,6 +48,7 @@ from persense.runtime.backends.ort_check import check_onnxruntime
 from persense.runtime.cli.common import add_common_flags, run_command
 from persense.runtime.errors import PersenseError
 from persense.runtime.manifest import load_manifest
+from persense.runtime.metrics import latency_summary, mask_iou
 from persense.runtime.models.detector import DETECTOR
 from persense.runtime.pipeline.timing import STAGES
 
@@ -245,13 +246,7 @@ def note(message: str, quiet: bool) -> None:
 def _stats(values: list[float]) -> dict[str, Any]:
     """p50/p90/min/max and the samples, in ms."""
     array = np.asarray(values, dtype=np.float64)
-    return {
-        "p50": round(float(np.percentile(array, 50)), 3),
-        "p90": round(float(np.percentile(array, 90)), 3),
-        "min": round(float(array.min()), 3),
-        "max": round(float(array.max()), 3),
-        "samples": [round(float(v), 3) for v in array],
-    }
+    return {**latency_summary(array), "samples": [round(float(v), 3) for v in array]}
 
 
 def _stage_stats(samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -265,7 +260,7 @@ def _stage_stats(samples: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
     """IoU of two packed-bit masks of the same image."""
-    return mask_stage.mask_iou(np.unpackbits(a).astype(bool), np.unpackbits(b).astype(bool))
+    return mask_iou(np.unpackbits(a).astype(bool), np.unpackbits(b).astype(bool))
 
 
 def summarise(

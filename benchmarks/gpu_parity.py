@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,12 +18,13 @@ from typing import Any
 
 import numpy as np
 
-from persense.benchmarks.mask_stage import mask_iou
+from persense.runtime.artefact_names import DECODER, ENCODER, GPU_ENCODER, variant_name
 from persense.runtime.backends.ort_engine import OrtEngine
 from persense.runtime.geometry.transforms import SamTransform
 from persense.runtime.imageio import atomic_write_bytes, read_rgb
 from persense.runtime.manifest import Manifest, load_manifest
-from persense.runtime.models.sam import DECODER, ENCODER, GPU_ENCODER, Prompts, SamEngines, engine_names
+from persense.runtime.metrics import cosine, latency_summary, mask_iou
+from persense.runtime.models.sam import Prompts, SamEngines, engine_names
 
 # Tolerances against the CPU FP32 reference. FP32 on CUDA runs its GEMMs on TF32 tensor cores by default.
 TOLERANCES = {
@@ -32,7 +32,7 @@ TOLERANCES = {
     "fp16": {"cosine": 0.999, "max_abs_fraction": 0.05},
     "mask_iou_mean": 0.99,
 }
-ENCODERS = (ENCODER, f"{ENCODER}_fp16", GPU_ENCODER, f"{GPU_ENCODER}_fp16")
+ENCODERS = tuple(variant_name(name, p) for name in (ENCODER, GPU_ENCODER) for p in ("fp32", "fp16"))
 PROMPT_GRID = 8  # 8 x 8 one-point prompts spread over the image
 WARMUP, REPEAT = 3, 10
 
@@ -46,24 +46,21 @@ def timed_ms(run: Callable[[], object], warmup: int, repeat: int) -> dict[str, f
         start = time.perf_counter()
         run()
         samples.append((time.perf_counter() - start) * 1000.0)
-    return {
-        "p50": round(statistics.median(samples), 3),
-        "p90": round(float(np.percentile(samples, 90)), 3),
-        "min": round(min(samples), 3),
-    }
+    summary = latency_summary(samples, midpoint=True)  # p50 as statistics.median, as this check always had
+    return {key: summary[key] for key in ("p50", "p90", "min")}
 
 
 def embedding_agreement(test: np.ndarray, reference: np.ndarray, precision: str) -> dict[str, Any]:
     """Max abs difference, cosine similarity and the verdict against TOLERANCES[precision]."""
     a, b = test.astype(np.float64).ravel(), reference.astype(np.float64).ravel()
-    cosine = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+    similarity = cosine(a, b, zero=None)  # nan for an all-zero embedding: it fails
     max_abs, scale = float(np.abs(a - b).max()), float(np.abs(b).max())
     tolerance = TOLERANCES[precision]
-    passed = cosine >= tolerance["cosine"] and max_abs <= tolerance["max_abs_fraction"] * scale
+    passed = similarity >= tolerance["cosine"] and max_abs <= tolerance["max_abs_fraction"] * scale
     return {
         "max_abs": round(max_abs, 6),
         "reference_max_abs": round(scale, 6),
-        "cosine": round(cosine, 7),
+        "cosine": round(similarity, 7),
         "passed": passed,
     }
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from persense.benchmarks.report import STAGE_LABELS, table
+from persense.runtime.artefact_names import ENCODER, GPU_ENCODER, variant_name
 from persense.runtime.imageio import atomic_write_bytes
 
 SCHEMA = "persense-gpu-check/1"
@@ -47,8 +48,7 @@ def _best_cuda_query(model: dict[str, Any] | None, instances: int) -> float | No
 def _encoder_ms(model: dict[str, Any] | None, precision: str) -> float | None:
     """p50 of the encoder the runtime uses on ORT-CUDA at this precision (sam_encoder_gpu where exported)."""
     encoders = {e["artefact"]: e for e in ((model or {}).get("parity") or {}).get("encoders", []) if not e["error"]}
-    suffix = "" if precision == "fp32" else f"_{precision}"
-    chosen = encoders.get(f"sam_encoder_gpu{suffix}") or encoders.get(f"sam_encoder{suffix}")
+    chosen = encoders.get(variant_name(GPU_ENCODER, precision)) or encoders.get(variant_name(ENCODER, precision))
     return None if chosen is None else chosen["latency_ms"]["p50"]
 
 

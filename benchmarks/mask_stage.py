@@ -17,6 +17,7 @@ import numpy as np
 
 from persense.benchmarks.workload import Workload
 from persense.runtime.geometry.transforms import LOW_RES, SamTransform
+from persense.runtime.metrics import mask_iou
 from persense.runtime.pipeline.masks import rasterise
 
 LABEL = "ground-truth instance masks of the scene as SAM logits (object-sized, realistic extents)"
@@ -62,9 +63,3 @@ def measure(workload: Workload, repeat: int) -> dict[str, Any] | None:
         "union_iou_vs_ground_truth": round(mask_iou(instances.labels > 0, labels > 0), 6),
         "samples_ms": samples,
     }
-
-
-def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
-    """IoU of two boolean masks (1.0 when both are empty)."""
-    union = np.logical_or(a, b).sum()
-    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)

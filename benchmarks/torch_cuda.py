@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from collections.abc import Callable
 
@@ -24,6 +23,9 @@ import torch.nn.functional as F
 from persense.export.sam.build import random_sam
 from persense.export.sam.persam_decoder import PerSamDecoder
 from persense.export.sam.reassociated_decoder import ReassociatedDecoder
+from persense.runtime.geometry.transforms import GRID, LONG_SIDE, LOW_RES
+from persense.runtime.metrics import midpoint_median
+from persense.runtime.models.sam import EMBED_DIM
 
 IMAGE_SIZE = (768, 1024)  # H, W of the synthetic target image
 PER_PROMPT = {1, 2, 3, 4, 7}  # decoder inputs with a prompt axis (coords, labels, mask, has_mask, persam weight)
@@ -48,16 +50,16 @@ def _timed(fn: Callable[[], object], device: torch.device, repeat: int) -> list[
 def _inputs(prompts: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
     """One embedding and `prompts` one-point prompts (plus padding points), unguided."""
     g = torch.Generator().manual_seed(0)
-    coords = torch.cat([torch.rand(prompts, 1, 2, generator=g) * 1024, torch.zeros(prompts, 1, 2)], dim=1)
+    coords = torch.cat([torch.rand(prompts, 1, 2, generator=g) * LONG_SIDE, torch.zeros(prompts, 1, 2)], dim=1)
     labels = torch.tensor([[1.0, -1.0]]).repeat(prompts, 1)
     tensors = (
-        torch.randn(1, 256, 64, 64, generator=g),
+        torch.randn(1, EMBED_DIM, GRID, GRID, generator=g),
         coords,
         labels,
-        torch.zeros(prompts, 1, 256, 256),
+        torch.zeros(prompts, 1, LOW_RES, LOW_RES),
         torch.zeros(prompts),
-        torch.zeros(1, 256),
-        torch.zeros(1, 4096),
+        torch.zeros(1, EMBED_DIM),
+        torch.zeros(1, GRID * GRID),
         torch.zeros(prompts),
     )
     return tuple(t.to(device=device, dtype=dtype) for t in tensors)
@@ -66,7 +68,7 @@ def _inputs(prompts: int, device: torch.device, dtype: torch.dtype) -> tuple[tor
 def _postprocess(low_res: torch.Tensor) -> torch.Tensor:
     """SAM's postprocess_masks for a 1024x768 input: to 1024^2, crop, to the image size; then > 0."""
     h, w = IMAGE_SIZE
-    full = F.interpolate(low_res, (1024, 1024), mode="bilinear", align_corners=False)[..., :h, :w]
+    full = F.interpolate(low_res, (LONG_SIDE, LONG_SIDE), mode="bilinear", align_corners=False)[..., :h, :w]
     return F.interpolate(full, IMAGE_SIZE, mode="bilinear", align_corners=False) > 0
 
 
@@ -97,22 +99,22 @@ def measure(model_type: str, prompts: int, repeat: int, device: torch.device) ->
         "model_type": model_type,
         "prompts": prompts,
     }
-    result["decoder_sequential_fp32_ms"] = statistics.median(_timed(sequential, device, max(1, repeat // 5)))
-    result["decoder_batched_fp32_ms"] = statistics.median(_timed(batched(fast, inputs), device, repeat))
-    result["decoder_module_only_fp32_ms"] = statistics.median(_timed(lambda: fast(*inputs), device, repeat))
-    result["literal_decoder_module_only_fp32_ms"] = statistics.median(_timed(lambda: literal(*inputs), device, repeat))
+    result["decoder_sequential_fp32_ms"] = midpoint_median(_timed(sequential, device, max(1, repeat // 5)))
+    result["decoder_batched_fp32_ms"] = midpoint_median(_timed(batched(fast, inputs), device, repeat))
+    result["decoder_module_only_fp32_ms"] = midpoint_median(_timed(lambda: fast(*inputs), device, repeat))
+    result["literal_decoder_module_only_fp32_ms"] = midpoint_median(_timed(lambda: literal(*inputs), device, repeat))
     half = ReassociatedDecoder(sam, best_only=True).eval().half() if device.type == "cuda" else None
     if half is not None:
-        result["decoder_batched_fp16_ms"] = statistics.median(
+        result["decoder_batched_fp16_ms"] = midpoint_median(
             _timed(batched(half, _inputs(prompts, device, torch.float16)), device, repeat)
         )
         half.float()
-    image = torch.randn(1, 3, 1024, 1024, device=device)
+    image = torch.randn(1, 3, LONG_SIDE, LONG_SIDE, device=device)
     encoder = sam.image_encoder
-    result["encoder_fp32_ms"] = statistics.median(_timed(lambda: encoder(image), device, repeat))
+    result["encoder_fp32_ms"] = midpoint_median(_timed(lambda: encoder(image), device, repeat))
     if device.type == "cuda":
         encoder.half()
-        result["encoder_fp16_ms"] = statistics.median(_timed(lambda: encoder(image.half()), device, repeat))
+        result["encoder_fp16_ms"] = midpoint_median(_timed(lambda: encoder(image.half()), device, repeat))
     result["decoder_speedup_fp32"] = result["decoder_sequential_fp32_ms"] / result["decoder_batched_fp32_ms"]
     if "decoder_batched_fp16_ms" in result:
         result["decoder_speedup_fp16"] = result["decoder_sequential_fp32_ms"] / result["decoder_batched_fp16_ms"]

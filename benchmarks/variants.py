@@ -8,7 +8,6 @@ resident memory (ru_maxrss) stays its own. Runtime workers never import torch.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import multiprocessing
 import resource
@@ -24,11 +23,13 @@ from typing import Any
 import numpy as np
 
 from persense.benchmarks.workload import Workload
+from persense.runtime.artefact_names import SAM_MODELS
+from persense.runtime.backends.choice import unavailable_reason
+from persense.runtime.backends.table import TABLE
 from persense.runtime.errors import PersenseError
 from persense.runtime.manifest import load_manifest
 from persense.runtime.models.sam import engine_names
 
-SAM_ENTRIES = ("sam_encoder", "sam_decoder")
 QUERIES = ("cold", "warm")  # the two queries a user meets: a new reference, or one encoded before
 STOP_TIMEOUT_S = 60.0
 DETECTOR_PROMPT = "object"  # the text prompt the `detector` stage runs (any word the detector's vocabulary knows)
@@ -116,19 +117,6 @@ def export_engines(
     return {flag: error for flag, error in errors.items() if error is not None}
 
 
-def _ort_cuda_reason() -> str | None:
-    """None when ONNX Runtime has its CUDA provider here, else why not."""
-    import onnxruntime as ort
-
-    providers = ort.get_available_providers()
-    if "CUDAExecutionProvider" in providers:
-        return None
-    return (
-        f"onnxruntime {ort.__version__} has no CUDAExecutionProvider (providers: {', '.join(providers)}); "
-        "install the `gpu` extra (onnxruntime-gpu) on a machine with an NVIDIA GPU"
-    )
-
-
 def _torch_cuda_reason() -> str | None:
     """None when torch sees a CUDA GPU here, else why not (asked in a child process: the parent stays torch-free)."""
     done = subprocess.run(
@@ -144,17 +132,9 @@ def _torch_cuda_reason() -> str | None:
 
 def platform_reason(variant: Variant) -> str | None:
     """Why this machine cannot run `variant` at all (no CUDA provider or GPU for torch, no TensorRT), or None."""
-    if variant.backend == "torch-cuda":
-        return _torch_cuda_reason()
-    if variant.backend == "ort-cuda":
-        return _ort_cuda_reason()
-    if variant.backend == "trt":
-        from persense.runtime.backends.trt_engine import tensorrt_unavailable_reason
-
-        return tensorrt_unavailable_reason()
-    if variant.backend == "openvino" and importlib.util.find_spec("openvino") is None:
-        return "OpenVINO is not installed (pip install 'persense[openvino]')"
-    return None
+    if variant.is_reference:
+        return _torch_cuda_reason() if variant is REFERENCES["cuda"] else None
+    return unavailable_reason(variant.backend)
 
 
 def engines_reason(variant: Variant, folder: Path, export_errors: dict[str, str]) -> str | None:
@@ -162,12 +142,12 @@ def engines_reason(variant: Variant, folder: Path, export_errors: dict[str, str]
     if variant.export_flag in export_errors:
         return f"persense-export {variant.export_flag} failed: {export_errors[variant.export_flag]}"
     manifest = load_manifest(folder)
-    if variant.backend == "trt":
+    if TABLE[variant.backend].own_engines:
         from persense.runtime.backends.trt_engine import engine_unusable_reason
 
-        return next((r for name in SAM_ENTRIES if (r := engine_unusable_reason(manifest, name)) is not None), None)
+        return next((r for name in SAM_MODELS if (r := engine_unusable_reason(manifest, name)) is not None), None)
     names = engine_names(manifest, variant.backend, variant.precision)
-    missing = [names[name] for name in SAM_ENTRIES if names[name] not in manifest.artefacts]
+    missing = [names[name] for name in SAM_MODELS if names[name] not in manifest.artefacts]
     return f"{folder}: the manifest has no {' or '.join(missing)}" if missing else None
 
 
@@ -206,12 +186,12 @@ def _build_pipeline(spec: WorkerSpec) -> Any:
     if spec.variant.is_reference:
         import torch
 
-        from persense.export.oracle.pipeline import ReferencePipeline
+        from persense.export.oracle.pipeline import OraclePipeline
         from persense.export.sam.build import bundled_or_random_sam
 
         torch.set_num_threads(spec.threads)
         device = spec.variant.backend.removeprefix("torch-")
-        return ReferencePipeline(bundled_or_random_sam(spec.model_type, spec.seed).to(device), _counter(spec))
+        return OraclePipeline(bundled_or_random_sam(spec.model_type, spec.seed).to(device), _counter(spec))
     from persense.runtime.models.sam import SamEngines
     from persense.runtime.pipeline.flow import PerSensePipeline
 

@@ -1,1 +1,1 @@
-"""PyTorch side of persense: model definitions, checkpoint loading, ONNX export, the reference pipeline."""
+"""PyTorch side of persense: model definitions, checkpoint loading, ONNX export, the PyTorch oracle."""

@@ -10,11 +10,10 @@ from typing import Any
 
 import onnx
 
+from persense.runtime.artefact_names import variant_name
 from persense.runtime.errors import PersenseError
 from persense.runtime.manifest import Artefact, Manifest, TensorSpec, installed_versions, load_manifest, sha256_file
 
-FP16_SUFFIX = "_fp16"
-INT8_SUFFIX = "_int8"
 _ONNX_DTYPES = {
     onnx.TensorProto.FLOAT: "float32",
     onnx.TensorProto.FLOAT16: "float16",
@@ -23,11 +22,6 @@ _ONNX_DTYPES = {
     onnx.TensorProto.BOOL: "bool",
 }
 _PACKAGES = ("persense", "torch", "onnx", "onnxruntime", "onnxslim", "onnxconverter-common", "tensorrt")
-
-
-def fp16_name(name: str) -> str:
-    """Manifest name of the FP16 copy of artefact `name`."""
-    return name + FP16_SUFFIX
 
 
 def package_versions() -> dict[str, str]:
@@ -102,9 +96,10 @@ def reusable(previous: Manifest | None, name: str, source_key: str) -> Artefact 
     return art
 
 
-def reusable_variant(previous: Manifest | None, name: str, artefact: Artefact, suffix: str) -> Artefact | None:
-    """The previous `<name><suffix>` entry (FP16, INT8) if it was converted from this exact FP32 file and is intact."""
-    variant = name + suffix
+def reusable_variant(previous: Manifest | None, name: str, artefact: Artefact, precision: str) -> Artefact | None:
+    """The previous `precision` variant (FP16, INT8) of `name` if it was converted from this exact FP32 file and is
+    intact."""
+    variant = variant_name(name, precision)
     if previous is None or variant not in previous.artefacts:
         return None
     entry = previous.artefacts[variant]

@@ -13,6 +13,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from persense.export.artefacts import package_versions, reusable
+from persense.runtime.artefact_names import COUNTR, DECODER, DSALVANET, ENCODER, GPU_ENCODER, export_family, source_name
 from persense.runtime.errors import PersenseError
 from persense.runtime.manifest import MANIFEST_NAME, Artefact, Manifest, load_manifest, sha256_file
 
@@ -104,12 +105,11 @@ def _sam_jobs(request: ExportRequest) -> list[Job]:
     )
     jobs = [
         Job(name, source, key, build, lambda m, path, src, f=fn: f(m, path, request.model_type, src))
-        for name, fn in (("sam_encoder", export_encoder), ("sam_decoder", export_decoder))
+        for name, fn in ((ENCODER, export_encoder), (DECODER, export_decoder))
     ]
     form = request.gpu_encoder
     if form is not None:
         from persense.export.sam.gpu_encoder import ATTENTION_FORMS, export_gpu_encoder
-        from persense.runtime.models.sam import GPU_ENCODER
 
         if form not in ATTENTION_FORMS:
             raise PersenseError(
@@ -142,13 +142,13 @@ def _counter_job(request: ExportRequest) -> Job:
             else (lambda: random_countr(request.seed, request.counter_config))
         )
         key = f"countr-{request.counter_config}:{source}:{'' if checkpoint else request.seed}:r{EXPORT_RECIPE}"
-        return Job("counter_countr", source, key, build, lambda m, path, src: export_countr(m, path.parent, src))
+        return Job(COUNTR, source, key, build, lambda m, path, src: export_countr(m, path.parent, src))
     if request.counter == "dsalvanet":
         from persense.export.counters.dsalvanet import export_dsalvanet, load_dsalvanet, random_dsalvanet
 
         build = (lambda: load_dsalvanet(checkpoint)) if checkpoint else (lambda: random_dsalvanet(request.seed))
         key = f"dsalvanet:{source}:{'' if checkpoint else request.seed}:r{EXPORT_RECIPE}"
-        return Job("counter_dsalvanet", source, key, build, lambda m, path, src: export_dsalvanet(m, path.parent, src))
+        return Job(DSALVANET, source, key, build, lambda m, path, src: export_dsalvanet(m, path.parent, src))
     raise PersenseError(f"unknown counter {request.counter!r}; choose countr or dsalvanet")
 
 
@@ -191,18 +191,13 @@ def _folder_hash(folder: Path) -> str:
     return hashlib.sha256("".join(sha256_file(f) for f in files).encode()).hexdigest()
 
 
-def _base_name(name: str) -> str:
-    """The FP32 artefact an FP16 model or TensorRT engine was made from."""
-    return name.removesuffix("_fp16").removesuffix("_int8").removesuffix("_trt")
-
-
 def _kept(previous: Manifest | None, artefacts: dict[str, Artefact]) -> dict[str, Artefact]:
     """Earlier artefacts this run does not rewrite (other counters, FP16 models, engines) that are intact
     and were made from the same source as what the folder now holds."""
     kept: dict[str, Artefact] = {}
     for name, art in previous.artefacts.items() if previous else ():
         # sam_encoder_gpu (its key: SAM's key + ":<form>") is made from the SAM build that sam_encoder is
-        base = artefacts.get(_base_name(name)) or artefacts.get(_base_name(name).removesuffix("_gpu"))
+        base = artefacts.get(source_name(name)) or artefacts.get(export_family(name))
         key = art.extra.get("source_key", "")
         if name in artefacts or (base is not None and not f"{key}:".startswith(f"{base.extra.get('source_key')}:")):
             continue

@@ -17,12 +17,14 @@ from typing import Any
 
 import numpy as np
 
-from persense.export.artefacts import fp16_name
+from persense.runtime.artefact_names import engine_name, source_name, variant_name
 from persense.runtime.backends.choice import open_engine
 from persense.runtime.backends.ort_engine import OrtEngine
-from persense.runtime.backends.trt_engine import ENGINE_SUFFIX, engine_unusable_reason, open_trt_engine
+from persense.runtime.backends.trt_engine import engine_unusable_reason
 from persense.runtime.errors import PersenseError
+from persense.runtime.geometry.transforms import LONG_SIDE
 from persense.runtime.manifest import Artefact, Manifest, load_manifest, sha256_file
+from persense.runtime.metrics import cosine, mean_mask_iou
 
 MASK_OUTPUTS = ("low_res_masks", "masks")
 # dynamic axes of the sample inputs (H, W, T: the detector's image and text); any other axis gets 1
@@ -108,7 +110,7 @@ _FEEDS: dict[str, Callable[[np.random.Generator, tuple[int, ...]], np.ndarray]] 
     "input_ids": _token_ids,
     "attention_mask": lambda rng, shape: np.ones(shape, np.int64),
     "token_type_ids": lambda rng, shape: np.zeros(shape, np.int64),
-    "point_coords": _uniform(1024.0),
+    "point_coords": _uniform(float(LONG_SIDE)),
     "point_labels": _point_labels,
     "has_mask_input": _alternating(1),
     "persam_weight": _alternating(2),
@@ -132,21 +134,6 @@ def sample_feeds(artefact: Artefact, seed: int = 0, dims: dict[str, int] | None 
     return feeds
 
 
-def _cosine(a: np.ndarray, b: np.ndarray) -> float:
-    """Cosine similarity of two flat arrays (1 when both are zero)."""
-    norms = float(np.linalg.norm(a) * np.linalg.norm(b))
-    return 1.0 if norms == 0.0 else float(a @ b) / norms
-
-
-def mean_mask_iou(reference: np.ndarray, candidate: np.ndarray) -> float:
-    """Mean IoU of the masks logits > 0 over every mask (last two axes); two empty masks count as 1."""
-    ref = (reference > 0).reshape(-1, reference.shape[-2] * reference.shape[-1])
-    got = (candidate > 0).reshape(ref.shape)
-    inter = (ref & got).sum(axis=1)
-    union = (ref | got).sum(axis=1)
-    return float(np.mean(np.where(union == 0, 1.0, inter / np.maximum(union, 1))))
-
-
 def compare_outputs(reference: np.ndarray, candidate: np.ndarray, name: str) -> dict[str, float]:
     """Max/mean absolute error and cosine of two outputs, plus mean mask IoU for mask logits."""
     ref = reference.astype(np.float64).ravel()
@@ -155,7 +142,7 @@ def compare_outputs(reference: np.ndarray, candidate: np.ndarray, name: str) -> 
     metrics = {
         "max_abs": float(diff.max(initial=0.0)),
         "mean_abs": float(diff.mean()) if diff.size else 0.0,
-        "cosine": _cosine(ref, got),
+        "cosine": cosine(ref, got),  # 1 when either is all zero
     }
     if name in MASK_OUTPUTS:
         metrics["mask_iou"] = mean_mask_iou(reference, candidate)
@@ -213,7 +200,7 @@ class _References:
         key = art.extra.get("source_key", "")
         parts = key.split(":")
         if len(parts) < 3:
-            raise PersenseError(f"no PyTorch reference: source_key {key!r} is not 'model:source:seed[:...]'")
+            raise PersenseError(f"no PyTorch oracle: source_key {key!r} is not 'model:source:seed[:...]'")
         source, seed = parts[1:3]
         path = None if source == "random" else self.checkpoint(source)
         family = "sam" if art.kind.startswith("sam_") else art.kind
@@ -235,13 +222,13 @@ def _build(family: str, model_type: str, checkpoint: Path | None, seed: int) -> 
         if checkpoint:
             return load_countr(checkpoint)
         if config not in COUNTR_CONFIGS:
-            raise PersenseError(f"no PyTorch reference: CounTR config of model type {model_type!r} unknown")
+            raise PersenseError(f"no PyTorch oracle: CounTR config of model type {model_type!r} unknown")
         return random_countr(seed, config)
     if family == "counter_dsalvanet":
         from persense.export.counters.dsalvanet import DsalvanetGraph, load_dsalvanet, random_dsalvanet
 
         return DsalvanetGraph(load_dsalvanet(checkpoint) if checkpoint else random_dsalvanet(seed))
-    raise PersenseError(f"no PyTorch reference for artefact kind {family!r}")
+    raise PersenseError(f"no PyTorch oracle for artefact kind {family!r}")
 
 
 def _wrap(kind: str, model: Any) -> Any:
@@ -271,7 +258,7 @@ def _engine_rows(
     """Rows of one engine (run on `backend`) against the PyTorch outputs."""
     art = manifest.artefacts[name]
     tol = TOLERANCES[art.precision]
-    engine = open_trt_engine(manifest, name) if backend == "trt" else open_engine(manifest, name, backend)
+    engine = open_engine(manifest, name, backend)
     outputs = engine.run(feeds)
     rows = []
     for output, ref in reference.items():
@@ -300,9 +287,9 @@ def check_parity(folder: str | Path, checkpoints: Sequence[Path] = (), seed: int
     references = _References(checkpoints)
     rows: list[ParityRow] = []
     for name, art in manifest.artefacts.items():
-        if name.endswith(ENGINE_SUFFIX) or art.precision != "fp32":
+        if name != source_name(name) or art.precision != "fp32":
             continue
-        variants = [(n, "ort-cpu") for n in (name, fp16_name(name)) if n in manifest.artefacts]
+        variants = [(n, "ort-cpu") for n in (name, variant_name(name, "fp16")) if n in manifest.artefacts]
         trt_reason = engine_unusable_reason(manifest, name)
         try:
             feeds = sample_feeds(art, seed)
@@ -313,9 +300,9 @@ def check_parity(folder: str | Path, checkpoints: Sequence[Path] = (), seed: int
         for variant, backend in variants:
             rows += _engine_rows(manifest, variant, backend, reference, feeds)
         if trt_reason is None:
-            rows += _engine_rows(manifest, name + ENGINE_SUFFIX, "trt", reference, feeds)
+            rows += _engine_rows(manifest, engine_name(name), "trt", reference, feeds)
         else:
-            rows.append(ParityRow(name + ENGINE_SUFFIX, "trt", "*", "skipped", note=trt_reason))
+            rows.append(ParityRow(engine_name(name), "trt", "*", "skipped", note=trt_reason))
     return rows
 
 

@@ -19,19 +19,18 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
-import io
 import json
 import logging
 import os
 import threading
 import time
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from persense.runtime.backends.table import PRECISIONS
+from persense.runtime.backends.table import backend as backend_row
 from persense.runtime.counters.base import Counter, NpyDensityCounter
 from persense.runtime.errors import PersenseError
 from persense.runtime.imageio import atomic_write_bytes, mask_from_array, read_mask, read_rgb, rgb_from_array
@@ -46,14 +45,13 @@ from persense.runtime.reference_cache import (
     ReferenceCache,
     array_bytes,
     cache_key,
-    checked_vector,
     default_cache_dir,
     encoder_digest,
 )
+from persense.runtime.reference_codec import DECODE_ERRORS, VECTORS, checked_target, checksum, decode, encode
 
 ImageLike = np.ndarray | str | os.PathLike
 REFERENCE_FORMAT = 1
-PRECISIONS = ("fp32", "fp16", "int8", "bf16")  # bf16: openvino only (sam.engine_names)
 log = logging.getLogger(__name__)
 SOURCES = ("encoded", "cache", "file")  # where a Reference's numbers came from
 
@@ -82,9 +80,7 @@ class Reference:
             "warnings": list(self.warnings),
             "checksum": _checksum(self.target, self.manifest, self.precision),
         }
-        buffer = io.BytesIO()
-        np.savez(buffer, embedding=self.target.embedding, feature=self.target.feature, meta=np.array(json.dumps(meta)))
-        atomic_write_bytes(path, buffer.getvalue())
+        atomic_write_bytes(path, encode(self.target, meta=json.dumps(meta)))
         return path
 
     @staticmethod
@@ -94,16 +90,12 @@ class Reference:
         if not path.is_file():
             raise PersenseError(f"{path}: no such reference file")
         try:
-            with np.load(path, allow_pickle=False) as data:
-                arrays = {name: data[name] for name in ("embedding", "feature", "meta")}
+            arrays = decode(path.read_bytes(), (*VECTORS, "meta"))
             meta = json.loads(str(arrays["meta"]))
-            target = Target(
-                checked_vector(arrays["embedding"], "embedding", ValueError),
-                checked_vector(arrays["feature"], "feature", ValueError),
-            )
+            target = checked_target(arrays, ValueError)
             expected = _checksum(target, meta["manifest"], meta["precision"])
             ok = meta["format"] == REFERENCE_FORMAT and meta["checksum"] == expected
-        except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as exc:
+        except (*DECODE_ERRORS, TypeError) as exc:
             raise PersenseError(
                 f"{path}: not a persense reference file ({type(exc).__name__}: {exc}); "
                 f"write one with persense-infer --save-reference"
@@ -120,10 +112,7 @@ class Reference:
 
 def _checksum(target: Target, manifest: str, precision: str) -> str:
     """sha256 over the reference's numbers and the identity of the engines that made them."""
-    digest = hashlib.sha256(f"{manifest}|{precision}|".encode())
-    digest.update(target.embedding.tobytes())
-    digest.update(target.feature.tobytes())
-    return digest.hexdigest()
+    return checksum(target, f"{manifest}|{precision}|".encode())
 
 
 class PerSense:
@@ -145,8 +134,9 @@ class PerSense:
         self.backend = backend
         self.cache = cache or ReferenceCache.disabled()
         self._encoder = encoder_digest(manifest.artefact(engine_names(manifest, backend, precision)[ENCODER]))
-        self.precision = "fp16" if backend == "trt" else precision  # TensorRT engines are built in FP16
-        self._turns = threading.Lock() if backend == "trt" else contextlib.nullcontext()
+        row = backend_row(backend)
+        self.precision = row.run_precision(precision)
+        self._turns = threading.Lock() if row.serialised else contextlib.nullcontext()
         self.threads = threads
         self._detector: GroundingDino | None = None
         self._detector_lock = threading.Lock()

@@ -195,7 +195,8 @@ _UMASK = _current_umask()
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write bytes to `path` through a temporary file in the same folder and an atomic rename."""
+    """Write bytes to `path` through a temporary file in the same folder (`.<name>.<random>.tmp`), fsync and an
+    atomic rename (os.replace): the package's one atomic writer."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -208,6 +209,11 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def stale_temporaries(path: Path) -> list[Path]:
+    """The temporary files atomic_write_bytes(path) left next to `path` when a kill interrupted it."""
+    return sorted(path.parent.glob(f".{path.name}.*.tmp"))
 
 
 def write_image(path: str | os.PathLike, image: np.ndarray) -> None:

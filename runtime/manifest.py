@@ -163,6 +163,11 @@ def check_io(name: str, art: Artefact, inputs: list[TensorSpec], outputs: list[T
                 )
 
 
+def tensor_names(specs: list[TensorSpec]) -> list[str]:
+    """The names of an engine's inputs or outputs in order (an exporter's input_names / output_names)."""
+    return [spec.name for spec in specs]
+
+
 def load_manifest(folder: str | Path) -> Manifest:
     """Read and sanity-check `folder/manifest.json`."""
     folder = Path(folder)

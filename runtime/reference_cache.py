@@ -16,24 +16,31 @@ Key the files' bytes as read from disk (a hit then needs no decoding); for in-me
 opened (`sam_encoder`, `sam_encoder_int8`, ...); `backend` the resolved one (`ort-cpu`, not `auto`).
 `write_entry` / `read_entry` read and write one verified entry file, with the key recorded inside. A
 reference the user saves (`--save-reference apple.npz`) is a different file: `Reference.save` in
-runtime/api.py, tied to the manifest digest and precision rather than to the reference's bytes.
+runtime/api.py, tied to the manifest digest and precision rather than to the reference's bytes. Both
+hold the vectors through the same codec, runtime/reference_codec.py.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import os
-import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from persense.runtime.imageio import atomic_write_bytes
 from persense.runtime.manifest import Artefact
-from persense.runtime.models.sam import EMBED_DIM
 from persense.runtime.pipeline.prior import Target
+from persense.runtime.reference_codec import (
+    DECODE_ERRORS,
+    VECTORS,
+    checked_target,
+    checked_vector,
+    checksum,
+    decode,
+    encode,
+)
 
 log = logging.getLogger(__name__)
 
@@ -88,53 +95,28 @@ def _hash_fields(fields) -> str:
     return digest.hexdigest()
 
 
-def _payload_checksum(embedding: np.ndarray, feature: np.ndarray) -> str:
-    """Hex sha256 of the two arrays' float32 bytes."""
-    return hashlib.sha256(embedding.tobytes() + feature.tobytes()).hexdigest()
-
-
 def entry_bytes(key: str, target: Target) -> bytes:
-    """The serialised entry: format, key, both arrays as float32 [256] and their checksum, as .npz."""
-    embedding = checked_vector(target.embedding, "embedding", ValueError)
-    feature = checked_vector(target.feature, "feature", ValueError)
-    buffer = io.BytesIO()
-    np.savez(
-        buffer,
-        format=np.array(ENTRY_FORMAT),
-        key=np.array(key),
-        embedding=embedding,
-        feature=feature,
-        checksum=np.array(_payload_checksum(embedding, feature)),
+    """The serialised entry (reference_codec): both arrays as float32 [256], format, key and their checksum."""
+    checked = Target(
+        checked_vector(target.embedding, "embedding", ValueError), checked_vector(target.feature, "feature", ValueError)
     )
-    return buffer.getvalue()
+    return encode(checked, format=ENTRY_FORMAT, key=key, checksum=checksum(checked))
 
 
 def parse_entry(data: bytes, key: str) -> Target:
     """The Target stored in `data`, or BadEntry saying why it cannot be trusted for `key`."""
     try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-            fields = {name: npz[name] for name in ("format", "key", "embedding", "feature", "checksum")}
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        fields = decode(data, ("format", "key", *VECTORS, "checksum"))
+    except DECODE_ERRORS as exc:
         raise BadEntry(f"unreadable ({type(exc).__name__}: {exc})") from exc
     if fields["format"].shape != () or fields["format"].dtype.kind not in "iu" or int(fields["format"]) != ENTRY_FORMAT:
         raise BadEntry(f"entry format {fields['format'].tolist()!r} is not {ENTRY_FORMAT}")
     if fields["key"].shape != () or str(fields["key"]) != key:
         raise BadEntry("it was written for another key (other reference, engines, precision or backend)")
-    embedding = checked_vector(fields["embedding"], "embedding", BadEntry)
-    feature = checked_vector(fields["feature"], "feature", BadEntry)
-    if fields["checksum"].shape != () or str(fields["checksum"]) != _payload_checksum(embedding, feature):
+    target = checked_target(fields, BadEntry)
+    if fields["checksum"].shape != () or str(fields["checksum"]) != checksum(target):
         raise BadEntry("payload checksum mismatch")
-    return Target(embedding, feature)
-
-
-def checked_vector(array: np.ndarray, name: str, error: type[Exception]) -> np.ndarray:
-    """`array` as float32 [256] if it is exactly that shape, a float dtype and finite; else `error`."""
-    array = np.asarray(array)
-    if array.shape != (EMBED_DIM,) or array.dtype.kind != "f":
-        raise error(f"{name} is {array.dtype}{list(array.shape)}, not float32[{EMBED_DIM}]")
-    if not np.isfinite(array).all():
-        raise error(f"{name} has non-finite values")
-    return np.ascontiguousarray(array, dtype=np.float32)
+    return target
 
 
 def write_entry(path: str | Path, key: str, target: Target) -> Path:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+
+from persense.runtime.geometry.upsampling import Upsampler
 
 TINY_SEED = 0
 
@@ -35,6 +38,17 @@ def tiny_engines(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     folder = tmp_path_factory.mktemp("engines_tiny")
     assert main(["--model", "tiny", "--seed", str(TINY_SEED), "--out", str(folder), "-q"]) == 0
+    return folder
+
+
+@pytest.fixture(scope="session")
+def int8_engines(tiny_engines: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny engines with `--int8` added (shared by the whole session)."""
+    from persense.export.cli import main
+
+    folder = tmp_path_factory.mktemp("int8") / "engines"
+    shutil.copytree(tiny_engines, folder)
+    assert main(["--model", "tiny", "--seed", str(TINY_SEED), "--out", str(folder), "--int8", "-q"]) == 0
     return folder
 
 
@@ -102,3 +116,13 @@ def trained_tiny_engines(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("engines_tiny_trained")
     assert main(["--model", "tiny-trained", "--out", str(folder), "-q"]) == 0
     return folder
+
+
+def positive_window(upsampler: Upsampler, low_res: np.ndarray) -> tuple[int, int, np.ndarray] | None:
+    """(y0, x0, mask): `full(low_res) > 0` over the window outside which the tiles see no positive pixel, composed
+    from the runtime's own `tiles.windows` and `positive_in` as the mask stage uses them, or None."""
+    stack = low_res.astype(np.float32)[None]
+    (y0,), (y1,), (x0,), (x1,) = upsampler.tiles.windows(stack)
+    if y1 <= y0 or x1 <= x0:
+        return None
+    return int(y0), int(x0), upsampler.positive_in(stack[0], int(y0), int(y1), int(x0), int(x1))

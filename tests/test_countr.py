@@ -8,6 +8,8 @@ blending bit-identical to the original's sequential formula.
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,7 @@ from persense.export.counters.countr import (
 )
 from persense.runtime.backends.ort_engine import OrtEngine
 from persense.runtime.counters.base import CountRequest
+from persense.runtime.counters.choice import make_counter
 from persense.runtime.counters.countr import (
     INPUT_NAMES,
     OUTPUT_NAMES,
@@ -39,7 +42,7 @@ from persense.runtime.counters.countr import (
 )
 from persense.runtime.errors import PersenseError
 from persense.runtime.geometry.transforms import SamTransform
-from persense.runtime.manifest import TensorSpec
+from persense.runtime.manifest import Manifest, TensorSpec, load_manifest
 
 # A few keys and shapes of the original FSC147.pth 'model' (CounTR mae_vit_base_patch16).
 ORIGINAL_KEYS = {
@@ -100,12 +103,47 @@ def model() -> torch.nn.Module:
 
 
 @pytest.fixture(scope="module")
-def ort_engine(model, tmp_path_factory) -> OrtEngine:
-    """The tiny model exported once to ONNX and opened with ONNX Runtime."""
+def engines(model, tmp_path_factory) -> Path:
+    """The tiny model exported once to ONNX, in an engines folder with its manifest."""
     folder = tmp_path_factory.mktemp("countr")
     artefact = export_countr(model, folder, "random")
     assert artefact.kind == "counter_countr" and artefact.file == "counter_countr.onnx"
-    return OrtEngine(folder / artefact.file, threads=2)
+    Manifest(folder, "tiny", {}, {artefact.kind: artefact}).save()
+    return folder
+
+
+@pytest.fixture(scope="module")
+def ort_engine(engines) -> OrtEngine:
+    """The exported tiny model opened with ONNX Runtime."""
+    return OrtEngine(engines / "counter_countr.onnx", threads=2)
+
+
+def test_engine_opens_from_its_manifest(engines):
+    counter = make_counter("countr", load_manifest(engines), "ort-cpu", 1)
+    assert isinstance(counter, CountrCounter) and isinstance(counter.engine, OrtEngine)
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (
+            lambda a: a["inputs"][1].update(shape=[1, "K", 3, 32, 32]),
+            r"input 'exemplars' is float32\[1, 'K', 3, 32, 32\]",
+        ),
+        (lambda a: a["inputs"][0].update(dtype="float16"), "input 'windows' is float16"),
+        (lambda a: a["inputs"].pop(), "input 'exemplars' missing from the artefact"),
+        (lambda a: a["outputs"][0].update(name="logits"), "output 'density' missing from the artefact"),
+    ],
+)
+def test_engine_with_other_io_is_refused(engines, tmp_path, edit, message):
+    folder = tmp_path / "engines"
+    shutil.copytree(engines, folder)
+    path = folder / "manifest.json"
+    data = json.loads(path.read_text())
+    edit(data["artefacts"]["counter_countr"])
+    path.write_text(json.dumps(data))
+    with pytest.raises(PersenseError, match=f"counter_countr: {message}.*re-export with `persense-export --out"):
+        make_counter("countr", load_manifest(folder), "ort-cpu", 1)
 
 
 def request(size: tuple[int, int], boxes: list[list[int]], seed: int = 0) -> CountRequest:

@@ -12,6 +12,7 @@ import torch
 from persense.export.sam.graphs import decoder_example_inputs
 from persense.export.sam.persam_decoder import PerSamDecoder
 from persense.runtime.backends.ort_engine import OrtEngine
+from persense.runtime.metrics import mask_iou
 from persense.runtime.models.sam import Guidance, Prompts, SamEngines
 
 MASK_LOGIT_ATOL = 1e-4  # fp32 ONNX Runtime vs torch, on logits of magnitude ~1
@@ -160,11 +161,6 @@ def test_reassociated_decoder_equals_the_literal_one(tiny_sam, decoder, batch, p
     torch.testing.assert_close(got_iou, expected_iou, atol=1e-5, rtol=1e-4)
 
 
-def _iou(a, b):
-    union = np.logical_or(a, b).sum()
-    return 1.0 if union == 0 else np.logical_and(a, b).sum() / union
-
-
 def host_best(low_res: np.ndarray, iou: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """SAM's best multimask output chosen on the host from all four: (index 1..3, logits [B,256,256], score [B])."""
     best = 1 + np.argmax(iou[:, 1:], axis=1)
@@ -220,7 +216,8 @@ def test_onnx_decoder_matches_torch(decoder, onnx_decoder, batch, points, guided
     np.testing.assert_allclose(out["low_res_masks"], expected_best, atol=MASK_LOGIT_ATOL)
     np.testing.assert_allclose(out["iou_predictions"], expected_score, atol=1e-5)
     ious = [
-        _iou(a > 0, b > 0) for a, b in zip(out["low_res_masks"].reshape(batch, -1), expected_best.reshape(batch, -1))
+        mask_iou(a > 0, b > 0)
+        for a, b in zip(out["low_res_masks"].reshape(batch, -1), expected_best.reshape(batch, -1))
     ]
     assert min(ious) >= 0.99
 

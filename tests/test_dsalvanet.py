@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -20,6 +24,7 @@ from persense.export.counters.dsalvanet import (
 )
 from persense.runtime.backends.ort_engine import OrtEngine
 from persense.runtime.counters.base import CountRequest
+from persense.runtime.counters.choice import make_counter
 from persense.runtime.counters.dsalvanet import (
     BIN_LENGTH,
     FEATURE_SIZE,
@@ -32,6 +37,7 @@ from persense.runtime.counters.dsalvanet import (
 )
 from persense.runtime.errors import PersenseError
 from persense.runtime.geometry.transforms import SamTransform
+from persense.runtime.manifest import Manifest, load_manifest
 
 BACKBONE_KEYS = 638  # torchvision resnet50 (320 keys) under backbone.resnet + 318 aliased under layer0..layer4
 TOTAL_KEYS = 768
@@ -50,7 +56,8 @@ def checkpoint(model, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def engine(model, tmp_path_factory):
+def engines(model, tmp_path_factory) -> Path:
+    """The random model exported once to ONNX, in an engines folder with its manifest."""
     folder = tmp_path_factory.mktemp("engines")
     artefact = export_dsalvanet(model, folder, "random")
     assert [(t.name, t.shape, t.dtype) for t in artefact.inputs] == [
@@ -59,7 +66,13 @@ def engine(model, tmp_path_factory):
         ("roi_cols", (3, 3, BIN_LENGTH), "int64"),
     ]
     assert artefact.kind == "counter_dsalvanet" and artefact.outputs[0].shape == (1, 1, 512, 512)
-    return OrtEngine(folder / artefact.file, threads=2)
+    Manifest(folder, "dsalvanet", {}, {artefact.kind: artefact}).save()
+    return folder
+
+
+@pytest.fixture(scope="module")
+def engine(engines):
+    return OrtEngine(engines / "counter_dsalvanet.onnx", threads=2)
 
 
 # --- checkpoints ---------------------------------------------------------------------------------
@@ -238,3 +251,31 @@ def test_onnx_density_matches_torch_reference(model, engine):
     one = engine_feeds(image, exemplars[:1])
     for name, value in engine_feeds(image, exemplars[[0, 0, 0]]).items():
         np.testing.assert_array_equal(one[name], value)
+
+
+# --- the engine's manifest entry -----------------------------------------------------------------
+
+
+def test_engine_opens_from_its_manifest(engines):
+    counter = make_counter("dsalvanet", load_manifest(engines), "ort-cpu", 1)
+    assert isinstance(counter, DsalvanetCounter) and isinstance(counter.engine, OrtEngine)
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda a: a["inputs"][0].update(shape=[1, 3, 384, 384]), r"input 'image' is float32\[1, 3, 384, 384\]"),
+        (lambda a: a["inputs"][1].update(dtype="int32"), "input 'roi_rows' is int32"),
+        (lambda a: a["inputs"].pop(), "input 'roi_cols' missing from the artefact"),
+        (lambda a: a["outputs"][0].update(shape=[1, 512, 512]), "output 'density' is float32"),
+    ],
+)
+def test_engine_with_other_io_is_refused(engines, tmp_path, edit, message):
+    folder = tmp_path / "engines"
+    shutil.copytree(engines, folder)
+    path = folder / "manifest.json"
+    data = json.loads(path.read_text())
+    edit(data["artefacts"]["counter_dsalvanet"])
+    path.write_text(json.dumps(data))
+    with pytest.raises(PersenseError, match=f"counter_dsalvanet: {message}.*re-export with `persense-export --out"):
+        make_counter("dsalvanet", load_manifest(folder), "ort-cpu", 1)

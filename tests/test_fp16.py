@@ -16,10 +16,11 @@ import numpy as np
 import onnx
 import pytest
 
-from persense.export.artefacts import FP16_SUFFIX, fp16_name, reusable_variant
+from persense.export.artefacts import reusable_variant
 from persense.export.parity import compare_outputs, sample_feeds
 from persense.export.precision.fp16 import main
 from persense.export.precision.fp16_islands import GROWABLE_OPS, SENSITIVE_OPS, value_types
+from persense.runtime.artefact_names import variant_name
 from persense.runtime.backends.ort_engine import OrtEngine
 from persense.runtime.manifest import Manifest, load_manifest
 
@@ -48,20 +49,22 @@ def manifest(folder: Path) -> Manifest:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_fp16_entry_follows_the_manifest_conventions(manifest: Manifest, name: str) -> None:
-    fp32, fp16 = manifest.artefact(name), manifest.artefact(fp16_name(name))
+    fp32, fp16 = manifest.artefact(name), manifest.artefact(variant_name(name, "fp16"))
     assert fp16.file == f"{name}_fp16.onnx"
     assert fp16.precision == "fp16" and fp16.kind == fp32.kind
     assert fp16.extra["source_key"] == fp32.extra["source_key"]
     assert fp16.extra["fp32_sha256"] == fp32.sha256
     assert fp16.inputs == fp32.inputs and fp16.outputs == fp32.outputs  # float32 I/O kept
     assert set(fp16.extra["fp16_error"]["outputs"]) == {o.name for o in fp32.outputs}
-    manifest.verified_path(fp16_name(name))
+    manifest.verified_path(variant_name(name, "fp16"))
     assert (manifest.folder / fp16.file).stat().st_size < 0.6 * (manifest.folder / fp32.file).stat().st_size
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_sensitive_ops_stay_fp32_and_weights_are_fp16(manifest: Manifest, name: str) -> None:
-    model = onnx.shape_inference.infer_shapes(onnx.load(str(manifest.folder / manifest.artefact(fp16_name(name)).file)))
+    model = onnx.shape_inference.infer_shapes(
+        onnx.load(str(manifest.folder / manifest.artefact(variant_name(name, "fp16")).file))
+    )
     types = {v.name: v.type.tensor_type.elem_type for v in list(model.graph.value_info) + list(model.graph.output)}
     sensitive = [n for n in model.graph.node if n.op_type in SENSITIVE_OPS]
     assert sensitive
@@ -101,10 +104,10 @@ def test_fp16_decoder_masks_match_fp32_on_other_inputs(manifest: Manifest) -> No
 
 def test_fp16_entry_is_reused_only_for_the_same_fp32_file(manifest: Manifest) -> None:
     fp32 = manifest.artefact("sam_decoder")
-    assert reusable_variant(manifest, "sam_decoder", fp32, FP16_SUFFIX) is manifest.artefact("sam_decoder_fp16")
+    assert reusable_variant(manifest, "sam_decoder", fp32, "fp16") is manifest.artefact("sam_decoder_fp16")
     changed = replace(fp32, sha256="0" * 64)
-    assert reusable_variant(manifest, "sam_decoder", changed, FP16_SUFFIX) is None
-    assert reusable_variant(None, "sam_decoder", fp32, FP16_SUFFIX) is None
+    assert reusable_variant(manifest, "sam_decoder", changed, "fp16") is None
+    assert reusable_variant(None, "sam_decoder", fp32, "fp16") is None
 
 
 class Fp16Graph:
@@ -179,7 +182,7 @@ class Fp16Graph:
 @pytest.fixture(scope="module")
 def fp16_graphs(manifest: Manifest) -> dict[str, Fp16Graph]:
     """The FP16 encoder and decoder graphs, shape-inferred."""
-    return {name: Fp16Graph(manifest.folder / manifest.artefact(fp16_name(name)).file) for name in NAMES}
+    return {name: Fp16Graph(manifest.folder / manifest.artefact(variant_name(name, "fp16")).file) for name in NAMES}
 
 
 @pytest.mark.parametrize("name", NAMES)

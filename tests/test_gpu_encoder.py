@@ -17,6 +17,7 @@ from persense.export.sam.graphs import export_encoder
 from persense.runtime.backends.ort_engine import OrtEngine
 from persense.runtime.errors import PersenseError
 from persense.runtime.manifest import load_manifest
+from persense.runtime.metrics import cosine
 from persense.runtime.models.sam import GPU_ENCODER, SamEngines, engine_names
 
 TORCH_ATOL = 1e-4  # GPU-form module vs segment-anything's encoder, FP32 on the CPU
@@ -59,10 +60,6 @@ def exported(sam_with_rel_pos, tmp_path_factory):
         paths[form] = folder / f"{GPU_ENCODER}_{form}.onnx"
         export_gpu_encoder(sam_with_rel_pos, paths[form], "tiny", "random", form)
     return paths
-
-
-def _cosine(a: np.ndarray, b: np.ndarray) -> float:
-    return float((a * b).sum() / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
 @pytest.mark.parametrize("form", ATTENTION_FORMS)
@@ -118,7 +115,7 @@ def test_fp16_gpu_encoder_keeps_attention_in_fp16_and_is_accurate(exported, imag
     reference = OrtEngine(exported[form], threads=2).run(feeds)["image_embeddings"]
     got = OrtEngine(path, threads=2).run(feeds)["image_embeddings"]
     assert got.dtype == np.float32
-    assert _cosine(got, reference) >= FP16_COSINE
+    assert cosine(got, reference) >= FP16_COSINE
 
 
 @pytest.fixture(scope="module")

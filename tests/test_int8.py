@@ -3,26 +3,20 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import cv2
 import numpy as np
 
-from persense.export.cli import main as export
 from persense.runtime.cli.infer import main as infer
 
 INT8_MASK_IOU = 0.9  # tiny random model vs its FP32 export (measured 0.98); vit_b measured in the bench
 
 
-def test_int8_export_and_inference(tiny_engines, scene_files, tmp_path, capsys):
-    folder = tmp_path / "engines"
-    shutil.copytree(tiny_engines, folder)
-    assert export(["--model", "tiny", "--seed", "0", "--out", str(folder), "--int8", "-q"]) == 0
+def test_int8_export_and_inference(int8_engines, scene_files, tmp_path, capsys):
+    folder = int8_engines
     artefacts = json.loads((folder / "manifest.json").read_text())["artefacts"]
-    for name in ("sam_encoder_int8", "sam_decoder_int8"):
-        assert artefacts[name]["precision"] == "int8"
-        assert artefacts[name]["extra"]["fp32_sha256"] == artefacts[name.removesuffix("_int8")]["sha256"]
-    assert artefacts["sam_decoder_int8"]["extra"]["int8_error"]["outputs"]["low_res_masks"]["mask_iou"] >= INT8_MASK_IOU
+    assert artefacts["sam_encoder_int8"]["precision"] == "int8"
+    assert artefacts["sam_encoder_int8"]["extra"]["fp32_sha256"] == artefacts["sam_encoder"]["sha256"]
     assert artefacts["sam_encoder_int8"]["extra"]["int8_error"]["outputs"]["image_embeddings"]["cosine"] >= 0.99
     unions = {}
     for precision in ("fp32", "int8"):

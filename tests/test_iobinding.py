@@ -72,11 +72,6 @@ def test_threads_sharing_a_bound_engine_get_their_own_results(decoders):
         np.testing.assert_array_equal(result["low_res_masks"], plain.run(_feeds(*case))["low_res_masks"])
 
 
-def test_cuda_graphs_apply_only_on_cuda(tiny_engines):
-    engine = OrtEngine(tiny_engines / "sam_encoder.onnx", threads=2, cuda_graph=True)
-    assert not engine.cuda_graph and not engine.io_binding
-
-
 def test_decode_uploads_the_embedding_once_per_image(tiny_engines):
     manifest = load_manifest(tiny_engines)
     plain = SamEngines.from_manifest(manifest, "ort-cpu", threads=2, decode_chunk=3)

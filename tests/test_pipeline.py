@@ -1,20 +1,16 @@
-"""The engine runtime against the PyTorch reference on the same weights and density map."""
+"""The engine runtime against the PyTorch oracle on the same weights and density map."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from persense.export.oracle.pipeline import ReferencePipeline
+from persense.export.oracle.pipeline import OraclePipeline
 from persense.runtime.counters.base import NpyDensityCounter
 from persense.runtime.manifest import load_manifest
+from persense.runtime.metrics import mask_iou
 from persense.runtime.models.sam import SamEngines
 from persense.runtime.pipeline.flow import PerSensePipeline
-
-
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
 
 
 @pytest.fixture(scope="module", params=["random", "trained"])
@@ -24,7 +20,7 @@ def results(request, scene, scene_files):
     tiny_sam, tiny_engines = (request.getfixturevalue(f"{prefix}tiny_{kind}") for kind in ("sam", "engines"))
     counter = NpyDensityCounter(scene_files["density"])
     runtime = PerSensePipeline(SamEngines.from_manifest(load_manifest(tiny_engines), "ort-cpu", threads=2), counter)
-    reference = ReferencePipeline(tiny_sam, counter)
+    reference = OraclePipeline(tiny_sam, counter)
     got = runtime.segment(scene["image"], runtime.reference(scene["image"], scene["reference"] > 0))
     expected = reference.segment(scene["image"], reference.reference(scene["image"], scene["reference"] > 0))
     return got, expected
@@ -36,7 +32,7 @@ def test_same_points_and_union_mask_as_the_reference(results, scene):
     np.testing.assert_array_equal(got.points, expected.points)
     assert got.first_pass_points == expected.first_pass_points
     assert got.count == expected.count == np.ceil(np.sum(scene["density"], dtype=np.float32))
-    assert _iou(got.union > 0, expected.union > 0) >= 0.99
+    assert mask_iou(got.union > 0, expected.union > 0) >= 0.99
     np.testing.assert_allclose(got.scores, expected.scores, atol=1e-4)
 
 
@@ -108,7 +104,7 @@ def box_results(tiny_sam, tiny_engines, scene, scene_files):
     runtime.sam.decode_best = lambda embedding, batch, *rest: (
         prompts.append(batch) or decode_best(embedding, batch, *rest)
     )
-    reference = ReferencePipeline(tiny_sam, counter)
+    reference = OraclePipeline(tiny_sam, counter)
     x, y = scene["centres"][5]
     box = np.array([x - 18.7, y - 18.2, x + 18.9, y + 18.4])  # fractional, as a detector's boxes are
     got = runtime.segment(scene["image"], runtime.reference(scene["image"], scene["reference"] > 0), box)
@@ -127,7 +123,7 @@ def test_box_start_matches_the_reference(box_results, scene):
     np.testing.assert_array_equal(got.points, expected.points)
     np.testing.assert_array_equal(got.exemplars, expected.exemplars)
     assert got.first_pass_points == expected.first_pass_points and got.count == expected.count
-    assert _iou(got.union > 0, expected.union > 0) >= 0.99
+    assert mask_iou(got.union > 0, expected.union > 0) >= 0.99
 
 
 def test_box_centre_is_the_originals():

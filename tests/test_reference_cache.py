@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import logging
 import multiprocessing
 from pathlib import Path
@@ -245,3 +247,40 @@ def test_concurrent_writers_never_expose_a_partial_entry(tmp_path: Path) -> None
     for w in range(WRITERS):
         assert_same(cache.get(key_for(f"own-{w}")), make_target(200 + w))
     assert sorted(p.suffix for p in tmp_path.iterdir()) == [".npz"] * (WRITERS + 1)  # no temp files left
+
+
+def test_entry_in_the_layout_written_before_the_shared_codec_still_reads(tmp_path: Path) -> None:
+    key, target = key_for("quince"), make_target(6)
+    checksum = hashlib.sha256(target.embedding.tobytes() + target.feature.tobytes()).hexdigest()
+    fields = dict(format=np.array(1), key=np.array(key), embedding=target.embedding, feature=target.feature)
+    (tmp_path / "old.npz").write_bytes(_npz(**fields, checksum=np.array(checksum)))  # fields in that order
+    assert_same(read_entry(tmp_path / "old.npz", key), target)
+    assert_same(read_entry(ReferenceCache(tmp_path).put(key, target), key), target)
+
+
+def test_reference_file_in_the_layout_written_before_the_shared_codec_still_loads(tmp_path: Path) -> None:
+    from persense.runtime.api import Reference
+
+    target = make_target(7)
+    digest = hashlib.sha256(b"0123456789abcdef|fp16|" + target.embedding.tobytes() + target.feature.tobytes())
+    meta = {
+        "format": 1,
+        "manifest": "0123456789abcdef",
+        "precision": "fp16",
+        "backend": "ort-cuda",
+        "warnings": ["w"],
+        "checksum": digest.hexdigest(),
+    }
+    old = tmp_path / "old.npz"
+    old.write_bytes(_npz(embedding=target.embedding, feature=target.feature, meta=np.array(json.dumps(meta))))
+    loaded = Reference.load(old)
+    assert_same(loaded.target, target)
+    assert (loaded.manifest, loaded.precision, loaded.backend, loaded.warnings) == (
+        "0123456789abcdef",
+        "fp16",
+        "ort-cuda",
+        ("w",),
+    )
+    assert loaded.source == "file"
+    with np.load(loaded.save(tmp_path / "new.npz")) as new:  # and it is saved in the same layout
+        assert new.files == ["embedding", "feature", "meta"] and json.loads(str(new["meta"])) == meta

@@ -169,6 +169,13 @@ def test_fp16_step_writes_fp16_models_and_says_why_no_engines(tiny_engines: Path
     assert TRT_REASON in note
 
 
+@without_trt
+def test_fp16_step_writes_no_fp16_counter(tmp_path: Path) -> None:
+    counter = replace(onnx_entry("sam_decoder", DECODER_IO), file="counter_countr.onnx")  # never read: not converted
+    added, note = fp16_artefacts({"counter_countr": counter}, tmp_path)
+    assert added == {} and note is not None
+
+
 # --- with TensorRT and a GPU ---------------------------------------------------------------------
 
 

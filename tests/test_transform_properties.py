@@ -8,6 +8,7 @@ import hypothesis.extra.numpy as hnp
 import numpy as np
 import torch
 import torch.nn.functional as F
+from conftest import positive_window
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -162,7 +163,7 @@ def test_positive_window_is_exactly_the_thresholded_full_map(
     low = (low - np.float32(shift)).astype(np.float32)
     full = transform.upsample_to_original(low) > 0
     rebuilt = np.zeros_like(full)
-    window = transform.upsampler.positive_window(low)
+    window = positive_window(transform.upsampler, low)
     if window is not None:
         y0, x0, mask = window
         rebuilt[y0 : y0 + mask.shape[0], x0 : x0 + mask.shape[1]] = mask

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import positive_window
 from PIL import Image
 
 from persense.runtime.geometry.resampling import resize_bilinear, resize_bilinear_pil
@@ -106,7 +107,7 @@ def test_positive_window_reproduces_the_full_thresholded_mask(size):
         logits = np.random.default_rng(3).normal(size=(256, 256)).astype(np.float32) - shift
         full = transform.upsample_to_original(logits) > 0
         rebuilt = np.zeros_like(full)
-        window = transform.upsampler.positive_window(logits)
+        window = positive_window(transform.upsampler, logits)
         if window is not None:
             y0, x0, mask = window
             rebuilt[y0 : y0 + mask.shape[0], x0 : x0 + mask.shape[1]] = mask
@@ -128,13 +129,13 @@ def test_box_format_conversions_round_trip():
 
 @pytest.mark.parametrize("size", [(300, 420), (420, 300)])
 def test_location_prior_equals_the_reference(size, tiny_sam):
-    from persense.export.oracle.pipeline import ReferencePipeline
+    from persense.export.oracle.pipeline import OraclePipeline
 
     rng = np.random.default_rng(5)
     image = rng.integers(0, 256, size + (3,), dtype=np.uint8)
     mask = np.zeros(size, bool)
     mask[40:200, 60:220] = True
-    reference = ReferencePipeline(tiny_sam, counter=None)
+    reference = OraclePipeline(tiny_sam, counter=None)
     target_embedding, target_feat = reference.reference(image, mask)
     embedding = reference.predictor.features.numpy()
     transform = SamTransform(size)

@@ -30,18 +30,17 @@ from persense.export.checkpoints import read_checkpoint
 from persense.export.onnx_io import describe, export_onnx
 from persense.runtime.counters.base import CountRequest, Density, dsalvanet_count
 from persense.runtime.counters.dsalvanet import (
+    DSALVANET_IO,
     FEATURE_STRIDE,
     IDM_THRESHOLD,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     INPUT_SIZE,
     N_EXEMPLARS,
     POOL,
     roi_indices,
 )
 from persense.runtime.errors import PersenseError
-from persense.runtime.geometry.transforms import xyxy_to_yxyx
-from persense.runtime.manifest import Artefact
+from persense.runtime.geometry.transforms import IMAGENET_MEAN, IMAGENET_STD, xyxy_to_yxyx
+from persense.runtime.manifest import Artefact, tensor_names
 
 EMBED_DIM = 256
 SIMILARITY_GROUPS = 2
@@ -382,8 +381,8 @@ class DSALVANet(nn.Module):
 class DsalvanetGraph(nn.Module):
     """The exported graph: `image`, `roi_rows`, `roi_cols` -> `density` (LVAM mu)."""
 
-    input_names = ["image", "roi_rows", "roi_cols"]
-    output_names = ["density"]
+    input_names = tensor_names(DSALVANET_IO[0])
+    output_names = tensor_names(DSALVANET_IO[1])
 
     def __init__(self, model: DSALVANet) -> None:
         super().__init__()

@@ -23,8 +23,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-INPUT_NAMES = ["pixel_values", "input_ids", "attention_mask", "token_type_ids"]
-OUTPUT_NAMES = ["logits", "boxes"]
+from persense.runtime.manifest import tensor_names
+from persense.runtime.models.detector import DETECTOR_IO
+
+INPUT_NAMES = tensor_names(DETECTOR_IO[0])
+OUTPUT_NAMES = tensor_names(DETECTOR_IO[1])
 
 
 def exportable_config(config: Any) -> Any:

@@ -1,4 +1,4 @@
-"""IDM and PPSM written the way the original scripts run them (per contour, per point), for the reference.
+"""IDM and PPSM written the way the original scripts run them (per contour, per point), for the oracle.
 
 These are the oracle for the vectorised runtime versions; the only departures from the original are
 the ones that would crash or produce NaN (documented in persense.runtime.pipeline.idm / ppsm), handled the

@@ -1,4 +1,4 @@
-"""The PyTorch reference: PerSense as the original runs it, one SAM decoder call per prompt.
+"""The PyTorch oracle: PerSense as the original runs it, one SAM decoder call per prompt.
 
 Same algorithm as `persense.py` without text (first point = similarity argmax, or the centre of a
 given detector box as with text), on the same
@@ -18,12 +18,12 @@ from persense.export.oracle.glue import idm_points, ppsm_points
 from persense.export.sam.modeling import Sam
 from persense.export.sam.persam_decoder import PerSamDecoder
 from persense.runtime.counters.base import Counter, CountRequest, Density
-from persense.runtime.geometry.transforms import SamTransform, preprocess_shape
+from persense.runtime.geometry.transforms import GRID, LOW_RES, SamTransform, preprocess_shape
+from persense.runtime.models.sam import EMBED_DIM
 from persense.runtime.pipeline.exemplars import check_box
+from persense.runtime.pipeline.flow import FEEDBACK_EXEMPLARS
 from persense.runtime.pipeline.result import SegmentResult
 from persense.runtime.pipeline.timing import StageTimer
-
-FEEDBACK_EXEMPLARS = 3
 
 
 def pil_resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -37,7 +37,7 @@ class TorchPredictor:
     def __init__(self, sam: Sam) -> None:
         self.sam = sam.eval()
         self.decoder = PerSamDecoder(sam).eval()
-        self.device = next(sam.parameters()).device  # the reference runs where its model is (CPU or CUDA)
+        self.device = next(sam.parameters()).device  # the oracle runs where its model is (CPU or CUDA)
         self.calls = 0
 
     @torch.no_grad()
@@ -82,12 +82,12 @@ class TorchPredictor:
                     self.features,
                     coords[None],
                     labels[None],
-                    torch.zeros(1, 1, 256, 256)
+                    torch.zeros(1, 1, LOW_RES, LOW_RES)
                     if mask_input is None
-                    else torch.as_tensor(mask_input).reshape(1, 1, 256, 256),
+                    else torch.as_tensor(mask_input).reshape(1, 1, LOW_RES, LOW_RES),
                     torch.tensor([0.0 if mask_input is None else 1.0]),
-                    target_embedding.reshape(1, -1) if guided else torch.zeros(1, 256),
-                    attn_sim.reshape(1, -1) if guided else torch.zeros(1, 4096),
+                    target_embedding.reshape(1, -1) if guided else torch.zeros(1, EMBED_DIM),
+                    attn_sim.reshape(1, -1) if guided else torch.zeros(1, GRID * GRID),
                     torch.tensor([1.0 if guided else 0.0]),
                 )
             )
@@ -106,7 +106,7 @@ def _mask_box(mask: np.ndarray) -> np.ndarray | None:
     return np.array([x.min(), y.min(), x.max(), y.max()], dtype=np.float64)
 
 
-class ReferencePipeline:
+class OraclePipeline:
     """PerSense in PyTorch with the original's per-point sequential structure."""
 
     def __init__(self, sam: Sam, counter: Counter) -> None:
@@ -220,7 +220,7 @@ class ReferencePipeline:
         sim = F.interpolate(sim, scale_factor=4, mode="bilinear")
         sim = predictor.sam.postprocess_masks(sim, predictor.input_size, predictor.original_size).squeeze()
         sim_tgt = (sim - sim.mean()) / torch.std(sim)
-        sim_tgt = F.interpolate(sim_tgt.unsqueeze(0).unsqueeze(0), size=(64, 64), mode="bilinear")
+        sim_tgt = F.interpolate(sim_tgt.unsqueeze(0).unsqueeze(0), size=(GRID, GRID), mode="bilinear")
         return sim, sim_tgt.sigmoid_().unsqueeze(0).flatten(3)
 
     def _candidates(

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import onnx
 
-from persense.export.artefacts import add_artefact, describe, fp16_name, variant_extra
+from persense.export.artefacts import add_artefact, describe, variant_extra
 from persense.export.onnx_io import save_onnx
 from persense.export.parity import measure_error
 from persense.export.precision.fp16_islands import SENSITIVE_OPS, float_outputs_kept, fp32_islands, merge_casts
+from persense.runtime.artefact_names import variant_name
 from persense.runtime.manifest import Artefact, load_manifest
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,7 @@ def convert_fp16(artefact: Artefact, folder: Path) -> Artefact:
     """Write `<name>_fp16.onnx` next to an FP32 artefact and return its manifest entry with the measured error."""
     start = time.perf_counter()
     src = folder / artefact.file
-    dst = folder / (fp16_name(Path(artefact.file).stem) + ".onnx")
+    dst = folder / (variant_name(Path(artefact.file).stem, "fp16") + ".onnx")
     save_onnx(to_fp16(src), dst)
     onnx.checker.check_model(str(dst))
     extra = variant_extra(artefact, time.perf_counter() - start, fp32_ops=list(SENSITIVE_OPS))
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     def body(args: argparse.Namespace) -> int:
         manifest = load_manifest(args.folder)
         for name in args.name:
-            add_artefact(args.folder, fp16_name(name), convert_fp16(manifest.artefact(name), args.folder))
+            add_artefact(args.folder, variant_name(name, "fp16"), convert_fp16(manifest.artefact(name), args.folder))
         return 0
 
     return run_command(parser.prog, body, parser.parse_args(argv))

@@ -11,23 +11,23 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from persense.export.artefacts import FP16_SUFFIX, add_artefact, fp16_name, reusable_variant
+from persense.export.artefacts import add_artefact, reusable_variant
 from persense.export.precision.fp16 import convert_fp16
 from persense.export.precision.fp16_islands import SENSITIVE_OPS
+from persense.runtime.artefact_names import RUNS_IN, engine_name, variant_name
 from persense.runtime.backends.trt_engine import (
     compute_capability,
-    engine_name,
     stale_reason,
     tensorrt_unavailable_reason,
     tensorrt_version,
 )
 from persense.runtime.errors import PersenseError
+from persense.runtime.imageio import atomic_write_bytes
 from persense.runtime.manifest import Artefact, Manifest, load_manifest, sha256_file
 
 log = logging.getLogger(__name__)
@@ -66,20 +66,13 @@ def engine_file(artefact: Artefact, plan: bytes) -> str:
     return f"{Path(artefact.file).stem}.{hashlib.sha256(plan).hexdigest()[:12]}.engine"
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write through a temporary file and a rename, so a crash never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def record_engine(source: Artefact, folder: Path, plan: bytes, extra: dict[str, Any]) -> Artefact:
     """Save a plan under its content-hash name (removing older plans of the same model) and describe it."""
     name = engine_file(source, plan)
     for old in folder.glob(f"{Path(source.file).stem}.*.engine"):
         if old.name != name:
             old.unlink()
-    _write_atomic(folder / name, plan)
+    atomic_write_bytes(folder / name, plan)
     extra = {
         "source_key": source.extra.get("source_key"),
         "onnx_file": source.file,
@@ -183,7 +176,7 @@ def _build_plan(
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise PersenseError(f"{onnx_path}: TensorRT failed to build an engine (see the TensorRT log above)")
-    _write_atomic(cache_path, bytes(memoryview(config.get_timing_cache().serialize())))
+    atomic_write_bytes(cache_path, bytes(memoryview(config.get_timing_cache().serialize())))
     return bytes(memoryview(plan)), pinned
 
 
@@ -223,14 +216,18 @@ def build_engine(
 def fp16_artefacts(
     artefacts: dict[str, Artefact], folder: Path, previous: Manifest | None = None
 ) -> tuple[dict[str, Artefact], str | None]:
-    """`--fp16`: FP16 ONNX entries for every FP32 ONNX artefact, plus engines where TensorRT and a GPU are usable.
+    """`--fp16`: FP16 ONNX entries for the FP32 ONNX artefacts the runtime runs in FP16 (not the counters), plus
+    engines for every FP32 ONNX artefact where TensorRT and a GPU are usable.
 
     Returns the new entries and, when no engines were built, one line saying why.
     """
     sources = {name: a for name, a in artefacts.items() if a.precision == "fp32" and a.file.endswith(".onnx")}
     added: dict[str, Artefact] = {}
     for name, art in sources.items():
-        added[fp16_name(name)] = reusable_variant(previous, name, art, FP16_SUFFIX) or convert_fp16(art, folder)
+        if name in RUNS_IN["fp16"]:
+            added[variant_name(name, "fp16")] = reusable_variant(previous, name, art, "fp16") or convert_fp16(
+                art, folder
+            )
     reason = tensorrt_unavailable_reason()
     if reason is not None:
         return added, f"TensorRT engines not built: {reason}"
@@ -257,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         built = build_engine(manifest.artefact(args.name), args.folder, manifest.artefacts.get(engine_name(args.name)))
         add_artefact(args.folder, engine_name(args.name), built)
         if args.stamp:
-            _write_atomic(args.stamp, (built.file + "\n").encode())
+            atomic_write_bytes(args.stamp, (built.file + "\n").encode())
         return 0
 
     return run_command(parser.prog, body, parser.parse_args(argv))

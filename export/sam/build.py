@@ -11,10 +11,8 @@ import torch
 from persense.export.checkpoints import read_checkpoint
 from persense.export.sam.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from persense.runtime.errors import PersenseError
-
-IMAGE_SIZE = 1024
-PATCH_SIZE = 16
-PROMPT_DIM = 256
+from persense.runtime.geometry.transforms import GRID, LONG_SIDE, PATCH_SIZE, PIXEL_MEAN, PIXEL_STD
+from persense.runtime.models.sam import EMBED_DIM
 
 
 @dataclass(frozen=True)
@@ -38,9 +36,9 @@ SAM_CONFIGS: dict[str, SamConfig] = {
     "tiny": SamConfig(32, 2, 2, (1,), decoder_mlp_dim=128, iou_head_hidden_dim=64),
 }
 # The tiny configuration with the project's own weights: trained on persense-synth scenes by
-# persense-train-tiny (export/train_tiny.py) and committed; it really segments synthetic objects.
+# persense-train-tiny (export/training/train_tiny.py) and committed; it really segments synthetic objects.
 SAM_CONFIGS["tiny-trained"] = SAM_CONFIGS["tiny"]
-BUNDLED_CHECKPOINTS = {"tiny-trained": Path(__file__).resolve().parent.parent / "assets" / "tiny_sam.pt"}
+BUNDLED_CHECKPOINTS = {"tiny-trained": Path(__file__).resolve().parents[2] / "assets" / "tiny_sam.pt"}
 
 CHECKPOINT_NAMES = {"vit_h": "sam_vit_h_4b8939.pth", "vit_l": "sam_vit_l_0b3195.pth", "vit_b": "sam_vit_b_01ec64.pth"}
 
@@ -50,12 +48,11 @@ def build_sam(model_type: str) -> Sam:
     if model_type not in SAM_CONFIGS:
         raise PersenseError(f"unknown SAM model type {model_type!r}; choose one of {', '.join(SAM_CONFIGS)}")
     cfg = SAM_CONFIGS[model_type]
-    grid = IMAGE_SIZE // PATCH_SIZE
     sam = Sam(
         image_encoder=ImageEncoderViT(
             depth=cfg.depth,
             embed_dim=cfg.embed_dim,
-            img_size=IMAGE_SIZE,
+            img_size=LONG_SIDE,
             mlp_ratio=4,
             norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
             num_heads=cfg.num_heads,
@@ -64,23 +61,23 @@ def build_sam(model_type: str) -> Sam:
             use_rel_pos=True,
             global_attn_indexes=cfg.global_attn_indexes,
             window_size=cfg.window_size,
-            out_chans=PROMPT_DIM,
+            out_chans=EMBED_DIM,
         ),
         prompt_encoder=PromptEncoder(
-            embed_dim=PROMPT_DIM,
-            image_embedding_size=(grid, grid),
-            input_image_size=(IMAGE_SIZE, IMAGE_SIZE),
+            embed_dim=EMBED_DIM,
+            image_embedding_size=(GRID, GRID),
+            input_image_size=(LONG_SIDE, LONG_SIDE),
             mask_in_chans=16,
         ),
         mask_decoder=MaskDecoder(
             num_multimask_outputs=3,
-            transformer=TwoWayTransformer(depth=2, embedding_dim=PROMPT_DIM, mlp_dim=cfg.decoder_mlp_dim, num_heads=8),
-            transformer_dim=PROMPT_DIM,
+            transformer=TwoWayTransformer(depth=2, embedding_dim=EMBED_DIM, mlp_dim=cfg.decoder_mlp_dim, num_heads=8),
+            transformer_dim=EMBED_DIM,
             iou_head_depth=3,
             iou_head_hidden_dim=cfg.iou_head_hidden_dim,
         ),
-        pixel_mean=[123.675, 116.28, 103.53],
-        pixel_std=[58.395, 57.12, 57.375],
+        pixel_mean=PIXEL_MEAN.tolist(),
+        pixel_std=PIXEL_STD.tolist(),
     )
     return sam.eval()
 

@@ -36,9 +36,11 @@ from torch import Tensor, nn
 
 from persense.export.onnx_io import describe, export_onnx
 from persense.export.sam.cpu_encoder import key_positions
+from persense.export.sam.graphs import encoder_example_inputs
 from persense.export.sam.modeling import modeling
 from persense.runtime.errors import PersenseError
-from persense.runtime.manifest import Artefact
+from persense.runtime.manifest import Artefact, tensor_names
+from persense.runtime.models.sam import ENCODER_IO
 
 ATTENTION_FORMS = ("attention", "mha", "decomposed", "folded")
 DEFAULT_FORM = "attention"
@@ -182,10 +184,10 @@ def export_gpu_encoder(sam: nn.Module, path: Path, model_type: str, source: str,
     with torch.no_grad():
         seconds = export_onnx(
             gpu_encoder(sam.image_encoder, form),
-            (torch.randn(1, 3, 1024, 1024),),
+            encoder_example_inputs(),
             path,
-            ["image"],
-            ["image_embeddings"],
+            tensor_names(ENCODER_IO[0]),
+            tensor_names(ENCODER_IO[1]),
             options=export_options(form),
         )
     return describe(

@@ -11,7 +11,9 @@ from persense.export.sam.cpu_encoder import cpu_encoder
 from persense.export.sam.modeling import Sam
 from persense.export.sam.persam_decoder import PerSamDecoder
 from persense.export.sam.reassociated_decoder import ReassociatedDecoder
-from persense.runtime.manifest import Artefact
+from persense.runtime.geometry.transforms import GRID, LONG_SIDE, LOW_RES
+from persense.runtime.manifest import Artefact, tensor_names
+from persense.runtime.models.sam import EMBED_DIM, ENCODER_IO
 
 MAX_PROMPTS = 1024
 MAX_POINTS = 64
@@ -21,22 +23,31 @@ def decoder_example_inputs(batch: int = 4, points: int = 2) -> tuple[torch.Tenso
     """Example inputs of PerSamDecoder (also the shapes the export traces)."""
     g = torch.Generator().manual_seed(0)
     return (
-        torch.randn(1, 256, 64, 64, generator=g),
-        torch.rand(batch, points, 2, generator=g) * 1024,
+        torch.randn(1, EMBED_DIM, GRID, GRID, generator=g),
+        torch.rand(batch, points, 2, generator=g) * LONG_SIDE,
         torch.ones(batch, points),
-        torch.randn(batch, 1, 256, 256, generator=g),
+        torch.randn(batch, 1, LOW_RES, LOW_RES, generator=g),
         torch.ones(batch),
-        torch.randn(1, 256, generator=g),
-        torch.rand(1, 4096, generator=g),
+        torch.randn(1, EMBED_DIM, generator=g),
+        torch.rand(1, GRID * GRID, generator=g),
         torch.ones(batch),
     )
+
+
+def encoder_example_inputs() -> tuple[torch.Tensor]:
+    """A random example `image` of the encoder graphs (its fixed shape)."""
+    return (torch.randn(*ENCODER_IO[0][0].shape),)
 
 
 def export_encoder(sam: Sam, path: Path, model_type: str, source: str) -> Artefact:
     """`image` [1,3,1024,1024] (normalised, padded) -> `image_embeddings` [1,256,64,64] (row-blocked global attn)."""
     with torch.no_grad():
         seconds = export_onnx(
-            cpu_encoder(sam.image_encoder), (torch.randn(1, 3, 1024, 1024),), path, ["image"], ["image_embeddings"]
+            cpu_encoder(sam.image_encoder),
+            encoder_example_inputs(),
+            path,
+            tensor_names(ENCODER_IO[0]),
+            tensor_names(ENCODER_IO[1]),
         )
     return describe(path, "sam_encoder", "fp32", model_type, source, {"export_seconds": round(seconds, 2)})
 

@@ -7,7 +7,7 @@ One module serves every decoder call PerSense makes. Per prompt b:
   attention of each block (a second softmax). `0` gives stock SAM.
 - `has_mask_input[b] = 1` uses `mask_input[b]` (low-res logits) as SAM's dense prompt.
 - a box is two points labelled 2 and 3; label -1 is SAM's padding point.
-With `best_only=False` (the literal form the PyTorch reference runs, as the original) the outputs are
+With `best_only=False` (the literal form the PyTorch oracle runs, as the original) the outputs are
 low-res logits [B,4,256,256] and IoU predictions [B,4] for all 4 mask tokens (0 = single-mask output,
 1..3 = multimask outputs). With `best_only=True` (the exported `sam_decoder`) SAM's best multimask output
 is chosen inside the graph (index 1..3 by predicted IoU, the first maximum on ties, as np.argmax): the
@@ -23,6 +23,8 @@ import torch
 from torch import Tensor, nn
 
 from persense.export.sam.modeling import Sam
+from persense.runtime.manifest import tensor_names
+from persense.runtime.models.sam import DECODER_IO
 
 
 def attention(
@@ -53,17 +55,8 @@ def select_best(hyper_in: Tensor, iou: Tensor) -> tuple[Tensor, Tensor]:
 class PerSamDecoder(nn.Module):
     """Prompt encoder + PerSAM-guided mask decoder over a batch of prompts for one image embedding."""
 
-    input_names = [
-        "image_embeddings",
-        "point_coords",
-        "point_labels",
-        "mask_input",
-        "has_mask_input",
-        "target_embedding",
-        "attn_sim",
-        "persam_weight",
-    ]
-    output_names = ["low_res_masks", "iou_predictions"]
+    input_names = tensor_names(DECODER_IO[0])
+    output_names = tensor_names(DECODER_IO[1])
 
     def __init__(self, sam: Sam, best_only: bool = False) -> None:
         super().__init__()

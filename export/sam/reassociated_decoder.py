@@ -17,13 +17,13 @@ NCHW channel reductions; the output pixels are reordered once at the end.
 This is exact algebra (float rounding aside; tests hold it to 1e-4 of the literal module) and halves the
 multiply-adds of the transformer per prompt. The token MLPs and the prediction heads are unchanged.
 
-Laid out for ONNX Runtime's CPU kernels (issue 13, vit_b, measured A/B in one process, benchmarks/README.md):
-the image-to-token softmax runs over T on a (B,h,T,N) layout (its Softmax over a 7-wide last axis cost 5 % of
-a launch); the residual LayerNorm of the image tokens is applied on a (B,64,64,C) view, which ORT keeps as Add +
-LayerNormalization (the 3-D form becomes SkipLayerNormalization, about 2x slower on 4096 x 256 tokens); the
-upscaling products are 2-D over all prompts' pixels with their biases tiled per output pixel, so ORT runs each as
-one Gemm with its bias and the GELU after it alone (BiasGelu with a 32-wide bias cost twice a plain Gelu); the
-dense prompt reaches the image tokens through a token-major product, not a 256-channel NCHW convolution + transpose.
+Laid out for ONNX Runtime's CPU kernels (each choice measured in benchmarks/README.md "CPU decoder levers"):
+the image-to-token softmax runs over T on a (B,h,T,N) layout, not over a 7-wide last axis; the residual LayerNorm
+of the image tokens is applied on a (B,64,64,C) view, which ORT keeps as Add + LayerNormalization (the 3-D form
+becomes the slower SkipLayerNormalization); the upscaling products are 2-D over all prompts' pixels with their
+biases tiled per output pixel, so ORT runs each as one Gemm with its bias and the GELU after it alone (not as
+BiasGelu); the dense prompt reaches the image tokens through a token-major product, not a 256-channel NCHW
+convolution + transpose.
 """
 
 from __future__ import annotations

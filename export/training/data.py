@@ -14,11 +14,9 @@ import cv2
 import numpy as np
 
 from persense.runtime.datasets.synth import max_instances, random_template, render_scene
-from persense.runtime.geometry.transforms import SamTransform
+from persense.runtime.geometry.transforms import GRID, PATCH_SIZE, SamTransform
 
 CROP = 256  # crop side in the 1024 input frame
-TOKEN = 16  # input pixels per embedding cell
-GRID = 64  # embedding cells per side of the full frame
 TARGET = 128  # side at which masks are compared in training
 MIN_AREA = 48  # smallest instance (crop pixels) that gets a prompt
 MOSTLY_INSIDE = 0.6  # share of an instance's pixels inside the window for it to count as whole
@@ -78,10 +76,10 @@ def _window(
     """A token-aligned side x side window of the 1024 frame: its (row, col) cell offset, normalised
     (3, side, side) image (zero where the frame is padding, as SAM pads) and label map. Windows reach up
     to a quarter window into the padding below and right of the image."""
-    cells = side // TOKEN
-    spans = [min(GRID - cells, max(0, -(-extent // TOKEN) - cells + cells // 4)) for extent in labels.shape]
+    cells = side // PATCH_SIZE
+    spans = [min(GRID - cells, max(0, -(-extent // PATCH_SIZE) - cells + cells // 4)) for extent in labels.shape]
     row, col = (int(rng.integers(0, span + 1)) for span in spans)
-    y, x = row * TOKEN, col * TOKEN
+    y, x = row * PATCH_SIZE, col * PATCH_SIZE
     part = image[y : y + side, x : x + side]
     crop = SamTransform(part.shape[:2], long_side=side).normalize_pad(part)[0]
     window = np.zeros((side, side), labels.dtype)
@@ -156,7 +154,7 @@ def _crop(rng: np.random.Generator, image: np.ndarray, labels: np.ndarray, areas
     ids = _prompted(areas, window)
     if len(ids) < 2:
         return None
-    origin = np.array([offset[1], offset[0]], np.float32) * TOKEN
+    origin = np.array([offset[1], offset[0]], np.float32) * PATCH_SIZE
     masks = {i: window == i for i in rng.choice(ids, size=min(len(ids), POINTS + BOXES + MULTI), replace=False)}
     order = list(masks) * (1 + (POINTS + BOXES + MULTI) // len(masks))
     pad = np.zeros((1, 2), np.float32)

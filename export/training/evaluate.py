@@ -15,7 +15,9 @@ import torch
 from persense.export.sam.modeling import Sam
 from persense.export.sam.persam_decoder import PerSamDecoder
 from persense.runtime.datasets.synth import random_template, render_scene
-from persense.runtime.geometry.transforms import SamTransform
+from persense.runtime.geometry.transforms import GRID, LOW_RES, SamTransform
+from persense.runtime.metrics import mask_ious
+from persense.runtime.models.sam import EMBED_DIM
 
 HELD_OUT_SIZE = (768, 576)
 HELD_OUT_KEY = 1  # training crops are drawn from default_rng([seed, 0, step])
@@ -54,19 +56,17 @@ def single_point_ious(sam: Sam, image: np.ndarray, labels: np.ndarray, limit: in
         embedding,
         torch.as_tensor(coords, dtype=torch.float32),
         torch.as_tensor(point_labels, dtype=torch.float32),
-        torch.zeros(batch, 1, 256, 256),
+        torch.zeros(batch, 1, LOW_RES, LOW_RES),
         torch.zeros(batch),
-        torch.zeros(1, 256),
-        torch.zeros(1, 4096),
+        torch.zeros(1, EMBED_DIM),
+        torch.zeros(1, GRID * GRID),
         torch.zeros(batch),
     )
     best = iou[:, 1:].argmax(1) + 1
     chosen = low[torch.arange(batch), best][:, None]
     masks = (sam.postprocess_masks(chosen, transform.input_size, image.shape[:2])[:, 0] > 0).numpy()
     truth = labels[None] == np.array(ids)[:, None, None]
-    inter = (masks & truth).sum((1, 2))
-    union = (masks | truth).sum((1, 2))
-    return inter / np.maximum(union, 1)
+    return mask_ious(masks, truth, empty=0.0)  # never empty: each instance has MIN_PIXELS
 
 
 def held_out_iou(sam: Sam, seed: int, scenes: int = 8) -> dict[str, float]:

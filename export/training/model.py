@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from persense.export.sam.modeling import Sam, modeling
 from persense.export.sam.persam_decoder import PerSamDecoder
+from persense.runtime.models.sam import EMBED_DIM
 
 add_decomposed_rel_pos = modeling.image_encoder.add_decomposed_rel_pos
 FOCAL_WEIGHT, DICE_WEIGHT = 20.0, 1.0
@@ -80,7 +81,7 @@ class CropDecoder(PerSamDecoder):
             labels,
             mask_input,
             torch.full((batch,), 0.0 if no_mask else 1.0),
-            torch.zeros(1, 256) if target is None else target,
+            torch.zeros(1, EMBED_DIM) if target is None else target,
             torch.zeros(1, grid * grid) if attn_sim is None else attn_sim,
             torch.zeros(batch) if guided is None else guided,
         )

@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,26 +31,23 @@ from persense.export.training.evaluate import held_out_iou
 from persense.export.training.model import CropDecoder, encode_crop, guidance, prior_loss, sam_loss
 from persense.runtime.cli.common import add_common_flags, run_command
 from persense.runtime.errors import PersenseError
+from persense.runtime.geometry.transforms import LONG_SIDE
 from persense.runtime.imageio import atomic_write_bytes, write_json
 
 PROG = "persense-train-tiny"
 MODEL = "tiny"
 WARMUP = 100
-# Scale of the prompt encoder's random Fourier frequencies (segment-anything's default is 1). At 1 a
-# point's encoding varies over a quarter of the frame; at 3 its similarity kernel (about 40 px) is object-sized, which
-# lets a small model learn to localise a prompt in the time budget. The matrix is part of the weights.
+# Scale of the prompt encoder's random Fourier frequencies (segment-anything's default is 1): an object-sized
+# similarity kernel lets a small model learn to localise a prompt (docs/DESIGN.md "Tiny SAM recipe").
 PE_SCALE = 3.0
 ALIGN_GAIN = 2.0  # scale of the shared query/key map (see align_cross_attention)
 CURRICULUM = 0.3  # share of the steps over which crops go from a few large objects to full crowds
-# After the 256x256 windows, a few steps on SAM's whole 1024 frame: trained on windows alone, the decoder's
-# token-to-image attention (softmax over 256 cells, 4096 at inference) reached similar objects across the
-# frame, so the multimask outputs the IoU head ranked first spilled onto them (held-out IoU 0.26 on whole
-# frames against 0.82 on windows of the same scenes); 80 whole-frame steps brought it to 0.72.
-FULL_FRAME = 1024
+# After the 256x256 windows, steps on SAM's whole 1024 frame: the decoder's token-to-image attention, trained over
+# 256 cells, must learn the 4096 of inference (docs/DESIGN.md "Tiny SAM recipe").
 FULL_FRAME_STEPS = 160
 FULL_FRAME_LR = 5e-5  # constant learning rate of the whole-frame steps
-# Whole-frame steps also train PerSAM's location prior (train_model.prior_loss): it places PerSense's first point
-# and drives the SAM-only counter (persense-eval --counter sam mIoU 42.7 without it, 57.2 with it).
+# Whole-frame steps also train PerSAM's location prior (training.model.prior_loss): it places PerSense's first
+# point and drives the SAM-only counter.
 PRIOR_WEIGHT = 1.0
 log = logging.getLogger(__name__)
 
@@ -94,7 +92,7 @@ def align_cross_attention(sam: torch.nn.Module, gain: float = ALIGN_GAIN) -> Non
 
     Queries and keys then share one random map, so the dot product of a prompt's positional encoding with
     an image cell's is kept: from the first step a prompt attends to the cells at its position and back.
-    From an unrelated random init the decoder took hundreds of steps to stop ignoring its prompt.
+    (From an unrelated random init the decoder learns slowly to use its prompt: docs/DESIGN.md "Tiny SAM recipe".)
     """
     tf = sam.mask_decoder.transformer
     modules = [m for layer in tf.layers for m in (layer.cross_attn_token_to_image, layer.cross_attn_image_to_token)]
@@ -112,24 +110,34 @@ def learning_rate(step: int, steps: int, peak: float) -> float:
     return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def _save_torch(obj: object, path: Path) -> bytes:
+    """torch.save `obj` to `path` through atomic_write_bytes (temp file, fsync, os.replace); returns the bytes.
+
+    torch names the zip's inner folder after the file it writes, so the object is staged as `<stem>.tmp` in a
+    scratch folder next to `path` (the name this command always saved under): the bytes stay as they were.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".torch-save-", dir=path.parent) as scratch:
+        staged = Path(scratch) / path.with_suffix(".tmp").name
+        torch.save(obj, staged)
+        data = staged.read_bytes()
+    atomic_write_bytes(path, data)
+    return data
+
+
 def _save_state(
     path: Path, sam: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int, args: argparse.Namespace
 ) -> None:
     """Write a resumable training checkpoint atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(
-        {
-            "model": sam.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "step": step,
-            "seed": args.seed,
-            "steps": args.steps,
-            "lr": args.lr,
-        },
-        tmp,
-    )
-    tmp.replace(path)
+    state = {
+        "model": sam.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "step": step,
+        "seed": args.seed,
+        "steps": args.steps,
+        "lr": args.lr,
+    }
+    _save_torch(state, path)
 
 
 def _resume(path: Path, sam: torch.nn.Module, optimizer: torch.optim.Optimizer, args: argparse.Namespace) -> int:
@@ -149,13 +157,7 @@ def _resume(path: Path, sam: torch.nn.Module, optimizer: torch.optim.Optimizer, 
 def export_weights(sam: torch.nn.Module, path: Path) -> str:
     """Write the weights in segment-anything's state-dict layout as FP16; returns the file's sha256."""
     state = {k: v.detach().half() if v.is_floating_point() else v.detach() for k, v in sam.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    data = tmp.read_bytes()
-    tmp.unlink()
-    atomic_write_bytes(path, data)
-    return hashlib.sha256(data).hexdigest()
+    return hashlib.sha256(_save_torch(state, path)).hexdigest()
 
 
 def train(args: argparse.Namespace) -> dict:
@@ -181,7 +183,7 @@ def train(args: argparse.Namespace) -> dict:
             easy = max(0.0, 1.0 - step / (CURRICULUM * args.steps))
             lr, crops, prior = learning_rate(step, args.steps, args.lr), sample_crops(rng, easy), 0.0
         else:
-            lr, crops, prior = FULL_FRAME_LR, sample_crops(rng, windows=1, side=FULL_FRAME), PRIOR_WEIGHT
+            lr, crops, prior = FULL_FRAME_LR, sample_crops(rng, windows=1, side=LONG_SIDE), PRIOR_WEIGHT
         for group in optimizer.param_groups:
             group["lr"] = lr
         results = [crop_loss(sam, decoder, crop, prior) for crop in crops]

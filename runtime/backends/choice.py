@@ -2,17 +2,39 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 
 from persense.runtime.backends.engine import Engine
+from persense.runtime.backends.openvino_engine import INSTALL_HINT
 from persense.runtime.backends.ort_check import check_onnxruntime
 from persense.runtime.backends.ort_engine import OrtEngine
-from persense.runtime.errors import PersenseError
+from persense.runtime.backends.table import AUTO, backend
 from persense.runtime.manifest import Manifest
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "ort-cpu", "ort-cuda", "trt", "openvino")  # auto never picks openvino (an opt-in extra)
+
+def unavailable_reason(name: str) -> str | None:
+    """Why backend `name` cannot run on this machine (no CUDA provider, no TensorRT, no OpenVINO), or None."""
+    row = backend(name)
+    if row.own_engines:
+        from persense.runtime.backends.trt_engine import tensorrt_unavailable_reason
+
+        return tensorrt_unavailable_reason()
+    if row.name == "openvino":
+        return None if importlib.util.find_spec("openvino") else f"OpenVINO is not installed; {INSTALL_HINT}"
+    if row.on_gpu:
+        check_onnxruntime()
+        import onnxruntime as ort
+
+        providers = ort.get_available_providers()
+        if "CUDAExecutionProvider" not in providers:
+            return (
+                f"onnxruntime {ort.__version__} has no CUDAExecutionProvider (providers: {', '.join(providers)}); "
+                "install the `gpu` extra (onnxruntime-gpu) on a machine with an NVIDIA GPU"
+            )
+    return None
 
 
 def resolve_backend(requested: str, manifest: Manifest | None = None) -> str:
@@ -20,21 +42,16 @@ def resolve_backend(requested: str, manifest: Manifest | None = None) -> str:
 
     TensorRT is chosen only when it is usable here and the manifest has current engines for SAM.
     """
-    if requested not in BACKENDS:
-        raise PersenseError(f"unknown backend {requested!r}; choose one of {', '.join(BACKENDS)}")
-    if requested != "auto":
-        return requested
-    check_onnxruntime()
-    import onnxruntime as ort
+    if requested != AUTO:
+        return backend(requested).name
+    from persense.runtime.backends.trt_engine import engine_unusable_reason
 
-    from persense.runtime.backends.trt_engine import engine_unusable_reason, tensorrt_unavailable_reason
-
-    reason = tensorrt_unavailable_reason()
+    reason = unavailable_reason("trt")
     if reason is None and manifest is not None:
         reason = engine_unusable_reason(manifest, "sam_encoder") or engine_unusable_reason(manifest, "sam_decoder")
     if reason is None:
         choice = "trt"
-    elif "CUDAExecutionProvider" in ort.get_available_providers():
+    elif unavailable_reason("ort-cuda") is None:
         choice = "ort-cuda"
     else:
         choice = "ort-cpu"
@@ -42,32 +59,24 @@ def resolve_backend(requested: str, manifest: Manifest | None = None) -> str:
     return choice
 
 
-def side_backend(backend: str) -> str:
-    """The backend of the models beside SAM (counters, detector): ORT-CPU under openvino (a small share of a
-    query, not measured on OpenVINO), else `backend` itself."""
-    return "ort-cpu" if backend == "openvino" else backend
-
-
 def open_engine(
     manifest: Manifest,
     name: str,
-    backend: str = "ort-cpu",
+    backend_name: str = "ort-cpu",
     threads: int | None = None,
     arena: bool = True,
-    cuda_graph: bool = False,
     ov_precision: str = "fp32",
 ) -> Engine:
     """Verify artefact `name` of a manifest (hash, existence) and open it on a resolved backend
-    (`cuda_graph` applies to ORT-CUDA only, `ov_precision` (fp32 or bf16) to OpenVINO only)."""
-    if backend == "trt":
+    (`ov_precision` (fp32 or bf16) applies to OpenVINO only)."""
+    row = backend(backend_name)
+    if row.own_engines:
         from persense.runtime.backends.trt_engine import open_trt_engine
 
         return open_trt_engine(manifest, name)
     path = manifest.verified_path(name)
-    if backend == "openvino":
+    if row.name == "openvino":
         from persense.runtime.backends.openvino_engine import OvEngine
 
         return OvEngine(path, ov_precision, threads)
-    return OrtEngine(
-        path, device="cuda" if backend == "ort-cuda" else "cpu", threads=threads, arena=arena, cuda_graph=cuda_graph
-    )
+    return OrtEngine(path, device=row.device, threads=threads, arena=arena)

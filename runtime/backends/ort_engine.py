@@ -5,7 +5,6 @@ from __future__ import annotations
 import threading
 from collections import Counter
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -31,10 +30,7 @@ class OrtEngine:
     copied into per-input buffers on the session's device, inputs given as device values (`upload`) are bound
     as they are (the decoder binds one image embedding to all launches of an image), outputs go to per-output
     device buffers; buffers are reused while shapes stay the same. `uploads` counts host-to-device copies per
-    input name. `cuda_graph` (CUDA only, off by default, not measured on our CPU machines) captures the graph
-    on the first run and replays it: only for models with fixed shapes, such as the encoder.
-    Threads may share an engine: each thread binds its own buffers, except under `cuda_graph`, where the
-    captured graph owns one set of buffers and runs take turns.
+    input name. Threads may share an engine: each thread binds its own buffers.
     """
 
     def __init__(
@@ -44,14 +40,12 @@ class OrtEngine:
         threads: int | None = None,
         arena: bool = True,
         io_binding: bool | None = None,
-        cuda_graph: bool = False,
     ) -> None:
         check_onnxruntime()
         import onnxruntime as ort
 
         if device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', not {device!r}")
-        self.cuda_graph = cuda_graph and device == "cuda"
         providers: list[Any] = ["CPUExecutionProvider"]
         if device == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -59,15 +53,14 @@ class OrtEngine:
                     "ONNX Runtime has no CUDA provider here: install the `gpu` extra "
                     "(onnxruntime-gpu) on a machine with an NVIDIA GPU, or use --backend ort-cpu"
                 )
-            providers.insert(0, ("CUDAExecutionProvider", {"enable_cuda_graph": "1" if self.cuda_graph else "0"}))
+            providers.insert(0, "CUDAExecutionProvider")
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or default_threads()
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
-        # ORT's CPU arena keeps the largest transient buffers of every run: worth it for many small runs
-        # (vit_b decoder, one prompt: 31 ms with it, 45 ms without), not for one huge one (vit_b encoder:
-        # peak RSS 3.2 GB with it, 2.1 GB without, 6.9 vs 6.3 s).
+        # ORT's CPU arena keeps the largest transient buffers of every run: on for many small runs (the decoder),
+        # off for one huge one (the encoder); measured in docs/DESIGN.md "Memory arena"
         options.enable_cpu_mem_arena = arena
         try:
             self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
@@ -76,11 +69,9 @@ class OrtEngine:
         self.device = device
         self.inputs = [_spec(i) for i in self.session.get_inputs()]
         self.outputs = [_spec(o) for o in self.session.get_outputs()]
-        self.io_binding = self.cuda_graph or (device == "cuda" if io_binding is None else io_binding)
+        self.io_binding = device == "cuda" if io_binding is None else io_binding
         self.uploads: Counter[str] = Counter()
         self._local = threading.local()  # per thread: its io binding and its buffers
-        self._shared = SimpleNamespace() if self.cuda_graph else None  # one state for the captured graph
-        self._graph_lock = threading.Lock()
 
     def upload(self, name: str, array: np.ndarray) -> Any:
         """A copy of a host array for input `name` on the session's device (an OrtValue) that runs can bind."""
@@ -94,13 +85,11 @@ class OrtEngine:
         names = [o.name for o in self.outputs]
         if not self.io_binding:
             return dict(zip(names, self.session.run(names, feeds)))
-        if self._shared is None:
-            return self._run_bound(names, feeds, self._state(self._local))
-        with self._graph_lock:
-            return self._run_bound(names, feeds, self._state(self._shared))
+        return self._run_bound(names, feeds, self._state())
 
-    def _state(self, holder: Any) -> Any:
-        """`holder` with its io binding and buffer table ("in:<name>"/"out:<name>" -> ((shape, dtype), OrtValue))."""
+    def _state(self) -> Any:
+        """This thread's io binding and buffer table ("in:<name>"/"out:<name>" -> ((shape, dtype), OrtValue))."""
+        holder = self._local
         if not hasattr(holder, "binding"):
             holder.binding = self.session.io_binding()
             holder.buffers = {}
@@ -135,8 +124,7 @@ class OrtEngine:
         return buffer
 
     def _buffer(self, buffers: dict, key: str, shape: list[int], dtype: Any) -> Any:
-        """The device buffer for `key`, reallocated only when its shape or dtype changes (fixed addresses
-        for fixed shapes, as CUDA graphs require)."""
+        """The device buffer for `key`, reallocated only when its shape or dtype changes."""
         from onnxruntime import OrtValue
 
         layout = (tuple(shape), np.dtype(dtype))

@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 
+from persense.runtime.artefact_names import engine_name, source_name
 from persense.runtime.errors import PersenseError
 from persense.runtime.manifest import Artefact, Manifest, TensorSpec
 
-ENGINE_SUFFIX = "_trt"
 REBUILD_HINT = "rebuild the engines on this machine with `persense-export --fp16 --out {folder}`"
 
 
@@ -70,11 +70,6 @@ def compute_capability(device: int = 0) -> str:
     return f"{major}.{minor}"
 
 
-def engine_name(name: str) -> str:
-    """Manifest name of the TensorRT engine of artefact `name` (`sam_decoder` -> `sam_decoder_trt`)."""
-    return name if name.endswith(ENGINE_SUFFIX) else name + ENGINE_SUFFIX
-
-
 def stale_reason(engine: Artefact, trt_version: str, capability: str, source: Artefact | None) -> str | None:
     """Why an engine entry cannot run here (other TensorRT, other GPU, rebuilt ONNX), or None if current."""
     built_version = engine.extra.get("tensorrt_version")
@@ -95,7 +90,7 @@ def check_engine_current(manifest: Manifest, name: str, trt_version: str, capabi
     if key not in manifest.artefacts:
         raise PersenseError(f"{manifest.folder}: no TensorRT engine '{key}' in the manifest; {hint}")
     engine = manifest.artefacts[key]
-    source = manifest.artefacts.get(key[: -len(ENGINE_SUFFIX)])
+    source = manifest.artefacts.get(source_name(key))
     reason = stale_reason(engine, trt_version, capability, source)
     if reason is not None:
         raise PersenseError(f"{manifest.folder / engine.file}: stale TensorRT engine ({reason}); {hint}")

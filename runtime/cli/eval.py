@@ -11,8 +11,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from persense.runtime.api import PRECISIONS
-from persense.runtime.backends.choice import BACKENDS
+from persense.runtime.backends.table import BACKENDS, PRECISIONS
 from persense.runtime.cli.common import add_cache_flags, add_common_flags, run_command
 from persense.runtime.counters.choice import COUNTERS
 from persense.runtime.datasets.evaluate import EvalResult, miou

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from persense.runtime.api import PRECISIONS, PerSense, Reference
-from persense.runtime.backends.choice import BACKENDS
+from persense.runtime.api import PerSense, Reference
+from persense.runtime.backends.table import BACKENDS, PRECISIONS
 from persense.runtime.cli.common import add_cache_flags, add_common_flags, run_command
 from persense.runtime.cli.overlay import overlay
 from persense.runtime.counters.choice import COUNTERS

@@ -12,6 +12,10 @@ import numpy as np
 from persense.runtime.errors import PersenseError
 from persense.runtime.geometry.transforms import SamTransform
 
+# IDM's binary threshold on DSALVANet's maps in the original, shared by the counters that follow DSALVANet's
+# conventions (DSALVANet, the .npy map, the SAM-only counter); each counter module states its own IDM_THRESHOLD.
+DSALVANET_IDM_THRESHOLD = 30
+
 
 @dataclass
 class CountRequest:
@@ -79,7 +83,7 @@ class NpyDensityCounter:
 
     def count(self, request: CountRequest) -> Density:
         """The stored map, whatever the exemplars."""
-        return Density(self.density, dsalvanet_count(self.density), 30)
+        return Density(self.density, dsalvanet_count(self.density), DSALVANET_IDM_THRESHOLD)
 
 
 def _checked_density(path: Path, density: np.ndarray) -> np.ndarray:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from persense.runtime.backends.choice import open_engine, side_backend
+from persense.runtime.backends.table import backend as backend_row
 from persense.runtime.counters.base import Counter, NpyDensityCounter
 from persense.runtime.errors import PersenseError
 from persense.runtime.manifest import Manifest
@@ -34,11 +34,11 @@ def make_counter(
             f"{manifest.folder}: no {artefact} engine; export it with "
             f"`persense-export --counter {name} --out {manifest.folder}`"
         )
-    engine = open_engine(manifest, artefact, side_backend(backend), threads)
+    side = backend_row(backend).side
     if name == "countr":
         from persense.runtime.counters.countr import CountrCounter
 
-        return CountrCounter(engine)
+        return CountrCounter.from_manifest(manifest, side, threads)
     from persense.runtime.counters.dsalvanet import DsalvanetCounter
 
-    return DsalvanetCounter(engine)
+    return DsalvanetCounter.from_manifest(manifest, side, threads)

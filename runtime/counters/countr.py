@@ -43,11 +43,14 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from persense.runtime.backends.choice import open_engine
 from persense.runtime.backends.engine import Engine
+from persense.runtime.backends.table import backend as backend_row
 from persense.runtime.counters.base import CountRequest, Density
 from persense.runtime.errors import PersenseError
 from persense.runtime.geometry.resampling import resize_bilinear_pil
 from persense.runtime.geometry.transforms import xyxy_to_yxyx
+from persense.runtime.manifest import REEXPORT_HINT, Manifest, TensorSpec, check_io, tensor_names
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +64,18 @@ COUNT_SCALE = 60.0
 CALIBRATION_SHOTS = 3.0
 CALIBRATION_LIMIT = 1.8
 TINY_EXEMPLAR = 10
-IDM_THRESHOLD = 20
-INPUT_NAMES = ("windows", "exemplars")
-OUTPUT_NAMES = ("density",)
+IDM_THRESHOLD = 20  # CounTR's own (DSALVANet's is 30)
+ARTEFACT = "counter_countr"
+# N windows (all of an image's, all 9 tiles' in the tiled branch) and K exemplar crops per call
+COUNTR_IO = (
+    [
+        TensorSpec("windows", ("N", 3, WINDOW, WINDOW), "float32"),
+        TensorSpec("exemplars", (1, "K", 3, EXEMPLAR_SIZE, EXEMPLAR_SIZE), "float32"),
+    ],
+    [TensorSpec("density", ("N", WINDOW, WINDOW), "float32")],
+)
+INPUT_NAMES = tuple(tensor_names(COUNTR_IO[0]))
+OUTPUT_NAMES = tuple(tensor_names(COUNTR_IO[1]))
 
 
 @dataclass(frozen=True)
@@ -233,6 +245,13 @@ class CountrCounter:
                 "re-export the counter with `persense-export`"
             )
         self.engine = engine
+
+    @staticmethod
+    def from_manifest(manifest: Manifest, backend: str = "ort-cpu", threads: int | None = None) -> CountrCounter:
+        """Open and verify the `counter_countr` engine of an engines folder on `backend` (the side models')."""
+        if not backend_row(backend).own_engines:
+            check_io(ARTEFACT, manifest.artefact(ARTEFACT), *COUNTR_IO, REEXPORT_HINT.format(folder=manifest.folder))
+        return CountrCounter(open_engine(manifest, ARTEFACT, backend, threads))
 
     def densities(self, planes: list[np.ndarray], crops: np.ndarray) -> list[np.ndarray]:
         """Merged (384, w) density of each (3, 384, w) plane, from one batched engine call."""

@@ -13,10 +13,13 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from persense.runtime.backends.choice import open_engine
 from persense.runtime.backends.engine import Engine
-from persense.runtime.counters.base import CountRequest, Density, dsalvanet_count
+from persense.runtime.backends.table import backend as backend_row
+from persense.runtime.counters.base import DSALVANET_IDM_THRESHOLD, CountRequest, Density, dsalvanet_count
 from persense.runtime.errors import PersenseError
-from persense.runtime.geometry.transforms import xyxy_to_yxyx
+from persense.runtime.geometry.transforms import IMAGENET_MEAN, IMAGENET_STD, xyxy_to_yxyx
+from persense.runtime.manifest import REEXPORT_HINT, Manifest, TensorSpec, check_io
 
 INPUT_SIZE = 512
 FEATURE_STRIDE = 4
@@ -24,9 +27,16 @@ FEATURE_SIZE = INPUT_SIZE // FEATURE_STRIDE  # 128
 POOL = 3  # exemplar features are pooled to POOL x POOL
 N_EXEMPLARS = 3  # the network's similarity head is built for exactly 3 exemplars
 BIN_LENGTH = -(-FEATURE_SIZE // POOL) + 1  # longest adaptive-pool bin over at most FEATURE_SIZE cells: 44
-IDM_THRESHOLD = 30
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+IDM_THRESHOLD = DSALVANET_IDM_THRESHOLD
+ARTEFACT = "counter_dsalvanet"
+DSALVANET_IO = (
+    [
+        TensorSpec("image", (1, 3, INPUT_SIZE, INPUT_SIZE), "float32"),
+        TensorSpec("roi_rows", (N_EXEMPLARS, POOL, BIN_LENGTH), "int64"),
+        TensorSpec("roi_cols", (N_EXEMPLARS, POOL, BIN_LENGTH), "int64"),
+    ],
+    [TensorSpec("density", (1, 1, INPUT_SIZE, INPUT_SIZE), "float32")],
+)
 
 
 def image_tensor(image_rgb: np.ndarray) -> np.ndarray:
@@ -105,6 +115,13 @@ class DsalvanetCounter:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+
+    @staticmethod
+    def from_manifest(manifest: Manifest, backend: str = "ort-cpu", threads: int | None = None) -> DsalvanetCounter:
+        """Open and verify the `counter_dsalvanet` engine of an engines folder on `backend` (the side models')."""
+        if not backend_row(backend).own_engines:
+            check_io(ARTEFACT, manifest.artefact(ARTEFACT), *DSALVANET_IO, REEXPORT_HINT.format(folder=manifest.folder))
+        return DsalvanetCounter(open_engine(manifest, ARTEFACT, backend, threads))
 
     def count(self, request: CountRequest) -> Density:
         """512x512 density map, count = ceil(sum), IDM threshold 30."""

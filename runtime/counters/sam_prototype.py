@@ -18,12 +18,13 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from persense.runtime.counters.base import CountRequest, Density
+from persense.runtime.counters.base import DSALVANET_IDM_THRESHOLD, CountRequest, Density
 from persense.runtime.errors import PersenseError
 from persense.runtime.geometry.resampling import resize_bilinear
+from persense.runtime.geometry.transforms import LOW_RES
 
-FRAME = 256  # SAM's low-res frame: 4 samples per feature cell
-IDM_THRESHOLD = 30
+FRAME = LOW_RES  # SAM's low-res frame: 4 samples per feature cell
+IDM_THRESHOLD = DSALVANET_IDM_THRESHOLD
 SEPARATION = 0.7  # minimum peak distance in exemplar sizes: touching objects are ~1 size apart
 
 

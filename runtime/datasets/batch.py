@@ -14,7 +14,7 @@ from tqdm import tqdm
 from persense.runtime.api import PerSense, Reference
 from persense.runtime.datasets.evaluate import class_names
 from persense.runtime.errors import PersenseError
-from persense.runtime.imageio import write_image
+from persense.runtime.imageio import stale_temporaries, write_image
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def remove_stale_temporaries(pred_dir: Path, job: ClassJob) -> None:
     """Delete temp files an interrupted run left for images still to do (one run per prediction folder)."""
     for image in job.todo:
         final = prediction_path(pred_dir, job.name, image)
-        for stale in final.parent.glob(f".{final.name}.*.tmp"):
+        for stale in stale_temporaries(final):
             stale.unlink(missing_ok=True)
 
 

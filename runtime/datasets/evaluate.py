@@ -29,8 +29,7 @@ import numpy as np
 
 from persense.runtime.errors import PersenseError
 from persense.runtime.imageio import read_raw
-
-EPSILON = 1e-10  # the original's guard in ΣI / (ΣU + 1e-10)
+from persense.runtime.metrics import summed_iou
 
 
 @dataclass(frozen=True)
@@ -86,11 +85,6 @@ def _pair_counts(gt: Path, pred: Path) -> tuple[int, int]:
     return int(np.count_nonzero(gt_mask & pred_mask)), int(np.count_nonzero(gt_mask | pred_mask))
 
 
-def _ratio(intersection: int, union: int) -> float:
-    """The original's class IoU as a fraction: ΣI / (ΣU + 1e-10)."""
-    return intersection / (union + EPSILON)
-
-
 def _listing(items: list[str], limit: int = 3) -> str:
     """A short comma-separated list for a warning."""
     shown = ", ".join(items[:limit])
@@ -133,7 +127,9 @@ def evaluate_class(data_dir: Path, pred_dir: Path, name: str, ref_idx: str = "00
         )
     if images == 0:
         warnings.append(f"{name}: no image pair evaluated; its IoU is 0 and still counts in the mean")
-    result = ClassResult(iou=100 * _ratio(intersection, union), images=images, intersection=intersection, union=union)
+    result = ClassResult(
+        iou=100 * summed_iou(intersection, union), images=images, intersection=intersection, union=union
+    )
     return result, warnings
 
 
@@ -156,5 +152,5 @@ def miou(data_dir: Path, pred_dir: Path, ref_idx: str = "00") -> EvalResult:
     for name in names:
         classes[name], class_warnings = evaluate_class(data_dir, pred_dir, name, ref_idx)
         warnings += class_warnings
-    mean = 100 * sum(_ratio(r.intersection, r.union) for r in classes.values()) / len(classes)
+    mean = 100 * sum(summed_iou(r.intersection, r.union) for r in classes.values()) / len(classes)
     return EvalResult(miou=mean, classes=classes, warnings=warnings)

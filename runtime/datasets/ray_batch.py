@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from persense.runtime.api import PerSense, Reference
+from persense.runtime.backends.table import TABLE
 from persense.runtime.datasets.batch import (
     BatchReport,
     ClassJob,
@@ -35,7 +36,6 @@ from persense.runtime.errors import PersenseError
 from persense.runtime.imageio import write_image
 
 LOCAL = "local"  # --ray without an address: start a private local Ray instance
-GPU_BACKENDS = ("ort-cuda", "trt")  # actors on these reserve one GPU each, so Ray gives each its own
 
 
 class ImageTask(NamedTuple):
@@ -104,7 +104,7 @@ def connect(ray: ModuleType, address: str, workers: int, cpus_per_worker: int) -
 
 def start_actors(ray: ModuleType, spec: PipelineSpec, workers: int, log_level: int) -> list[Any]:
     """`workers` actors with their engines open, each reserving its threads' CPUs (and a GPU for a GPU backend)."""
-    gpus = 1 if spec.backend in GPU_BACKENDS else 0
+    gpus = 1 if spec.backend in TABLE and TABLE[spec.backend].on_gpu else 0  # Ray gives each actor its own GPU
     remote = ray.remote(SegmentActor).options(num_cpus=spec.threads, num_gpus=gpus)
     actors = [remote.remote(spec, log_level) for _ in range(workers)]
     errors = [error for error in ray.get([actor.ready.remote() for actor in actors]) if error]

@@ -14,9 +14,15 @@ import numpy as np
 from persense.runtime.geometry.resampling import resize_bilinear_pil
 from persense.runtime.geometry.upsampling import Upsampler
 
-PIXEL_MEAN = np.array([123.675, 116.28, 103.53], dtype=np.float32)
+PIXEL_MEAN = np.array([123.675, 116.28, 103.53], dtype=np.float32)  # SAM's, on 0..255 pixels
 PIXEL_STD = np.array([58.395, 57.12, 57.375], dtype=np.float32)
+LONG_SIDE = 1024  # side of SAM's square input frame, which the longest image side is resized to
+PATCH_SIZE = 16  # input pixels per embedding cell (the image encoder's patch size)
+GRID = LONG_SIDE // PATCH_SIZE  # 64 embedding cells per side of the frame
 LOW_RES = 256  # side of SAM's low-res mask logits
+# ImageNet's mean and std on [0, 1] pixels: the normalisation of the detector and of DSALVANet (not SAM's)
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
 
 def preprocess_shape(height: int, width: int, long_side: int) -> tuple[int, int]:
@@ -34,7 +40,7 @@ class SamTransform:
     """Maps one original image size to SAM's padded square input frame and back."""
 
     original_size: tuple[int, int]
-    long_side: int = 1024
+    long_side: int = LONG_SIDE
 
     @property
     def input_size(self) -> tuple[int, int]:

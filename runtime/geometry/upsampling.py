@@ -49,16 +49,6 @@ class Upsampler:
         """Thresholded upsampling of logit stacks, in tiles (see persense.runtime.geometry.positive_tiles)."""
         return PositiveTiles(self.rows, self.cols)
 
-    def positive_window(self, low_res: np.ndarray) -> tuple[int, int, np.ndarray] | None:
-        """(y0, x0, mask) with `mask` exactly `full(low_res) > 0` over a window outside which no pixel is
-        positive (each output pixel is a convex combination of the low-res logits it draws on, so it can be
-        positive only where one of those is), or None if no pixel can be."""
-        stack = low_res.astype(np.float32)[None]
-        (y0,), (y1,), (x0,), (x1,) = self.tiles.windows(stack)
-        if y1 <= y0 or x1 <= x0:
-            return None
-        return int(y0), int(x0), self.positive_in(stack[0], int(y0), int(y1), int(x0), int(x1))
-
     def positive_in(self, low_res: np.ndarray, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         """`full(low_res)[y0:y1, x0:x1] > 0` for a float32 map, computed for that window only."""
         return self._window(low_res, y0, y1, x0, x1, 0.0)

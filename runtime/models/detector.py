@@ -19,10 +19,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from persense.runtime.backends.choice import open_engine, side_backend
+from persense.runtime.backends.choice import open_engine
 from persense.runtime.backends.engine import Engine
+from persense.runtime.backends.table import backend as backend_row
 from persense.runtime.errors import PersenseError
 from persense.runtime.geometry.resampling import resize_bilinear_pil
+from persense.runtime.geometry.transforms import IMAGENET_MEAN, IMAGENET_STD
 from persense.runtime.manifest import REEXPORT_HINT, Manifest, TensorSpec, check_io
 from persense.runtime.models.text import TextEncoder, TextTokens
 
@@ -32,8 +34,8 @@ DETECTOR = "grounding_dino"
 BOX_THRESHOLD = 0.15
 TEXT_THRESHOLD = 0.10
 SHORT_SIDE, MAX_SIZE = 800, 1333
-MEAN = np.array([0.485, 0.456, 0.406], np.float32).reshape(3, 1, 1)
-STD = np.array([0.229, 0.224, 0.225], np.float32).reshape(3, 1, 1)
+MEAN = IMAGENET_MEAN.reshape(3, 1, 1)  # channel-first
+STD = IMAGENET_STD.reshape(3, 1, 1)
 PHRASE_END = 255  # get_phrases_from_posmap's default right_idx: tokens from here on never name a phrase
 DETECTOR_IO = (
     [
@@ -147,7 +149,7 @@ class GroundingDino:
         """Open and verify the detector of an engines folder (its FP16 form for fp16 where exported)."""
         text, min_side = detector_text(manifest)
         name, engine_backend = _engine_choice(manifest, backend, precision)
-        if engine_backend != "trt":
+        if not backend_row(engine_backend).own_engines:
             check_io(name, manifest.artefact(name), *DETECTOR_IO, REEXPORT_HINT.format(folder=manifest.folder))
         return GroundingDino(open_engine(manifest, name, engine_backend, threads), text, min_side)
 
@@ -200,15 +202,16 @@ def detector_text(manifest: Manifest) -> tuple[TextEncoder, int]:
 def _engine_choice(manifest: Manifest, backend: str, precision: str) -> tuple[str, str]:
     """(artefact, backend) the detector runs: its TensorRT engine on trt where usable (else ORT-CUDA), ORT-CPU
     under openvino (as the counters), the FP16 model for fp16 where exported, else the FP32 one."""
-    if backend == "trt":
+    row = backend_row(backend)
+    if row.own_engines:
         from persense.runtime.backends.trt_engine import engine_unusable_reason
 
         reason = engine_unusable_reason(manifest, DETECTOR)
         if reason is None:
-            return DETECTOR, "trt"
-        log.info("detector on ort-cuda: its TensorRT engine is unusable (%s)", reason)
-        backend = "ort-cuda"
-    backend = side_backend(backend)
+            return DETECTOR, row.name
+        log.info("detector on %s: its %s engine is unusable (%s)", row.fallback, row.name, reason)
+        row = backend_row(row.fallback)
+    backend = row.side
     fp16 = f"{DETECTOR}_fp16"
     if precision == "fp16":
         if fp16 in manifest.artefacts:

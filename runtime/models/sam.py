@@ -9,21 +9,19 @@ import numpy as np
 
 from persense.runtime.backends.choice import open_engine
 from persense.runtime.backends.engine import Engine
-from persense.runtime.backends.openvino_engine import OV_PRECISIONS
 from persense.runtime.backends.ort_engine import OrtEngine
+from persense.runtime.backends.table import backend as backend_row
 from persense.runtime.errors import PersenseError
-from persense.runtime.geometry.transforms import SamTransform
+from persense.runtime.geometry.transforms import GRID, LONG_SIDE, LOW_RES, SamTransform
 from persense.runtime.manifest import REEXPORT_HINT, Manifest, TensorSpec, check_io
 
 ENCODER = "sam_encoder"
 GPU_ENCODER = "sam_encoder_gpu"  # the encoder with fused attention, exported for ort-cuda (--gpu-encoder)
 DECODER = "sam_decoder"
-EMBED_DIM = 256
-GRID = 64
-LOW_RES = 256
+EMBED_DIM = 256  # channels of SAM's image embedding and of its prompt tokens
 PAD_LABEL = -1.0
 ENCODER_IO = (
-    [TensorSpec("image", (1, 3, 1024, 1024), "float32")],
+    [TensorSpec("image", (1, 3, LONG_SIDE, LONG_SIDE), "float32")],
     [TensorSpec("image_embeddings", (1, EMBED_DIM, GRID, GRID), "float32")],
 )
 # The decoder returns, per prompt, SAM's best multimask output chosen inside the graph (index 1..3 by
@@ -76,14 +74,6 @@ class Prompts:
         labels = np.tile(np.array([[1.0, PAD_LABEL]], np.float32), (batch, 1))
         return Prompts(padded, labels, mask_input)
 
-    @staticmethod
-    def point_and_box(coords: np.ndarray, boxes: np.ndarray, mask_input: np.ndarray | None = None) -> Prompts:
-        """One positive point and one box (x0, y0, x1, y1) per prompt (box corners labelled 2 and 3)."""
-        coords = np.asarray(coords, np.float32).reshape(-1, 1, 2)
-        corners = np.asarray(boxes, np.float32).reshape(-1, 2, 2)
-        labels = np.tile(np.array([[1.0, 2.0, 3.0]], np.float32), (coords.shape[0], 1))
-        return Prompts(np.concatenate([coords, corners], axis=1), labels, mask_input)
-
     def chunk(self, start: int, stop: int) -> Prompts:
         """Prompts start..stop-1."""
         mask = None if self.mask_input is None else self.mask_input[start:stop]
@@ -107,16 +97,14 @@ class SamEngines:
         threads: int | None = None,
         decode_chunk: int | None = None,
         precision: str = "fp32",
-        cuda_graph: bool = False,
     ) -> SamEngines:
         """Open and verify both SAM engines; `precision` picks the ONNX models (see `engine_names`; TensorRT
         uses its own engines; OpenVINO takes it as the encoder's inference precision, the decoder staying f32:
         OpenVINO 2026.4.1 fails to compile the vit_b dynamic-shape decoder in bf16); the decoder chunk size
-        defaults per backend; `cuda_graph` runs the fixed-shape encoder as a captured CUDA graph on ort-cuda
-        (off by default: not yet measured)."""
+        defaults per backend (the backend table's)."""
         names = engine_names(manifest, backend, precision)
         for base, (inputs, outputs) in ((ENCODER, ENCODER_IO), (DECODER, DECODER_IO)):
-            if backend != "trt":
+            if not backend_row(backend).own_engines:
                 check_io(
                     names[base],
                     manifest.artefact(names[base]),
@@ -124,11 +112,9 @@ class SamEngines:
                     outputs,
                     REEXPORT_HINT.format(folder=manifest.folder),
                 )
-        chunk = decode_chunk or default_decode_chunk(backend)
+        chunk = decode_chunk or backend_row(backend).decode_chunk
         return SamEngines(
-            open_engine(
-                manifest, names[ENCODER], backend, threads, arena=False, cuda_graph=cuda_graph, ov_precision=precision
-            ),
+            open_engine(manifest, names[ENCODER], backend, threads, arena=False, ov_precision=precision),
             open_engine(manifest, names[DECODER], backend, threads),
             chunk,
         )
@@ -191,21 +177,22 @@ def engine_names(manifest: Manifest, backend: str, precision: str) -> dict[str, 
     """Encoder and decoder artefact names for a backend and precision.
 
     fp32: `<name>` (TensorRT maps them to its engines); fp16: `<name>_fp16`; int8: the INT8 encoder with the
-    FP32 decoder (the INT8 decoder measured no faster on a CPU and cost mask IoU, issue 13); on openvino only
+    FP32 decoder (docs/DESIGN.md "INT8"); on openvino only
     fp32 and bf16, both from the FP32 ONNX models (bf16 is the encoder's inference precision, not an artefact).
     On ort-cuda the encoder is `sam_encoder_gpu[_<precision>]` where the manifest has it.
     """
-    if precision not in (tuple(OV_PRECISIONS) if backend == "openvino" else ("fp32", "fp16", "int8")):
+    row = backend_row(backend)
+    if precision not in row.precisions:
         raise PersenseError(
             f"precision {precision} does not run on backend {backend}: openvino runs fp32 or bf16 "
             f"(from the FP32 models), the other backends fp32, fp16 or int8"
         )
     names = {ENCODER: ENCODER, DECODER: DECODER}
-    if precision in ("fp16", "int8") and backend != "trt":
+    if precision in ("fp16", "int8") and not row.own_engines:
         names[ENCODER] = f"{ENCODER}_{precision}"
         names[DECODER] = DECODER if precision == "int8" else f"{DECODER}_{precision}"
     gpu = names[ENCODER].replace(ENCODER, GPU_ENCODER, 1)
-    if backend == "ort-cuda" and gpu in manifest.artefacts:
+    if row.on_gpu and not row.own_engines and gpu in manifest.artefacts:  # ORT-CUDA
         names[ENCODER] = gpu
     return names
 
@@ -214,9 +201,3 @@ def engine_names(manifest: Manifest, backend: str, precision: str) -> dict[str, 
 def transform_for(size: tuple[int, int]) -> SamTransform:
     """One SamTransform per image size, so its upsampling maps are built once per size, not per image."""
     return SamTransform(size)
-
-
-def default_decode_chunk(backend: str) -> int:
-    """Prompts per decoder launch: 4 on CPU (vit_b, 2 cores, ORT: 30.8 / 29.3 / 28.8 ms per prompt at 1 / 2 / 4,
-    more at 8 and up; OpenVINO f32: 35.8 / 29.7 / 28.6 at 1 / 4 / 8), 256 (one launch for a dense image) on a GPU."""
-    return 4 if backend in ("ort-cpu", "openvino") else 256

@@ -8,9 +8,7 @@ import numpy as np
 
 from persense.runtime.errors import PersenseError
 from persense.runtime.geometry.resampling import resize_bilinear
-from persense.runtime.geometry.transforms import PIXEL_MEAN, PIXEL_STD, SamTransform
-
-_CELL = 16  # input pixels per embedding cell
+from persense.runtime.geometry.transforms import GRID, PATCH_SIZE, PIXEL_MEAN, PIXEL_STD, SamTransform
 
 
 @dataclass
@@ -33,12 +31,12 @@ def reference_target(embedding: np.ndarray, mask: np.ndarray, transform: SamTran
     normalised = np.zeros((size, size), np.float32)
     h, w = resized.shape
     normalised[:h, :w] = (resized.astype(np.float32) - PIXEL_MEAN[0]) / PIXEL_STD[0]
-    centre = _CELL // 2
+    centre = PATCH_SIZE // 2
     cells = 0.25 * (
-        normalised[centre - 1 :: _CELL, centre - 1 :: _CELL]
-        + normalised[centre - 1 :: _CELL, centre::_CELL]
-        + normalised[centre::_CELL, centre - 1 :: _CELL]
-        + normalised[centre::_CELL, centre::_CELL]
+        normalised[centre - 1 :: PATCH_SIZE, centre - 1 :: PATCH_SIZE]
+        + normalised[centre - 1 :: PATCH_SIZE, centre::PATCH_SIZE]
+        + normalised[centre::PATCH_SIZE, centre - 1 :: PATCH_SIZE]
+        + normalised[centre::PATCH_SIZE, centre::PATCH_SIZE]
     )
     selected = cells > 0
     if not selected.any():
@@ -60,7 +58,7 @@ def similarity_map(embedding: np.ndarray, target: Target, transform: SamTransfor
     return transform.upsampler.from_grid(cosine.reshape(grid, grid))
 
 
-def attention_similarity(similarity: np.ndarray, grid: int = 64) -> np.ndarray:
+def attention_similarity(similarity: np.ndarray, grid: int = GRID) -> np.ndarray:
     """PerSAM's attn_sim [1, grid*grid]: sigmoid of the z-scored map resized straight to grid x grid.
 
     As the original, the un-padded HxW map is resized to the whole grid (for non-square images the

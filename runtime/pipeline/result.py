@@ -1,4 +1,4 @@
-"""What one segmented image produces, shared by the runtime pipeline and the PyTorch reference."""
+"""What one segmented image produces, shared by the runtime pipeline and the PyTorch oracle."""
 
 from __future__ import annotations
 

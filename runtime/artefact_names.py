@@ -1,0 +1,41 @@
+"""Manifest names of the exported models and of their variants: built and taken apart here only."""
+
+from __future__ import annotations
+
+ENCODER = "sam_encoder"
+GPU_ENCODER = "sam_encoder_gpu"  # the encoder with fused attention, exported for ORT-CUDA (--gpu-encoder)
+DECODER = "sam_decoder"
+COUNTR = "counter_countr"
+DSALVANET = "counter_dsalvanet"
+DETECTOR = "grounding_dino"
+SAM_MODELS = (ENCODER, DECODER)
+
+PRECISION_SUFFIXES = {"fp16": "_fp16", "int8": "_int8"}  # ONNX variants of an FP32 artefact
+ENGINE_SUFFIX = "_trt"  # a TensorRT plan built from an ONNX artefact
+# the models whose variants the runtime runs (--precision fp16 / int8); the counters always run their FP32 model,
+# and the decoder stays FP32 under int8
+RUNS_IN = {"fp16": (ENCODER, GPU_ENCODER, DECODER, DETECTOR), "int8": (ENCODER,)}
+
+
+def variant_name(name: str, precision: str) -> str:
+    """The manifest name of the `precision` ONNX variant of FP32 artefact `name` (fp32: `name` itself)."""
+    return name if precision == "fp32" else name + PRECISION_SUFFIXES[precision]
+
+
+def engine_name(name: str) -> str:
+    """The manifest name of the TensorRT engine of ONNX artefact `name` (`sam_decoder` -> `sam_decoder_trt`)."""
+    return name if name.endswith(ENGINE_SUFFIX) else name + ENGINE_SUFFIX
+
+
+def source_name(name: str) -> str:
+    """The FP32 ONNX artefact a variant or an engine was made from (`sam_encoder_gpu_fp16` -> `sam_encoder_gpu`)."""
+    name = name.removesuffix(ENGINE_SUFFIX)
+    for suffix in PRECISION_SUFFIXES.values():
+        name = name.removesuffix(suffix)
+    return name
+
+
+def export_family(name: str) -> str:
+    """The artefact made by the same export job from the same weights (`sam_encoder_gpu` -> `sam_encoder`)."""
+    base = source_name(name)
+    return ENCODER if base == GPU_ENCODER else base
