@@ -19,8 +19,6 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import onnx
 from onnx.external_data_helper import set_external_data
 
-from persense.export.artefacts import describe  # noqa: F401  (the model exporters import it from here)
-
 if TYPE_CHECKING:
     import torch
 

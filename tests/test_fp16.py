@@ -17,7 +17,7 @@ import onnx
 import pytest
 
 from persense.export.artefacts import reusable_variant
-from persense.export.parity import compare_outputs, sample_feeds
+from persense.export.precision.error import compare_outputs, sample_feeds
 from persense.export.precision.fp16 import main
 from persense.export.precision.fp16_islands import GROWABLE_OPS, SENSITIVE_OPS, value_types
 from persense.runtime.artefact_names import variant_name

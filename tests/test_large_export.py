@@ -24,7 +24,7 @@ from conftest import TINY_SEED
 from persense.export import onnx_io
 from persense.export.artefacts import external_data_files
 from persense.export.cli import main as export
-from persense.export.parity import sample_feeds
+from persense.export.precision.error import sample_feeds
 from persense.runtime.backends.choice import open_engine
 from persense.runtime.errors import PersenseError
 from persense.runtime.manifest import load_manifest, sha256_file

@@ -18,12 +18,12 @@ from persense.export.parity import (
     format_table,
     judge,
     main,
-    mean_mask_iou,
     parity_ok,
 )
 from persense.export.precision.tensorrt import fp16_artefacts
 from persense.runtime.backends.trt_engine import tensorrt_unavailable_reason
 from persense.runtime.manifest import load_manifest, sha256_file
+from persense.runtime.metrics import mean_mask_iou
 
 TRT_REASON = tensorrt_unavailable_reason()
 

@@ -181,7 +181,7 @@ def test_fp16_step_writes_no_fp16_counter(tmp_path: Path) -> None:
 
 @needs_trt
 def test_decoder_engine_builds_runs_and_matches_onnx_runtime(tiny_engines: Path, tmp_path: Path) -> None:
-    from persense.export.parity import compare_outputs, sample_feeds
+    from persense.export.precision.error import compare_outputs, sample_feeds
     from persense.runtime.backends.trt_engine import compute_capability, tensorrt_version
     from persense.runtime.manifest import load_manifest
 

@@ -14,7 +14,7 @@ from conftest import positive_window
 from PIL import Image
 
 from persense.runtime.geometry.resampling import resize_bilinear, resize_bilinear_pil
-from persense.runtime.geometry.transforms import SamTransform, xyxy_to_yxyx, yxyx_to_xyxy
+from persense.runtime.geometry.transforms import SamTransform, xyxy_to_yxyx
 from persense.runtime.pipeline.prior import attention_similarity, reference_target, similarity_map
 
 SIZES = [(333, 517), (517, 333), (1024, 1024), (100, 90), (2000, 3000), (768, 1024)]
@@ -70,7 +70,6 @@ def test_coordinates_and_boxes_equal_segment_anything(size, sam_transforms):
     transform = SamTransform(size)
     np.testing.assert_allclose(transform.coords_to_input(points), sam_transforms.apply_coords(points, size), rtol=1e-6)
     np.testing.assert_allclose(transform.boxes_to_input(boxes), sam_transforms.apply_boxes(boxes, size), rtol=1e-6)
-    np.testing.assert_allclose(transform.coords_from_input(transform.coords_to_input(points)), points, rtol=1e-5)
 
 
 @pytest.mark.parametrize("shape", [(333, 517), (10, 10), (4000, 3)])
@@ -124,7 +123,7 @@ def test_resize_bilinear_equals_torch_interpolate(src, dst):
 def test_box_format_conversions_round_trip():
     boxes = np.array([[1.0, 2.0, 3.0, 4.0], [10, 20, 30, 40]])
     assert xyxy_to_yxyx(boxes).tolist() == [[2, 1, 4, 3], [20, 10, 40, 30]]
-    np.testing.assert_array_equal(yxyx_to_xyxy(xyxy_to_yxyx(boxes)), boxes)
+    np.testing.assert_array_equal(xyxy_to_yxyx(xyxy_to_yxyx(boxes)), boxes)
 
 
 @pytest.mark.parametrize("size", [(300, 420), (420, 300)])

@@ -35,8 +35,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
+from persense.export.artefacts import describe
 from persense.export.checkpoints import read_checkpoint
-from persense.export.onnx_io import describe, export_onnx
+from persense.export.onnx_io import export_onnx
 from persense.runtime.counters.base import CountRequest, Density
 from persense.runtime.counters.countr import (
     CALIBRATION_LIMIT,

@@ -26,8 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from persense.export.artefacts import describe
 from persense.export.checkpoints import read_checkpoint
-from persense.export.onnx_io import describe, export_onnx
+from persense.export.onnx_io import export_onnx
 from persense.runtime.counters.base import CountRequest, Density, dsalvanet_count
 from persense.runtime.counters.dsalvanet import (
     DSALVANET_IO,

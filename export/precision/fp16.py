@@ -13,7 +13,7 @@ import onnx
 
 from persense.export.artefacts import add_artefact, describe, variant_extra
 from persense.export.onnx_io import save_onnx
-from persense.export.parity import measure_error
+from persense.export.precision.error import measure_error
 from persense.export.precision.fp16_islands import SENSITIVE_OPS, float_outputs_kept, fp32_islands, merge_casts
 from persense.runtime.artefact_names import variant_name
 from persense.runtime.manifest import Artefact, load_manifest

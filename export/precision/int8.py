@@ -16,7 +16,7 @@ from pathlib import Path
 import onnx
 
 from persense.export.artefacts import describe, external_data_files, reusable_variant, variant_extra
-from persense.export.parity import measure_error
+from persense.export.precision.error import measure_error
 from persense.runtime.artefact_names import ENCODER, RUNS_IN, variant_name
 from persense.runtime.manifest import Artefact, Manifest
 

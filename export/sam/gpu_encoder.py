@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from onnx.defs import OpSchema
 from torch import Tensor, nn
 
-from persense.export.onnx_io import describe, export_onnx
+from persense.export.artefacts import describe
+from persense.export.onnx_io import export_onnx
 from persense.export.sam.cpu_encoder import key_positions
 from persense.export.sam.graphs import encoder_example_inputs
 from persense.export.sam.modeling import modeling

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import torch
 
-from persense.export.onnx_io import describe, export_onnx
+from persense.export.artefacts import describe
+from persense.export.onnx_io import export_onnx
 from persense.export.sam.cpu_encoder import cpu_encoder
 from persense.export.sam.modeling import Sam
 from persense.export.sam.persam_decoder import PerSamDecoder

@@ -76,15 +76,6 @@ class SamTransform:
         boxes = np.asarray(boxes)
         return self.coords_to_input(boxes.reshape(boxes.shape[:-1] + (2, 2))).reshape(boxes.shape)
 
-    def coords_from_input(self, points: np.ndarray) -> np.ndarray:
-        """(..., 2) SAM input frame -> (x, y) original pixels."""
-        h, w = self.original_size
-        new_h, new_w = self.input_size
-        out = np.asarray(points, dtype=np.float64).copy()
-        out[..., 0] *= w / new_w
-        out[..., 1] *= h / new_h
-        return out
-
     @cached_property
     def upsampler(self) -> Upsampler:
         """Composite bilinear maps from the 256x256 low-res frame to the original image."""
@@ -97,9 +88,4 @@ class SamTransform:
 
 def xyxy_to_yxyx(boxes: np.ndarray) -> np.ndarray:
     """(x0, y0, x1, y1) -> (y0, x0, y1, x1), the row format of the original counters."""
-    return np.asarray(boxes)[..., [1, 0, 3, 2]]
-
-
-def yxyx_to_xyxy(boxes: np.ndarray) -> np.ndarray:
-    """(y0, x0, y1, x1) -> (x0, y0, x1, y1)."""
     return np.asarray(boxes)[..., [1, 0, 3, 2]]

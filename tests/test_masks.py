@@ -1,4 +1,5 @@
-"""merge.rasterise: exactly the boxes, non-empty flags and label map of thresholding every mask upsampled in full."""
+"""The mask stage (masks.rasterise): exactly the boxes, non-empty flags and label map of thresholding every mask
+upsampled in full."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The CPU encoder export (export/cpu_encoder.py): lean windowed blocks and row-blocked global attention
+"""The CPU encoder export (export/sam/cpu_encoder.py): lean windowed blocks and row-blocked global attention
 against segment-anything's modules, in PyTorch and through ONNX Runtime, with non-zero relative positions."""
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def test_windowed_block_through_onnx_runtime(tmp_path) -> None:
     assert np.abs(got - expected).max() <= ORT_ATOL
 
 
-def test_lean_encoder_replaces_every_block_and_matches(tiny_sam) -> None:
+def test_cpu_encoder_replaces_every_block_and_matches(tiny_sam) -> None:
     encoder = _with_rel_pos(copy.deepcopy(tiny_sam.image_encoder))  # the fixture is shared: not in place
     lean = cpu_encoder(encoder, rows=5)  # 5 does not divide 64: a short last row block
     kinds = [(isinstance(b, WindowedBlock), isinstance(b.attn, RowBlockedAttention)) for b in lean.blocks]
