@@ -1,4 +1,4 @@
-"""persense-bench: the PyTorch reference against the engine runtime, per stage, on the same weights and inputs.
+"""persense-bench: the PyTorch oracle against the engine runtime, per stage, on the same weights and inputs.
 
 For each workload (a synthetic dense scene per --instances count, or the user's image), every pipeline
 gets its own worker process; after --warmup untimed rounds each, the pipelines take turns (order
@@ -23,9 +23,9 @@ from persense.benchmarks import mask_stage, report
 from persense.benchmarks.variants import (
     DETECTOR_PROMPT,
     DETECTOR_STAGE,
+    ORACLE_NAME,
+    ORACLES,
     QUERIES,
-    REFERENCE_NAME,
-    REFERENCES,
     RUNTIME_VARIANTS,
     Variant,
     Worker,
@@ -52,18 +52,18 @@ from persense.runtime.metrics import latency_summary, mask_iou
 from persense.runtime.models.detector import DETECTOR
 from persense.runtime.pipeline.timing import STAGES
 
-SCHEMA = "persense-bench/1"
+SCHEMA = "persense-bench/2"
 MODELS = ("tiny", "tiny-trained", "vit_b", "vit_l", "vit_h")  # sam_build.SAM_CONFIGS (not imported: it needs torch)
 DETECTORS = ("grounding-dino", "grounding-dino-tiny")  # export.grounding_dino.DETECTOR_CONFIGS (it needs torch)
 DEFAULTS = {"model": "vit_h", "instances": "10,50,200,400", "warmup": 1, "repeat": 3}
 QUICK = {"model": "tiny", "instances": "10", "warmup": 1, "repeat": 3}
 MASK_STAGE_MIN_REPEAT = 5  # timed runs of the mask stage on ground-truth extents (milliseconds each)
-SPEEDUPS = {"stages_ms": "speedup_vs_reference", "warm_stages_ms": "warm_speedup_vs_reference"}  # cold, warm
+SPEEDUPS = {"stages_ms": "speedup_vs_oracle", "warm_stages_ms": "warm_speedup_vs_oracle"}  # cold, warm
 SETTLE_S = 0.25  # pause between queries, so the previous worker's thread pool stops spinning
 MEMORY_METHOD = (
     "peak resident set size (getrusage ru_maxrss) of the worker process that ran only this pipeline "
     "on only this workload: loading the model or engines, warm-up and the timed queries; it includes "
-    "the Python interpreter and the libraries the pipeline imports (torch for the reference only)."
+    "the Python interpreter and the libraries the pipeline imports (torch for the oracle only)."
 )
 
 
@@ -79,7 +79,7 @@ class Settings:
     decode_chunk: int | None
     counter: str
     variants: tuple[str, ...]
-    reference_device: str
+    oracle_device: str
     out: Path
     engines: Path
     quiet: bool
@@ -97,7 +97,7 @@ class Settings:
             "decode_chunk": self.decode_chunk,
             "counter": self.counter,
             "variants": list(self.variants),
-            "reference_device": self.reference_device,
+            "oracle_device": self.oracle_device,
             "inputs": inputs,
             "engines": str(self.engines),
             "detector": self.detector,
@@ -136,11 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--variants", default=",".join(RUNTIME_VARIANTS), help="runtime variants to try (default: all of %(default)s)"
     )
     parser.add_argument(
-        "--reference-device",
-        choices=tuple(REFERENCES),
+        "--oracle-device",
+        choices=tuple(ORACLES),
         default="cpu",
-        help="where the PyTorch reference runs: cpu, or cuda to compare with torch on the same GPU "
-        "(default %(default)s)",
+        help="where the PyTorch oracle runs: cpu, or cuda to compare with torch on the same GPU (default %(default)s)",
     )
     parser.add_argument(
         "--detector",
@@ -187,7 +186,7 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
         args.decode_chunk,
         args.counter,
         variants,
-        args.reference_device,
+        args.oracle_device,
         args.out,
         args.engines_cache or args.out / f"engines-{model}-seed{args.seed}",
         args.quiet,
@@ -289,26 +288,26 @@ def summarise(
         "peak_rss_mb": None if peak is None else round(peak / 2**20, 1),
         "load_s": round(worker.info["load_s"], 3) if "load_s" in worker.info else None,
         "torch_in_process": worker.info.get("torch_imported"),
-        "union_iou_vs_reference": None,
-        "speedup_vs_reference": None,
-        "warm_speedup_vs_reference": None,
+        "union_iou_vs_oracle": None,
+        "speedup_vs_oracle": None,
+        "warm_speedup_vs_oracle": None,
         "warm_union_equals_cold": bool(measured and np.array_equal(samples[0]["union"], warm[0]["union"])),
         "warnings": sorted({w for s in samples + warm for w in s["warnings"]}),
     }
 
 
-def _compare_with_reference(records: list[dict[str, Any]], unions: dict[str, np.ndarray]) -> None:
-    """Fill each runtime record's union IoU and cold and warm total-p50 speed-ups against the reference on the same
+def _compare_with_oracle(records: list[dict[str, Any]], unions: dict[str, np.ndarray]) -> None:
+    """Fill each runtime record's union IoU and cold and warm total-p50 speed-ups against the oracle on the same
     workload (all measured in this run)."""
-    reference = next((r for r in records if r["pipeline"] == REFERENCE_NAME and r["status"] == "measured"), None)
-    if reference is None:
+    oracle = next((r for r in records if r["pipeline"] == ORACLE_NAME and r["status"] == "measured"), None)
+    if oracle is None:
         return
     for record in records:
-        if record is reference or record["status"] != "measured":
+        if record is oracle or record["status"] != "measured":
             continue
-        record["union_iou_vs_reference"] = round(_iou(unions[record["pipeline"]], unions[REFERENCE_NAME]), 6)
+        record["union_iou_vs_oracle"] = round(_iou(unions[record["pipeline"]], unions[ORACLE_NAME]), 6)
         for stages, speedup in SPEEDUPS.items():
-            record[speedup] = round(reference[stages]["total"]["p50"] / record[stages]["total"]["p50"], 3)
+            record[speedup] = round(oracle[stages]["total"]["p50"] / record[stages]["total"]["p50"], 3)
 
 
 def measure_workload(
@@ -348,7 +347,7 @@ def measure_workload(
                     time.sleep(SETTLE_S)
     peaks = {name: worker.stop() for name, worker in workers.items()}
     records = [summarise(workload, v, workers[v.name], samples[v.name], peaks[v.name]) for v in variants]
-    _compare_with_reference(records, {name: runs["cold"][0]["union"] for name, runs in samples.items() if runs["cold"]})
+    _compare_with_oracle(records, {name: runs["cold"][0]["union"] for name, runs in samples.items() if runs["cold"]})
     return records
 
 
@@ -412,7 +411,7 @@ def _document(
 
 def prepare_variants(settings: Settings) -> tuple[list[Variant], dict[str, str]]:
     """Export the engines; the pipelines asked for, and why those that cannot run here are skipped."""
-    requested = [REFERENCES[settings.reference_device], *(RUNTIME_VARIANTS[name] for name in settings.variants)]
+    requested = [ORACLES[settings.oracle_device], *(RUNTIME_VARIANTS[name] for name in settings.variants)]
     skipped = {v.name: reason for v in requested if (reason := platform_reason(v)) is not None}
     flags = sorted({v.export_flag for v in requested if v.export_flag is not None and v.name not in skipped})
     note(

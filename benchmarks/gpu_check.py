@@ -8,7 +8,7 @@ GPU, for each model in turn (vit_b first), each part a child process:
 2. parity: `gpu_parity` (ORT-CUDA against ORT-CPU FP32 within its stated tolerances, latency of every
    encoder artefact on CUDA);
 3. bench: `persense-bench` at 1024x768 (vit_b: 50 and 200 instances, vit_h: 50) with ort-cuda-fp32,
-   ort-cuda-fp16 and the PyTorch reference on CUDA;
+   ort-cuda-fp16 and the PyTorch oracle on CUDA;
 4. torch: `persense.benchmarks.torch_cuda` (torch eager encoder FP32/FP16, batched vs sequential decoder).
 A part starts only when the time left holds its minimum (PART_MIN_S) and is killed at the deadline; what
 was skipped or failed, and why, is in the report, which is always written: gpu_check_<gpu>.json and .md in
@@ -49,7 +49,7 @@ REPORT_RESERVE_S = 10  # kept back from every part's deadline for writing the re
 BENCH_ARGS = [
     "--variants",
     "ort-cuda-fp32,ort-cuda-fp16",
-    "--reference-device",
+    "--oracle-device",
     "cuda",
     "--warmup",
     "1",

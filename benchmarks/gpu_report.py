@@ -58,15 +58,15 @@ def _ratio(numerator: float | None, denominator: float | None) -> float | None:
 
 
 def _decoder_speedup(model: dict[str, Any] | None, instances: int) -> float | None:
-    """Decoder stages (cascade, feedback, final decoding) of the torch-CUDA reference over the fastest ORT-CUDA."""
+    """Decoder stages (cascade, feedback, final decoding) of the torch-CUDA oracle over the fastest ORT-CUDA."""
 
     def decoder_ms(run: dict[str, Any]) -> float:
         return sum(_p50(run, stage) or 0.0 for stage in DECODER_STAGES)
 
     runs = _runs(model, instances)
-    reference = [decoder_ms(r) for r in runs if r["backend"] == "torch-cuda"]
+    oracle = [decoder_ms(r) for r in runs if r["backend"] == "torch-cuda"]
     runtime = [decoder_ms(r) for r in runs if r["backend"] == "ort-cuda"]
-    return _ratio(reference[0], min(runtime)) if reference and runtime else None
+    return _ratio(oracle[0], min(runtime)) if oracle and runtime else None
 
 
 def _mask_stage_ms(model: dict[str, Any] | None, instances: int) -> float | None:
@@ -96,7 +96,7 @@ def targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
         ),
         ("mask stage, 200-instance scene, ground-truth extents (ms)", "<=", 10.0, _mask_stage_ms(vit_b, 200)),
         (
-            "vit_b decoder stages, 200 instances: torch-CUDA reference / ORT-CUDA (x)",
+            "vit_b decoder stages, 200 instances: torch-CUDA oracle / ORT-CUDA (x)",
             ">=",
             25.0,
             _decoder_speedup(vit_b, 200),
@@ -178,7 +178,7 @@ def _parity_lines(parity: dict[str, Any]) -> list[str]:
 
 
 def _bench_lines(bench: dict[str, Any]) -> list[str]:
-    """Per instance count and pipeline: stage p50s, speed-up and IoU against the reference."""
+    """Per instance count and pipeline: stage p50s, speed-up and IoU against the oracle."""
     skipped = [f"{p['name']}: {p['status']} ({p['reason']})" for p in bench["pipelines"] if p["status"] != "measured"]
     rows = [
         [
@@ -186,8 +186,8 @@ def _bench_lines(bench: dict[str, Any]) -> list[str]:
             r["pipeline"],
             r["backend"],
             *(_num(_p50(r, s)) for s in PIPELINE_STAGES),
-            _num(r["speedup_vs_reference"], 2),
-            _num(r["union_iou_vs_reference"], 4),
+            _num(r["speedup_vs_oracle"], 2),
+            _num(r["union_iou_vs_oracle"], 4),
         ]
         for r in sorted(bench["runs"], key=lambda r: (r["instances"] or 0, r["pipeline"]))
         if r["status"] == "measured"
@@ -203,8 +203,8 @@ def _bench_lines(bench: dict[str, Any]) -> list[str]:
                 "pipeline",
                 "backend",
                 *(STAGE_LABELS[s] for s in PIPELINE_STAGES),
-                "speed-up vs reference",
-                "union IoU vs reference",
+                "speed-up vs oracle",
+                "union IoU vs oracle",
             ],
             rows,
         ),

@@ -12,6 +12,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from persense.benchmarks.variants import ORACLE_NAME
 from persense.runtime.imageio import atomic_write_bytes
 from persense.runtime.manifest import installed_versions
 
@@ -30,7 +31,7 @@ STAGE_LABELS = {
     "merge": "merge/output",
     "total": "total",
 }
-QUERY_KEYS = {"cold": ("stages_ms", "speedup_vs_reference"), "warm": ("warm_stages_ms", "warm_speedup_vs_reference")}
+QUERY_KEYS = {"cold": ("stages_ms", "speedup_vs_oracle"), "warm": ("warm_stages_ms", "warm_speedup_vs_oracle")}
 PACKAGES = (
     "persense",
     "torch",
@@ -171,7 +172,7 @@ def _header_lines(doc: dict[str, Any]) -> list[str]:
 
 
 def _scaling_lines(doc: dict[str, Any], pipelines: list[str], query: str) -> list[str]:
-    """Total latency of the cold or warm query per workload and pipeline, with the speed-up over the reference."""
+    """Total latency of the cold or warm query per workload and pipeline, with the speed-up over the oracle."""
     rows = []
     for workload in doc["workloads"]:
         cells = [workload["name"] if workload["instances"] is None else str(workload["instances"])]
@@ -181,7 +182,7 @@ def _scaling_lines(doc: dict[str, Any], pipelines: list[str], query: str) -> lis
             cells.append(_cell(run, "total", query) + (f" (x{speedup:.2f})" if speedup else ""))
         rows.append(cells)
     return [
-        f"## Total latency, {query} query (speed-up over the reference at p50)",
+        f"## Total latency, {query} query (speed-up over the oracle at p50)",
         "",
         *table(["instances", *pipelines], rows),
     ]
@@ -189,7 +190,7 @@ def _scaling_lines(doc: dict[str, Any], pipelines: list[str], query: str) -> lis
 
 def _stage_lines(doc: dict[str, Any], pipelines: list[str], workload: dict[str, Any]) -> list[str]:
     """Per-stage table of one workload, a cold and a warm column per pipeline, then speed-ups, decoder work,
-    memory and agreement with the reference."""
+    memory and agreement with the oracle."""
     columns = [(_run(doc, workload["name"], name), query) for name in pipelines for query in QUERY_KEYS]
     rows = [
         [STAGE_LABELS.get(stage, stage), *(_cell(run, stage, query) for run, query in columns)]
@@ -198,7 +199,7 @@ def _stage_lines(doc: dict[str, Any], pipelines: list[str], workload: dict[str, 
     rows[-1] = [f"**{c}**" if c != "-" else c for c in rows[-1]]
 
     def field(label: str, key: str | None, fmt: str = "{}") -> list[str]:
-        """A table row of one per-run value (key None: the column's speed-up over the reference)."""
+        """A table row of one per-run value (key None: the column's speed-up over the oracle)."""
         keys = [key or QUERY_KEYS[query][1] for _, query in columns]
         return [
             label,
@@ -209,12 +210,12 @@ def _stage_lines(doc: dict[str, Any], pipelines: list[str], workload: dict[str, 
         ]
 
     rows += [
-        field("speed-up vs reference (total p50)", None, "x{:.2f}"),
+        field("speed-up vs oracle (total p50)", None, "x{:.2f}"),
         field("decoder launches", "decoder_launches"),
         field("decoder prompts", "decoder_prompts"),
         field("instances found", "points"),
         field("peak RSS (MB)", "peak_rss_mb", "{:,.0f}"),
-        field("union IoU vs reference", "union_iou_vs_reference", "{:.4f}"),
+        field("union IoU vs oracle", "union_iou_vs_oracle", "{:.4f}"),
     ]
     title = (
         workload["name"]
@@ -374,7 +375,7 @@ def _scaling_curve(axis: Any, doc: dict[str, Any], pipelines: list[str]) -> None
                 marker="o",
                 capsize=3,
                 mfc="none" if query == "warm" else None,
-                linestyle="--" if name == "reference" else "-",
+                linestyle="--" if name == ORACLE_NAME else "-",
                 label=f"{name} {query}",
             )
             ticks.update(xs)

@@ -38,30 +38,30 @@ DETECTOR_STAGE = "detector"
 
 @dataclass(frozen=True)
 class Variant:
-    """One pipeline: the PyTorch reference, or the engine runtime on one backend and precision."""
+    """One pipeline: the PyTorch oracle, or the engine runtime on one backend and precision."""
 
     name: str
-    backend: str  # torch-cpu or torch-cuda (the reference), ort-cpu, ort-cuda, trt or openvino
+    backend: str  # torch-cpu or torch-cuda (the oracle), ort-cpu, ort-cuda, trt or openvino
     precision: str  # fp32, fp16, int8 or bf16 (SamEngines.from_manifest's `precision`; TensorRT engines are fp16)
     export_flag: str | None = None  # the persense-export flag that writes this variant's models
 
     @property
-    def is_reference(self) -> bool:
-        """True for the PyTorch reference."""
+    def is_oracle(self) -> bool:
+        """True for the PyTorch oracle."""
         return self.backend.startswith("torch")
 
     def describe(self) -> dict[str, str]:
         """JSON form."""
         return {
             "name": self.name,
-            "kind": "reference" if self.is_reference else "runtime",
+            "kind": "oracle" if self.is_oracle else "runtime",
             "backend": self.backend,
             "precision": self.precision,
         }
 
 
-REFERENCE_NAME = "reference"
-REFERENCES = {device: Variant(REFERENCE_NAME, f"torch-{device}", "fp32") for device in ("cpu", "cuda")}
+ORACLE_NAME = "oracle"
+ORACLES = {device: Variant(ORACLE_NAME, f"torch-{device}", "fp32") for device in ("cpu", "cuda")}
 RUNTIME_VARIANTS = {
     v.name: v
     for v in (
@@ -132,8 +132,8 @@ def _torch_cuda_reason() -> str | None:
 
 def platform_reason(variant: Variant) -> str | None:
     """Why this machine cannot run `variant` at all (no CUDA provider or GPU for torch, no TensorRT), or None."""
-    if variant.is_reference:
-        return _torch_cuda_reason() if variant is REFERENCES["cuda"] else None
+    if variant.is_oracle:
+        return _torch_cuda_reason() if variant is ORACLES["cuda"] else None
     return unavailable_reason(variant.backend)
 
 
@@ -182,8 +182,8 @@ def _counter(spec: WorkerSpec) -> Any:
 
 
 def _build_pipeline(spec: WorkerSpec) -> Any:
-    """The reference (torch model with the export's seed) or the runtime on the variant's engines."""
-    if spec.variant.is_reference:
+    """The oracle (torch model with the export's seed) or the runtime on the variant's engines."""
+    if spec.variant.is_oracle:
         import torch
 
         from persense.export.oracle.pipeline import OraclePipeline
@@ -207,7 +207,7 @@ Detector = Callable[[np.ndarray], tuple[np.ndarray, float] | None]  # the `detec
 
 def detector_stage(spec: WorkerSpec) -> Detector | None:
     """The `detector` stage when the engines folder has Grounding DINO, else None: the runtime's engine, or for the
-    reference transformers' PyTorch model with the export's weights (its configuration and the bench's seed) on
+    oracle transformers' PyTorch model with the export's weights (its configuration and the bench's seed) on
     the same pre-processing; both end with the original's post-processing and return the best box and its
     confidence. The first exemplar of both pipelines stays the similarity arg-max, so their masks stay
     comparable: the stage times the detector only.
@@ -217,7 +217,7 @@ def detector_stage(spec: WorkerSpec) -> Detector | None:
     manifest = load_manifest(spec.engines)
     if DETECTOR not in manifest.artefacts:
         return None
-    if not spec.variant.is_reference:
+    if not spec.variant.is_oracle:
         engine = GroundingDino.from_manifest(manifest, spec.variant.backend, spec.threads, spec.variant.precision)
         tokens = engine.encode_text(DETECTOR_PROMPT)
 
@@ -235,7 +235,7 @@ def detector_stage(spec: WorkerSpec) -> Detector | None:
     entry = manifest.artefact(DETECTOR)
     if entry.source_checkpoint != "random":
         raise PersenseError(
-            f"{manifest.folder}: the reference rebuilds only a random-weight detector (persense-bench "
+            f"{manifest.folder}: the oracle rebuilds only a random-weight detector (persense-bench "
             f"--detector exports one); this one comes from {entry.source_checkpoint}"
         )
     tokenizer = (manifest.folder / entry.extra["tokenizer"]["file"]).read_text()

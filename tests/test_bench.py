@@ -54,10 +54,10 @@ RUN_KEYS = {
     "peak_rss_mb",
     "load_s",
     "torch_in_process",
-    "union_iou_vs_reference",
-    "speedup_vs_reference",
+    "union_iou_vs_oracle",
+    "speedup_vs_oracle",
     "warm_stages_ms",
-    "warm_speedup_vs_reference",
+    "warm_speedup_vs_oracle",
     "warm_union_equals_cold",
     "warnings",
 }
@@ -121,7 +121,7 @@ def test_json_follows_the_schema(doc: dict[str, Any]) -> None:
     assert {"cpu", "gpus", "versions", "onnxruntime_providers"} <= set(doc["environment"])
     assert [w["instances"] for w in doc["workloads"]] == [10] and doc["workloads"][0]["ground_truth_count"] >= 1
     names = [p["name"] for p in doc["pipelines"]]
-    assert names == ["reference", *VARIANTS]
+    assert names == ["oracle", *VARIANTS]
     for pipeline in doc["pipelines"]:
         assert pipeline["status"] in ("measured", "skipped", "failed")
         assert (pipeline["reason"] is None) == (pipeline["status"] == "measured")
@@ -130,8 +130,8 @@ def test_json_follows_the_schema(doc: dict[str, Any]) -> None:
 
 def test_every_stage_is_timed_in_both_pipelines(doc: dict[str, Any]) -> None:
     runs = _runs(doc)
-    assert {"reference", "ort-cpu-fp32"} <= set(runs)
-    for name in ("reference", "ort-cpu-fp32"):
+    assert {"oracle", "ort-cpu-fp32"} <= set(runs)
+    for name in ("oracle", "ort-cpu-fp32"):
         for key in ("stages_ms", "warm_stages_ms"):
             stages = runs[name][key]
             assert list(stages) == doc["stages"], (name, key)
@@ -147,20 +147,20 @@ def test_every_stage_is_timed_in_both_pipelines(doc: dict[str, Any]) -> None:
 
 def test_cold_and_warm_speedups_come_from_the_same_run(doc: dict[str, Any]) -> None:
     runs = _runs(doc)
-    reference, runtime = runs["reference"], runs["ort-cpu-fp32"]
-    for stages, speedup in (("stages_ms", "speedup_vs_reference"), ("warm_stages_ms", "warm_speedup_vs_reference")):
-        expected = reference[stages]["total"]["p50"] / runtime[stages]["total"]["p50"]
-        assert runtime[speedup] == pytest.approx(expected, abs=1e-3) and reference[speedup] is None
+    oracle, runtime = runs["oracle"], runs["ort-cpu-fp32"]
+    for stages, speedup in (("stages_ms", "speedup_vs_oracle"), ("warm_stages_ms", "warm_speedup_vs_oracle")):
+        expected = oracle[stages]["total"]["p50"] / runtime[stages]["total"]["p50"]
+        assert runtime[speedup] == pytest.approx(expected, abs=1e-3) and oracle[speedup] is None
     assert all(run["warm_union_equals_cold"] for run in runs.values())  # a warm query segments the same
 
 
-def test_runtime_agrees_with_the_reference_and_never_loads_torch(doc: dict[str, Any]) -> None:
+def test_runtime_agrees_with_the_oracle_and_never_loads_torch(doc: dict[str, Any]) -> None:
     runs = _runs(doc)
-    reference, runtime = runs["reference"], runs["ort-cpu-fp32"]
-    assert runtime["union_iou_vs_reference"] >= 0.99 and runtime["speedup_vs_reference"] > 0
-    assert runtime["points"] == reference["points"]
-    assert runtime["decoder_prompts"] == reference["decoder_prompts"] - 1  # the unused box call is skipped
-    assert reference["torch_in_process"] and not any(r["torch_in_process"] for n, r in runs.items() if n != "reference")
+    oracle, runtime = runs["oracle"], runs["ort-cpu-fp32"]
+    assert runtime["union_iou_vs_oracle"] >= 0.99 and runtime["speedup_vs_oracle"] > 0
+    assert runtime["points"] == oracle["points"]
+    assert runtime["decoder_prompts"] == oracle["decoder_prompts"] - 1  # the unused box call is skipped
+    assert oracle["torch_in_process"] and not any(r["torch_in_process"] for n, r in runs.items() if n != "oracle")
     assert all(r["peak_rss_mb"] > 0 for r in runs.values())
 
 
@@ -176,11 +176,11 @@ def test_markdown_and_png_are_written(out: Path, doc: dict[str, Any]) -> None:
         "## Total latency, warm query",
         "ort-cpu-fp32 cold",
         "ort-cpu-fp32 warm",
-        "reference warm",
-        "speed-up vs reference",
+        "oracle warm",
+        "speed-up vs oracle",
     ):
         assert label in text
-    speedup = _runs(doc)["ort-cpu-fp32"]["warm_speedup_vs_reference"]
+    speedup = _runs(doc)["ort-cpu-fp32"]["warm_speedup_vs_oracle"]
     assert f"(x{speedup:.2f})" in text.split("## Total latency, warm query", 1)[1].split("##", 1)[0]
     for pipeline in doc["pipelines"]:
         assert pipeline["name"] in text
@@ -223,7 +223,7 @@ def test_ground_truth_logits_rasterise_to_the_ground_truth_boxes() -> None:
     assert agree > 0.998 and (instances.labels[150:190, 250:290] == 2).all()
 
 
-def test_a_cuda_reference_without_a_gpu_is_skipped_and_the_runtime_still_measured(
+def test_a_cuda_oracle_without_a_gpu_is_skipped_and_the_runtime_still_measured(
     tiny_engines: Path, tmp_path: Path
 ) -> None:
     shutil.copytree(tiny_engines, tmp_path / "engines")
@@ -235,7 +235,7 @@ def test_a_cuda_reference_without_a_gpu_is_skipped_and_the_runtime_still_measure
                 "10",
                 "--variants",
                 "ort-cpu-fp32",
-                "--reference-device",
+                "--oracle-device",
                 "cuda",
                 "--repeat",
                 "1",
@@ -251,14 +251,14 @@ def test_a_cuda_reference_without_a_gpu_is_skipped_and_the_runtime_still_measure
         == 0
     )
     doc = json.loads((tmp_path / "bench.json").read_text())
-    reference, runtime = doc["pipelines"]
-    if reference["status"] == "measured":
+    oracle, runtime = doc["pipelines"]
+    if oracle["status"] == "measured":
         pytest.skip("torch sees a CUDA GPU on this machine")
-    assert reference["backend"] == "torch-cuda" and reference["status"] == "skipped"
-    assert reference["reason"].endswith("sees no CUDA GPU here")
-    assert doc["settings"]["reference_device"] == "cuda" and runtime["status"] == "measured"
+    assert oracle["backend"] == "torch-cuda" and oracle["status"] == "skipped"
+    assert oracle["reason"].endswith("sees no CUDA GPU here")
+    assert doc["settings"]["oracle_device"] == "cuda" and runtime["status"] == "measured"
     (run,) = doc["runs"]
-    assert run["pipeline"] == "ort-cpu-fp32" and run["union_iou_vs_reference"] is None
+    assert run["pipeline"] == "ort-cpu-fp32" and run["union_iou_vs_oracle"] is None
 
 
 def test_readme_documents_every_json_key(doc: dict[str, Any]) -> None:

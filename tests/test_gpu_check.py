@@ -137,7 +137,7 @@ def test_the_parts_run_end_to_end_when_pointed_at_the_cpu(
     assert all(part["status"] == "ok" for part in result["parts"].values()), result["parts"]
     names = [e["artefact"] for e in result["parity"]["encoders"]]
     assert names[:2] == ["sam_encoder", "sam_encoder_fp16"] and result["parity"]["decoders"][1]["precision"] == "fp16"
-    assert {r["pipeline"] for r in result["bench"]["runs"]} == {"reference", "ort-cpu-fp32", "ort-cpu-fp16"}
+    assert {r["pipeline"] for r in result["bench"]["runs"]} == {"oracle", "ort-cpu-fp32", "ort-cpu-fp16"}
     assert result["torch"]["model_type"] == "tiny" and result["torch"]["prompts"] == 2
     assert (tmp_path / "bench_cpu_tiny.json").is_file() and (tmp_path / "bench_cpu_tiny.md").is_file()
 
@@ -150,8 +150,8 @@ def _run(backend: str, instances: int, totals: dict[str, float], pipeline: str) 
         "instances": instances,
         "status": "measured",
         "stages_ms": {k: {"p50": v, "p90": v * 1.1} for k, v in totals.items()},
-        "speedup_vs_reference": None,
-        "union_iou_vs_reference": 0.99,
+        "speedup_vs_oracle": None,
+        "union_iou_vs_oracle": 0.99,
     }
 
 
@@ -190,11 +190,11 @@ def _faked_document() -> dict[str, Any]:
     bench = {
         "settings": {"repeat": 3},
         "pipelines": [
-            {"name": "reference", "status": "measured", "reason": None},
+            {"name": "oracle", "status": "measured", "reason": None},
             {"name": "ort-cuda-fp16", "status": "failed", "reason": "worker process died"},
         ],
         "runs": [
-            _run("torch-cuda", 200, _stages(10.0), "reference"),
+            _run("torch-cuda", 200, _stages(10.0), "oracle"),
             _run("ort-cuda", 200, _stages(1.0), "ort-cuda-fp32"),
             _run("ort-cuda", 200, _stages(2.0), "ort-cuda-fp16"),
             _run("ort-cuda", 50, _stages(0.5), "ort-cuda-fp32"),
@@ -261,8 +261,8 @@ def test_report_targets_and_files_from_a_faked_timing_document(tmp_path: Path) -
         "met": True,
     }
     assert targets["vit_b encoder FP16 speed-up over FP32 (x)"]["value"] == 2.0  # the GPU encoders: 12 / 6 ms
-    assert targets["vit_b decoder stages, 200 instances: torch-CUDA reference / ORT-CUDA (x)"]["value"] == 10.0
-    assert targets["vit_b decoder stages, 200 instances: torch-CUDA reference / ORT-CUDA (x)"]["met"] is False
+    assert targets["vit_b decoder stages, 200 instances: torch-CUDA oracle / ORT-CUDA (x)"]["value"] == 10.0
+    assert targets["vit_b decoder stages, 200 instances: torch-CUDA oracle / ORT-CUDA (x)"]["met"] is False
     assert targets["mask stage, 200-instance scene, ground-truth extents (ms)"]["met"] is False
     assert targets["vit_h encoder FP16, ORT-CUDA (ms)"] == {
         "target": "vit_h encoder FP16, ORT-CUDA (ms)",

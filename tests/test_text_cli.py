@@ -292,17 +292,17 @@ def test_api_falls_back_when_the_real_detector_finds_nothing(dino_engines, scene
 
 
 def test_bench_detector_stage_runs_the_same_detector_in_both_pipelines(dino_engines, tiny_engines, scene):
-    """persense-bench's `detector` stage: the runtime's engine and the reference's PyTorch model rebuilt from the
+    """persense-bench's `detector` stage: the runtime's engine and the oracle's PyTorch model rebuilt from the
     export's configuration and seed find the same best box (the stage times equal work on both sides)."""
-    from persense.benchmarks.variants import REFERENCES, RUNTIME_VARIANTS, WorkerSpec, detector_stage
+    from persense.benchmarks.variants import ORACLES, RUNTIME_VARIANTS, WorkerSpec, detector_stage
 
     runs = [
         detector_stage(WorkerSpec(variant, "tiny", DETECTOR_SEED, dino_engines, None, "fixed", 2, None))
-        for variant in (REFERENCES["cpu"], RUNTIME_VARIANTS["ort-cpu-fp32"])
+        for variant in (ORACLES["cpu"], RUNTIME_VARIANTS["ort-cpu-fp32"])
     ]
-    (reference_box, reference_confidence), (runtime_box, runtime_confidence) = (run(scene["image"]) for run in runs)
-    np.testing.assert_allclose(runtime_box, reference_box, rtol=0, atol=1e-3)
-    assert runtime_confidence == pytest.approx(reference_confidence, abs=1e-5)
+    (oracle_box, oracle_confidence), (runtime_box, runtime_confidence) = (run(scene["image"]) for run in runs)
+    np.testing.assert_allclose(runtime_box, oracle_box, rtol=0, atol=1e-3)
+    assert runtime_confidence == pytest.approx(oracle_confidence, abs=1e-5)
     assert (
         detector_stage(WorkerSpec(RUNTIME_VARIANTS["ort-cpu-fp32"], "tiny", 0, tiny_engines, None, "fixed", 2, None))
         is None
