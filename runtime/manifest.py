@@ -144,6 +144,9 @@ def _check_hash(path: Path, expected: str, hint: str) -> None:
         )
 
 
+IoSpec = tuple[list[TensorSpec], list[TensorSpec]]  # an engine family's inputs and outputs
+
+
 def check_io(name: str, art: Artefact, inputs: list[TensorSpec], outputs: list[TensorSpec], hint: str) -> None:
     """Refuse an artefact whose input/output names, ranks, static dims or dtypes differ from `inputs`/`outputs`."""
     for role, want, have in (("input", inputs, art.inputs), ("output", outputs, art.outputs)):

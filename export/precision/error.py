@@ -3,16 +3,22 @@ measures, and the recorded error of a reduced-precision variant against its FP32
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 
+from persense.export.artefacts import describe, variant_extra
 from persense.runtime.backends.ort_engine import OrtEngine
 from persense.runtime.geometry.transforms import LONG_SIDE
 from persense.runtime.manifest import Artefact
 from persense.runtime.metrics import cosine, mean_mask_iou
+
+log = logging.getLogger(__name__)
 
 MASK_OUTPUTS = ("low_res_masks", "masks")
 # dynamic axes of the sample inputs (H, W, T: the detector's image and text); any other axis gets 1
@@ -113,3 +119,14 @@ def measure_error(artefact: Artefact, fp32_path: Path, variant_path: Path, seed:
         "inputs": f"precision.error.sample_feeds(seed={seed})",
         "outputs": {name: compare_outputs(reference[name], candidate[name], name) for name in reference},
     }
+
+
+def variant_entry(artefact: Artefact, src: Path, dst: Path, precision: str, started: float, **fields: Any) -> Artefact:
+    """The manifest entry of a `precision` variant just written to `dst` from FP32 `src`: checked, described, and
+    its error against the FP32 model measured (`extra["<precision>_error"]`)."""
+    onnx.checker.check_model(str(dst))
+    extra = variant_extra(artefact, time.perf_counter() - started, **fields)
+    entry = describe(dst, artefact.kind, precision, artefact.model_type, artefact.source_checkpoint, extra)
+    entry.extra[f"{precision}_error"] = measure_error(artefact, src, dst)
+    log.info("wrote %s (%.1f s)", dst.name, time.perf_counter() - started)
+    return entry

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import onnx
 
-from persense.export.artefacts import add_artefact, describe, variant_extra
+from persense.export.artefacts import add_artefact
 from persense.export.onnx_io import save_onnx
-from persense.export.precision.error import measure_error
+from persense.export.precision.error import variant_entry
 from persense.export.precision.fp16_islands import SENSITIVE_OPS, float_outputs_kept, fp32_islands, merge_casts
 from persense.runtime.artefact_names import variant_name
 from persense.runtime.manifest import Artefact, load_manifest
@@ -115,12 +115,7 @@ def convert_fp16(artefact: Artefact, folder: Path) -> Artefact:
     src = folder / artefact.file
     dst = folder / (variant_name(Path(artefact.file).stem, "fp16") + ".onnx")
     save_onnx(to_fp16(src), dst)
-    onnx.checker.check_model(str(dst))
-    extra = variant_extra(artefact, time.perf_counter() - start, fp32_ops=list(SENSITIVE_OPS))
-    fp16 = describe(dst, artefact.kind, "fp16", artefact.model_type, artefact.source_checkpoint, extra)
-    fp16.extra["fp16_error"] = measure_error(artefact, src, dst)
-    log.info("wrote %s (%.1f s)", dst.name, time.perf_counter() - start)
-    return fp16
+    return variant_entry(artefact, src, dst, "fp16", start, fp32_ops=list(SENSITIVE_OPS))
 
 
 def main(argv: list[str] | None = None) -> int:

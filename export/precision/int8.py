@@ -15,8 +15,8 @@ from pathlib import Path
 
 import onnx
 
-from persense.export.artefacts import describe, external_data_files, reusable_variant, variant_extra
-from persense.export.precision.error import measure_error
+from persense.export.artefacts import external_data_files, reusable_variant
+from persense.export.precision.error import variant_entry
 from persense.runtime.artefact_names import ENCODER, RUNS_IN, variant_name
 from persense.runtime.manifest import Artefact, Manifest
 
@@ -58,12 +58,7 @@ def convert_int8(name: str, artefact: Artefact, folder: Path) -> Artefact:
         )
     finally:
         root.setLevel(level)
-    onnx.checker.check_model(str(dst))
-    extra = variant_extra(artefact, time.perf_counter() - start, method=int8_method(name))
-    int8 = describe(dst, artefact.kind, "int8", artefact.model_type, artefact.source_checkpoint, extra)
-    int8.extra["int8_error"] = measure_error(artefact, src, dst)
-    log.info("wrote %s (%.1f s)", dst.name, time.perf_counter() - start)
-    return int8
+    return variant_entry(artefact, src, dst, "int8", start, method=int8_method(name))
 
 
 def int8_artefacts(artefacts: dict[str, Artefact], folder: Path, previous: Manifest | None) -> dict[str, Artefact]:

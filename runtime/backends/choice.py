@@ -10,7 +10,7 @@ from persense.runtime.backends.openvino_engine import INSTALL_HINT
 from persense.runtime.backends.ort_check import check_onnxruntime
 from persense.runtime.backends.ort_engine import OrtEngine
 from persense.runtime.backends.table import AUTO, backend
-from persense.runtime.manifest import Manifest
+from persense.runtime.manifest import REEXPORT_HINT, IoSpec, Manifest, check_io
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +66,13 @@ def open_engine(
     threads: int | None = None,
     arena: bool = True,
     ov_precision: str = "fp32",
+    io: IoSpec | None = None,
 ) -> Engine:
-    """Verify artefact `name` of a manifest (hash, existence) and open it on a resolved backend
-    (`ov_precision` (fp32 or bf16) applies to OpenVINO only)."""
+    """Verify artefact `name` of a manifest (hash, existence; its recorded I/O against `io` where the backend runs
+    the ONNX model itself) and open it on a resolved backend (`ov_precision`, fp32 or bf16: OpenVINO only)."""
     row = backend(backend_name)
+    if io is not None and not row.own_engines:
+        check_io(name, manifest.artefact(name), *io, REEXPORT_HINT.format(folder=manifest.folder))
     if row.own_engines:
         from persense.runtime.backends.trt_engine import open_trt_engine
 

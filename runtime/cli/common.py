@@ -8,6 +8,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from persense.runtime.backends.table import AUTO, BACKENDS
+from persense.runtime.counters.choice import COUNTERS
 from persense.runtime.errors import PersenseError
 
 
@@ -16,6 +18,18 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     parser.add_argument("-q", "--quiet", action="store_true", help="only errors")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
+
+
+def add_engine_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, density_flag: str) -> None:
+    """--engines, --backend and --counter: which engines run, on which backend, with which density counter."""
+    parser.add_argument("--engines", type=Path, default=Path("engines"), help="engines folder (default engines/)")
+    parser.add_argument("--backend", choices=BACKENDS, default=AUTO, help="execution backend (default auto)")
+    parser.add_argument(
+        "--counter",
+        choices=COUNTERS,
+        default="auto",
+        help=f"density counter (auto: {density_flag} if given, else the SAM-only counter)",
+    )
 
 
 def add_cache_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:

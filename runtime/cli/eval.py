@@ -11,9 +11,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from persense.runtime.backends.table import BACKENDS, PRECISIONS
-from persense.runtime.cli.common import add_cache_flags, add_common_flags, run_command
-from persense.runtime.counters.choice import COUNTERS
+from persense.runtime.backends.table import PRECISIONS
+from persense.runtime.cli.common import add_cache_flags, add_common_flags, add_engine_flags, run_command
 from persense.runtime.datasets.evaluate import EvalResult, miou
 from persense.runtime.errors import PersenseError
 from persense.runtime.imageio import write_json
@@ -37,14 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     run = parser.add_argument_group("running the pipeline first (--run)")
     run.add_argument("--run", action="store_true", help="segment images without a prediction, then score")
-    run.add_argument("--engines", type=Path, default=Path("engines"), help="engines folder (default engines/)")
-    run.add_argument("--backend", choices=BACKENDS, default="auto", help="execution backend (default auto)")
-    run.add_argument(
-        "--counter",
-        choices=COUNTERS,
-        default="auto",
-        help="density counter (auto: --density-dir if given, else the SAM-only counter)",
-    )
+    add_engine_flags(run, "--density-dir")
     run.add_argument(
         "--density-dir",
         type=Path,

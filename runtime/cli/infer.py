@@ -12,10 +12,9 @@ from pathlib import Path
 import numpy as np
 
 from persense.runtime.api import PerSense, Reference
-from persense.runtime.backends.table import BACKENDS, PRECISIONS
-from persense.runtime.cli.common import add_cache_flags, add_common_flags, run_command
+from persense.runtime.backends.table import PRECISIONS
+from persense.runtime.cli.common import add_cache_flags, add_common_flags, add_engine_flags, run_command
 from persense.runtime.cli.overlay import overlay
-from persense.runtime.counters.choice import COUNTERS
 from persense.runtime.errors import PersenseError
 from persense.runtime.imageio import read_rgb, write_image, write_json
 from persense.runtime.pipeline.exemplars import parse_box
@@ -42,14 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(without them with --reference; targets may be left out with --save-reference)",
     )
     parser.add_argument("--out", type=Path, default=Path("out"), help="output folder (default out/)")
-    parser.add_argument("--engines", type=Path, default=Path("engines"), help="engines folder (default engines/)")
-    parser.add_argument("--backend", choices=BACKENDS, default="auto", help="execution backend (default auto)")
-    parser.add_argument(
-        "--counter",
-        choices=COUNTERS,
-        default="auto",
-        help="density counter (auto: --density if given, else the SAM-only counter)",
-    )
+    add_engine_flags(parser, "--density")
     parser.add_argument("--density", type=Path, help=".npy density map to use as the counter's output")
     first = parser.add_mutually_exclusive_group()
     first.add_argument(

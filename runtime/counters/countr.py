@@ -45,12 +45,11 @@ import numpy as np
 
 from persense.runtime.backends.choice import open_engine
 from persense.runtime.backends.engine import Engine
-from persense.runtime.backends.table import backend as backend_row
 from persense.runtime.counters.base import CountRequest, Density
 from persense.runtime.errors import PersenseError
 from persense.runtime.geometry.resampling import resize_bilinear_pil
 from persense.runtime.geometry.transforms import xyxy_to_yxyx
-from persense.runtime.manifest import REEXPORT_HINT, Manifest, TensorSpec, check_io, tensor_names
+from persense.runtime.manifest import IoSpec, Manifest, TensorSpec, tensor_names
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +66,7 @@ TINY_EXEMPLAR = 10
 IDM_THRESHOLD = 20  # CounTR's own (DSALVANet's is 30)
 ARTEFACT = "counter_countr"
 # N windows (all of an image's, all 9 tiles' in the tiled branch) and K exemplar crops per call
-COUNTR_IO = (
+COUNTR_IO: IoSpec = (
     [
         TensorSpec("windows", ("N", 3, WINDOW, WINDOW), "float32"),
         TensorSpec("exemplars", (1, "K", 3, EXEMPLAR_SIZE, EXEMPLAR_SIZE), "float32"),
@@ -249,9 +248,7 @@ class CountrCounter:
     @staticmethod
     def from_manifest(manifest: Manifest, backend: str = "ort-cpu", threads: int | None = None) -> CountrCounter:
         """Open and verify the `counter_countr` engine of an engines folder on `backend` (the side models')."""
-        if not backend_row(backend).own_engines:
-            check_io(ARTEFACT, manifest.artefact(ARTEFACT), *COUNTR_IO, REEXPORT_HINT.format(folder=manifest.folder))
-        return CountrCounter(open_engine(manifest, ARTEFACT, backend, threads))
+        return CountrCounter(open_engine(manifest, ARTEFACT, backend, threads, io=COUNTR_IO))
 
     def densities(self, planes: list[np.ndarray], crops: np.ndarray) -> list[np.ndarray]:
         """Merged (384, w) density of each (3, 384, w) plane, from one batched engine call."""

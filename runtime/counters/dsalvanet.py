@@ -15,11 +15,10 @@ import numpy as np
 
 from persense.runtime.backends.choice import open_engine
 from persense.runtime.backends.engine import Engine
-from persense.runtime.backends.table import backend as backend_row
 from persense.runtime.counters.base import DSALVANET_IDM_THRESHOLD, CountRequest, Density, dsalvanet_count
 from persense.runtime.errors import PersenseError
 from persense.runtime.geometry.transforms import IMAGENET_MEAN, IMAGENET_STD, xyxy_to_yxyx
-from persense.runtime.manifest import REEXPORT_HINT, Manifest, TensorSpec, check_io
+from persense.runtime.manifest import IoSpec, Manifest, TensorSpec
 
 INPUT_SIZE = 512
 FEATURE_STRIDE = 4
@@ -29,7 +28,7 @@ N_EXEMPLARS = 3  # the network's similarity head is built for exactly 3 exemplar
 BIN_LENGTH = -(-FEATURE_SIZE // POOL) + 1  # longest adaptive-pool bin over at most FEATURE_SIZE cells: 44
 IDM_THRESHOLD = DSALVANET_IDM_THRESHOLD
 ARTEFACT = "counter_dsalvanet"
-DSALVANET_IO = (
+DSALVANET_IO: IoSpec = (
     [
         TensorSpec("image", (1, 3, INPUT_SIZE, INPUT_SIZE), "float32"),
         TensorSpec("roi_rows", (N_EXEMPLARS, POOL, BIN_LENGTH), "int64"),
@@ -119,9 +118,7 @@ class DsalvanetCounter:
     @staticmethod
     def from_manifest(manifest: Manifest, backend: str = "ort-cpu", threads: int | None = None) -> DsalvanetCounter:
         """Open and verify the `counter_dsalvanet` engine of an engines folder on `backend` (the side models')."""
-        if not backend_row(backend).own_engines:
-            check_io(ARTEFACT, manifest.artefact(ARTEFACT), *DSALVANET_IO, REEXPORT_HINT.format(folder=manifest.folder))
-        return DsalvanetCounter(open_engine(manifest, ARTEFACT, backend, threads))
+        return DsalvanetCounter(open_engine(manifest, ARTEFACT, backend, threads, io=DSALVANET_IO))
 
     def count(self, request: CountRequest) -> Density:
         """512x512 density map, count = ceil(sum), IDM threshold 30."""

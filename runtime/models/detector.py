@@ -25,7 +25,7 @@ from persense.runtime.backends.table import backend as backend_row
 from persense.runtime.errors import PersenseError
 from persense.runtime.geometry.resampling import resize_bilinear_pil
 from persense.runtime.geometry.transforms import IMAGENET_MEAN, IMAGENET_STD
-from persense.runtime.manifest import REEXPORT_HINT, Manifest, TensorSpec, check_io
+from persense.runtime.manifest import REEXPORT_HINT, IoSpec, Manifest, TensorSpec
 from persense.runtime.models.text import TextEncoder, TextTokens
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ SHORT_SIDE, MAX_SIZE = 800, 1333
 MEAN = IMAGENET_MEAN.reshape(3, 1, 1)  # channel-first
 STD = IMAGENET_STD.reshape(3, 1, 1)
 PHRASE_END = 255  # get_phrases_from_posmap's default right_idx: tokens from here on never name a phrase
-DETECTOR_IO = (
+DETECTOR_IO: IoSpec = (
     [
         TensorSpec("pixel_values", (1, 3, "H", "W"), "float32"),
         TensorSpec("input_ids", (1, "T"), "int64"),
@@ -149,9 +149,7 @@ class GroundingDino:
         """Open and verify the detector of an engines folder (its FP16 form for fp16 where exported)."""
         text, min_side = detector_text(manifest)
         name, engine_backend = _engine_choice(manifest, backend, precision)
-        if not backend_row(engine_backend).own_engines:
-            check_io(name, manifest.artefact(name), *DETECTOR_IO, REEXPORT_HINT.format(folder=manifest.folder))
-        return GroundingDino(open_engine(manifest, name, engine_backend, threads), text, min_side)
+        return GroundingDino(open_engine(manifest, name, engine_backend, threads, io=DETECTOR_IO), text, min_side)
 
     def encode_text(self, prompt: str) -> TextTokens:
         """The prompt's caption tokenised (refused when empty, unknown to the vocabulary or too long)."""

@@ -13,20 +13,20 @@ from persense.runtime.backends.ort_engine import OrtEngine
 from persense.runtime.backends.table import backend as backend_row
 from persense.runtime.errors import PersenseError
 from persense.runtime.geometry.transforms import GRID, LONG_SIDE, LOW_RES, SamTransform
-from persense.runtime.manifest import REEXPORT_HINT, Manifest, TensorSpec, check_io
+from persense.runtime.manifest import IoSpec, Manifest, TensorSpec
 
 ENCODER = "sam_encoder"
 GPU_ENCODER = "sam_encoder_gpu"  # the encoder with fused attention, exported for ort-cuda (--gpu-encoder)
 DECODER = "sam_decoder"
 EMBED_DIM = 256  # channels of SAM's image embedding and of its prompt tokens
 PAD_LABEL = -1.0
-ENCODER_IO = (
+ENCODER_IO: IoSpec = (
     [TensorSpec("image", (1, 3, LONG_SIDE, LONG_SIDE), "float32")],
     [TensorSpec("image_embeddings", (1, EMBED_DIM, GRID, GRID), "float32")],
 )
 # The decoder returns, per prompt, SAM's best multimask output chosen inside the graph (index 1..3 by
 # predicted IoU, the first maximum on ties): its low-res logits [B,256,256] and its predicted IoU [B].
-DECODER_IO = (
+DECODER_IO: IoSpec = (
     [
         TensorSpec("image_embeddings", (1, EMBED_DIM, GRID, GRID), "float32"),
         TensorSpec("point_coords", ("B", "N", 2), "float32"),
@@ -103,20 +103,10 @@ class SamEngines:
         OpenVINO 2026.4.1 fails to compile the vit_b dynamic-shape decoder in bf16); the decoder chunk size
         defaults per backend (the backend table's)."""
         names = engine_names(manifest, backend, precision)
-        for base, (inputs, outputs) in ((ENCODER, ENCODER_IO), (DECODER, DECODER_IO)):
-            if not backend_row(backend).own_engines:
-                check_io(
-                    names[base],
-                    manifest.artefact(names[base]),
-                    inputs,
-                    outputs,
-                    REEXPORT_HINT.format(folder=manifest.folder),
-                )
-        chunk = decode_chunk or backend_row(backend).decode_chunk
         return SamEngines(
-            open_engine(manifest, names[ENCODER], backend, threads, arena=False, ov_precision=precision),
-            open_engine(manifest, names[DECODER], backend, threads),
-            chunk,
+            open_engine(manifest, names[ENCODER], backend, threads, arena=False, ov_precision=precision, io=ENCODER_IO),
+            open_engine(manifest, names[DECODER], backend, threads, io=DECODER_IO),
+            decode_chunk or backend_row(backend).decode_chunk,
         )
 
     def encode(self, image_rgb: np.ndarray) -> tuple[np.ndarray, SamTransform]:
