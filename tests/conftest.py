@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import shutil
 from pathlib import Path
 
@@ -21,6 +23,15 @@ def reference_cache_dir(tmp_path_factory: pytest.TempPathFactory):
         folder = tmp_path_factory.mktemp("reference_cache")
         patch.setenv("PERSENSE_CACHE_DIR", str(folder))
         yield folder
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread_per_worker() -> None:
+    """Under pytest-xdist each worker has a core of its own: torch's intra-op threads would oversubscribe them."""
+    if os.environ.get("PYTEST_XDIST_WORKER") and importlib.util.find_spec("torch") is not None:
+        import torch
+
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
-"""ONNX Runtime vs PyTorch: image encoder embeddings (tiny and random vit_b) and vit_b decoder masks."""
+"""ONNX Runtime vs PyTorch: image encoder embeddings (tiny; random vit_b, marked slow: about 2 minutes of export and
+torch on 2 cores) and vit_b decoder masks (slow)."""
 
 from __future__ import annotations
 
@@ -47,6 +48,7 @@ def vit_b(tmp_path_factory):
     return sam, OrtEngine(folder / "sam_encoder.onnx"), OrtEngine(folder / "sam_decoder.onnx")
 
 
+@pytest.mark.slow
 def test_vit_b_encoder_matches_torch(vit_b):
     sam, encoder, _ = vit_b
     image = _image_tensor(1)
@@ -55,6 +57,7 @@ def test_vit_b_encoder_matches_torch(vit_b):
     _assert_embeddings_close(encoder.run({"image": image})["image_embeddings"], expected)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch,points,has_mask", [(1, 2, 0.0), (1, 3, 1.0), (64, 2, 0.0), (64, 3, 1.0)])
 def test_vit_b_decoder_masks_match_torch(vit_b, batch, points, has_mask):
     sam, _, decoder = vit_b
