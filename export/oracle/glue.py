@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 
-def _centroid(contour: np.ndarray) -> tuple[int, int]:
+def centroid(contour: np.ndarray) -> tuple[int, int]:
     """The original's contour centroid: moments, +1e-15 in the denominator, int() truncation."""
     moments = cv2.moments(contour)
     return int(moments["m10"] / (moments["m00"] + 1e-15)), int(moments["m01"] / (moments["m00"] + 1e-15))
@@ -49,9 +49,9 @@ def idm_points(density: np.ndarray, image_size: tuple[int, int], threshold: int)
         dist = cv2.distanceTransform(filled, cv2.DIST_L2, 3)
         peaks = np.uint8(cv2.threshold(dist, 0.5 * dist.max(), 255, cv2.THRESH_BINARY)[1])
         for child in cv2.findContours(peaks, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)[0]:
-            points.append(_centroid(child))
+            points.append(centroid(child))
     children = len(points)
-    points.extend(_centroid(c) for c in contours)
+    points.extend(centroid(c) for c in contours)
     return np.array(points, dtype=np.float64).reshape(-1, 2), children
 
 

@@ -98,7 +98,36 @@ class TorchPredictor:
         return masks[0].cpu().numpy(), iou[0].cpu().numpy(), low[0].cpu().numpy()
 
 
-def _mask_box(mask: np.ndarray) -> np.ndarray | None:
+def result_fields(
+    union: np.ndarray,
+    points: list,
+    masks: list[np.ndarray],
+    scores: list[float],
+    request: CountRequest,
+    density: Density,
+    first_pass_points: int,
+    timer: StageTimer,
+    warnings: list[str],
+) -> dict:
+    """The SegmentResult fields both oracles fill the same way (a warning when no point was found)."""
+    if not points:
+        warnings.append("no instance found: the counter's density map gave no candidate point")
+    boxes = [inclusive_box(m) for m in masks]
+    return {
+        "union": union,
+        "labels": None,
+        "points": np.array(points, dtype=np.float64).reshape(-1, 2),
+        "boxes": np.array([b if b is not None else [np.nan] * 4 for b in boxes]).reshape(-1, 4),
+        "scores": np.array(scores),
+        "exemplars": request.exemplars,
+        "count": density.count,
+        "first_pass_points": first_pass_points,
+        "timings_ms": timer.ms,
+        "warnings": warnings,
+    }
+
+
+def inclusive_box(mask: np.ndarray) -> np.ndarray | None:
     """The original's box of a mask: np.nonzero min/max as (x0, y0, x1, y1); None for an empty mask."""
     y, x = np.nonzero(mask)
     if len(x) == 0:
@@ -149,7 +178,7 @@ class OraclePipeline:
                 first = np.int32(((corners[0] + corners[2]) // 2, (corners[1] + corners[3]) // 2)).astype(np.int64)
         with timer.stage("exemplar_cascade"):
             masks, scores, logits, best = self._guided_then_refined(first, attn_sim, target_embedding)
-            box = _mask_box(masks[best])
+            box = inclusive_box(masks[best])
             if box is None:
                 warnings.append("the initial exemplar mask is empty; using a one-pixel box at the best-matching point")
                 box = np.array([first[0], first[1], first[0], first[1]], dtype=np.float64)
@@ -161,7 +190,7 @@ class OraclePipeline:
             lines = []
             for point in first_pass:
                 masks, scores, _, best = self._guided_then_refined(np.asarray(point), attn_sim, target_embedding)
-                point_box = _mask_box(masks[best])
+                point_box = inclusive_box(masks[best])
                 if point_box is None:
                     warnings.append("a feedback point gave an empty mask and was skipped")
                     continue
@@ -183,22 +212,11 @@ class OraclePipeline:
             union = np.zeros(predictor.original_size, dtype=np.uint8)
             for mask in chosen:
                 union |= mask.astype(np.uint8) * 255
-        if not points:
-            warnings.append("no instance found: the counter's density map gave no candidate point")
-        boxes = [_mask_box(m) for m in chosen]
+        prompts = predictor.calls - calls
         return SegmentResult(
-            union=union,
-            labels=None,
-            points=np.array(points, dtype=np.float64).reshape(-1, 2),
-            boxes=np.array([b if b is not None else [np.nan] * 4 for b in boxes]).reshape(-1, 4),
-            scores=np.array(final_scores),
-            exemplars=request.exemplars,
-            count=density.count,
-            first_pass_points=len(first_pass),
-            decoder_prompts=predictor.calls - calls,
-            decoder_launches=predictor.calls - calls,
-            timings_ms=timer.ms,
-            warnings=warnings,
+            **result_fields(union, points, chosen, final_scores, request, density, len(first_pass), timer, warnings),
+            decoder_prompts=prompts,
+            decoder_launches=prompts,
         )
 
     def _guided_then_refined(
