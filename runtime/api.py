@@ -37,7 +37,7 @@ from persense.runtime.imageio import atomic_write_bytes, mask_from_array, read_m
 from persense.runtime.manifest import Manifest
 from persense.runtime.models.detector import GroundingDino
 from persense.runtime.models.sam import ENCODER, SamEngines, engine_names
-from persense.runtime.models.text import TextTokens
+from persense.runtime.models.text import TextTokens, all_caption
 from persense.runtime.pipeline.flow import PerSensePipeline
 from persense.runtime.pipeline.prior import Target
 from persense.runtime.pipeline.result import SegmentResult
@@ -242,11 +242,12 @@ class PerSense:
             raise PersenseError("give the first exemplar as a box or as a text prompt, not both")
         self.check_reference(reference)
         tokens = self.text_tokens(text) if text is not None else None
+        gate = self.detector.encode_text(all_caption(text), allow_unknown=True) if text is not None else None
         warnings = list(reference.warnings)
         rgb = _image(image, warnings)
         counter = self.counter if density is None else _density_counter(density)
         with self._turns:
-            result = self._pipeline(counter).segment(rgb, reference.target, box, tokens)
+            result = self._pipeline(counter).segment(rgb, reference.target, box, tokens, gate)
         result.warnings[:0] = warnings
         return result
 

@@ -644,6 +644,8 @@ def text_nothing_detected(kit: Kit) -> None:
     warning = "the detector found no 'apple.' above box_threshold 0.15; starting from the best-matching point instead"
     assert warning in outcome.result()["warnings"] and warning in outcome.stderr
     assert outcome.result()["first_exemplar"]["source"] == "similarity"
+    assert outcome.result()["ppsm_gating"] == {"caption": "all apples.", "boxes": []}
+    assert any(w.startswith("PPSM kept none of") for w in outcome.result()["warnings"])
 
 
 @row

@@ -144,3 +144,38 @@ def test_idm_points_feed_ppsm() -> None:
     points = candidate_points(density, (40, 60), 30)
     kept = points[select_points(points, similarity, 2)]
     assert len(kept) == 1 and np.abs(kept[0] - [15, 20]).max() <= 1
+
+
+def test_second_detection_boxes_gate_points_edges_included() -> None:
+    """persense.py point_prompt_select with text: keep a point iff sim >= tau and some box has
+    x0 <= x <= x1 and y0 <= y <= y1 (float32 box, integer point); no box keeps nothing."""
+    similarity = np.ones((20, 30), np.float32)
+    points = np.array([[5, 5], [10, 10], [10.9, 4.0], [11, 10], [29, 19]])
+    boxes = np.array([[5, 5, 10, 10], [29, 19, 29, 19]], np.float32)
+    assert select_points(points, similarity, 1, boxes).tolist() == [True, True, False, False, True]
+    assert select_points(points, similarity, 1, np.array([[5, 3.5, 10.5, 10]], np.float32)).tolist() == [
+        True,
+        True,
+        True,  # x 10.9 truncates to 10, y 4 >= 3.5
+        False,
+        False,
+    ]
+    assert not select_points(points, similarity, 1, np.zeros((0, 4), np.float32)).any()
+    assert select_points(points, similarity, 1, None).all()
+    similarity[10, 10] = 0.1  # below tau = max/2: the box does not rescue it
+    assert select_points(points, similarity, 1, boxes).tolist() == [True, False, False, False, True]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_gated_selection_equals_the_per_point_original(seed: int) -> None:
+    import torch
+
+    from persense.export.oracle.glue import ppsm_points
+
+    rng = np.random.default_rng(seed)
+    similarity = rng.random((40, 60)).astype(np.float32)
+    points = rng.integers(0, [60, 40], size=(25, 2))
+    boxes = np.sort(rng.uniform(0, 60, (3, 2, 2)), axis=1).transpose(0, 2, 1).reshape(3, 4)[:, [0, 2, 1, 3]]
+    count = float(rng.integers(1, 6))
+    kept = points[select_points(points, similarity, count, boxes.astype(np.float32))]
+    assert [tuple(p) for p in kept.tolist()] == ppsm_points(torch.as_tensor(similarity), points, count, boxes)

@@ -1,5 +1,6 @@
 """persense-infer --text and PerSense.segment(text=...): the detector's best box is the first exemplar as --box
-is; the fallback when it finds nothing; every user error as one line and exit code 2."""
+is, and its "all <plural>" detections gate PPSM's points as the original's; the fallback when it finds nothing;
+every user error as one line and exit code 2."""
 
 from __future__ import annotations
 
@@ -91,12 +92,15 @@ def test_text_starts_from_the_detectors_best_box_as_box_does(text_engines, scene
     assert first["point"] == box_centre(expected.astype(np.float64)).tolist()
     assert "detector" in by_text["timings_ms"] and by_text["box"] is None
 
+    # the second detection ("all red apples."): every query above box_threshold, in query order
+    assert by_text["ppsm_gating"]["caption"] == "all red apples."
+    assert by_text["ppsm_gating"]["boxes"][0] == first["detection"]["box"] and len(by_text["ppsm_gating"]["boxes"]) == 2
+
     box = ",".join(str(float(v)) for v in expected)
     code, by_box, _ = _infer(text_engines, scene_files, tmp_path / "box", [f"--box={box}"], capsys)
     assert code == 0 and by_box["first_exemplar"]["source"] == "box"
     assert by_box["first_exemplar"]["point"] == first["point"]
-    for key in ("points", "exemplars", "count_estimate", "scores", "instances"):
-        assert by_box[key] == by_text[key], key
+    assert by_box["ppsm_gating"]["boxes"] is None  # no text: no second detection, PPSM ungated
 
 
 def test_nothing_detected_falls_back_to_the_similarity_arg_max(blind_engines, scene_files, tmp_path, capsys):
@@ -115,7 +119,11 @@ def test_nothing_detected_falls_back_to_the_similarity_arg_max(blind_engines, sc
         "source": "similarity",
         "point": fallback["first_exemplar"]["point"],
     }
-    assert plain["points"] == fallback["points"] and plain["exemplars"] == fallback["exemplars"]
+    # no "all apples." box either: PPSM keeps nothing, so no feedback, and the second pass takes every IDM point
+    assert fallback["ppsm_gating"] == {"caption": "all apples.", "boxes": []}
+    assert fallback["first_pass_points"] == 0 and len(fallback["exemplars"]) == 1
+    assert any(w.startswith("PPSM kept none of") for w in fallback["warnings"])
+    assert len(fallback["points"]) >= len(plain["points"])
 
 
 def test_box_and_text_are_mutually_exclusive(text_engines, scene_files, tmp_path, capsys):
@@ -157,6 +165,24 @@ def test_tampered_tokenizer_is_refused(text_engines, scene_files, tmp_path, caps
     tokenizer.write_text(tokenizer.read_text().replace('"apple"', '"apples"'))
     code, _, err = _infer(copy, scene_files, tmp_path / "out", ["--text", "apple"], capsys)
     assert code == 2 and "grounding_dino_tokenizer.json: sha256" in err and "does not match the manifest" in err
+
+
+def test_gated_ppsm_matches_the_oracle(text_engines, tiny_sam, scene_files, scene):
+    from persense.export.oracle.pipeline import OraclePipeline
+    from persense.runtime.counters.base import NpyDensityCounter
+    from persense.runtime.metrics import mask_iou
+
+    ps = PerSense.open(text_engines, counter="npy", density=scene_files["density"], cache=False, threads=2)
+    got = ps.segment(scene["image"], ps.reference(scene["image"], scene["reference"] > 0), text="apple")
+    boxes = np.array(got.ppsm_gating["boxes"], np.float32)
+    oracle = OraclePipeline(tiny_sam, NpyDensityCounter(scene_files["density"]))
+    target = oracle.reference(scene["image"], scene["reference"] > 0)
+    expected = oracle.segment(scene["image"], target, box=_expected_box(scene), gating_boxes=boxes)
+    ungated = oracle.segment(scene["image"], target, box=_expected_box(scene))
+    assert expected.first_pass_points < ungated.first_pass_points  # the gate removes points here
+    np.testing.assert_array_equal(got.points, expected.points)
+    assert got.first_pass_points == expected.first_pass_points
+    assert mask_iou(got.union > 0, expected.union > 0) >= 0.99
 
 
 def test_api_text_prompt(text_engines, scene_files, scene):

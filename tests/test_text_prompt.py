@@ -22,7 +22,7 @@ from persense.runtime.models.detector import (
     preprocess,
     resized_size,
 )
-from persense.runtime.models.text import TextEncoder, caption_for
+from persense.runtime.models.text import TextEncoder, all_caption, caption_for
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +82,32 @@ def test_tokens_match_transformers_bert_tokenizers(prompt, vocab_file, tokenizer
 def test_prompts_the_detector_cannot_take_are_refused(prompt, message, tokenizer_file):
     with pytest.raises(PersenseError, match=message):
         TextEncoder(tokenizer_file, 16).encode(prompt)
+
+
+@pytest.mark.parametrize(
+    "word,plural",
+    [
+        ("apple", "all apples"),
+        ("glass", "all glass"),  # ends with s: kept as is
+        ("key", "all keys"),  # e + y
+        ("berry", "all berries"),
+        ("peach", "all peaches"),
+        ("tomato", "all tomatoes"),  # a vowel (a, i, o, u) takes "es"
+        ("kiwi", "all kiwies"),
+        ("Apple", "all Apples"),  # the case is the word's; the caption lower-cases it
+        ("red car", "all red cars"),
+    ],
+)
+def test_second_detection_caption_is_the_originals_enhance_class_name(word, plural):
+    assert all_caption(word) == plural
+
+
+def test_a_derived_caption_may_hold_unknown_words(tokenizer_file):
+    encoder = TextEncoder(tokenizer_file, 256)
+    with pytest.raises(PersenseError, match="not in the detector's vocabulary"):
+        encoder.encode("all apples\u00e9\u4e2d")
+    tokens = encoder.encode("all apples\u00e9\u4e2d", allow_unknown=True)
+    assert "[UNK]" in tokens.tokens
 
 
 def test_unknown_word_is_named(tokenizer_file):

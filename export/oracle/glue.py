@@ -55,11 +55,21 @@ def idm_points(density: np.ndarray, image_size: tuple[int, int], threshold: int)
     return np.array(points, dtype=np.float64).reshape(-1, 2), children
 
 
-def ppsm_points(similarity: torch.Tensor, points: np.ndarray, count: float) -> list[tuple[int, int]]:
-    """Points kept by persense.py:point_prompt_select without text boxes (one comparison per point)."""
+def ppsm_points(
+    similarity: torch.Tensor, points: np.ndarray, count: float, boxes: np.ndarray | None = None
+) -> list[tuple[int, int]]:
+    """Points kept by persense.py:point_prompt_select (one comparison per point, then per box); `boxes`: the
+    second detection's float32 xyxy boxes a point must lie in (edges included), None for no box test."""
     max_conf = similarity.max()
     if count == 0:
         return []  # the original divides by zero here: threshold inf, nothing passes
     divisor = math.sqrt(4) if count == 1 else count / math.sqrt(2)
     threshold = max_conf / torch.tensor([divisor], dtype=torch.float32, device=similarity.device)
-    return [(int(x), int(y)) for x, y in points if bool(similarity[int(y), int(x)] >= threshold)]
+    kept = []
+    for x, y in points:
+        pnt = (int(x), int(y))
+        if not bool(similarity[pnt[1], pnt[0]] >= threshold):
+            continue
+        if boxes is None or any(b[0] <= pnt[0] <= b[2] and b[1] <= pnt[1] <= b[3] for b in np.float32(boxes)):
+            kept.append(pnt)
+    return kept

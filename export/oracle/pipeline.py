@@ -155,12 +155,17 @@ class OraclePipeline:
 
     @torch.no_grad()
     def segment(
-        self, image: np.ndarray, target: tuple[torch.Tensor, torch.Tensor], box: np.ndarray | None = None
+        self,
+        image: np.ndarray,
+        target: tuple[torch.Tensor, torch.Tensor],
+        box: np.ndarray | None = None,
+        gating_boxes: np.ndarray | None = None,
     ) -> SegmentResult:
         """Segment every instance, one decoder call per prompt, stage by stage as the original.
 
         `box`: the detector's box of the first exemplar; as persense.py's `filtered_similarity`, the
         cascade then starts from the centre of the int32-cast box instead of the similarity arg-max.
+        `gating_boxes`: the second detection's ("all <plural>") xyxy boxes that PPSM's points must lie in.
         """
         target_embedding, target_feat = target
         if box is not None:
@@ -185,7 +190,7 @@ class OraclePipeline:
             predictor.predict(first, box=box, mask_input=logits[best : best + 1])
         transform = SamTransform(predictor.original_size)
         request = CountRequest(image, box[None], transform, predictor.features.cpu().numpy(), sim.cpu().numpy())
-        _, first_pass, _ = self._candidates(request, sim, timer)
+        _, first_pass, _ = self._candidates(request, sim, timer, gating_boxes)
         with timer.stage("feedback"):
             lines = []
             for point in first_pass:
@@ -197,7 +202,7 @@ class OraclePipeline:
                 lines.append((point_box, float(scores[best])))
             ranked = sorted(lines, key=lambda line: line[1], reverse=True)[:FEEDBACK_EXEMPLARS]
             request.exemplars = np.array([box] + [line[0] for line in ranked])
-        all_points, points, density = self._candidates(request, sim, timer)
+        all_points, points, density = self._candidates(request, sim, timer, gating_boxes)
         if not points and all_points:
             warnings.append(f"PPSM kept none of {len(all_points)} candidate points; using all of them")
             points = all_points
@@ -242,7 +247,7 @@ class OraclePipeline:
         return sim, sim_tgt.sigmoid_().unsqueeze(0).flatten(3)
 
     def _candidates(
-        self, request: CountRequest, sim: torch.Tensor, timer: StageTimer
+        self, request: CountRequest, sim: torch.Tensor, timer: StageTimer, gating_boxes: np.ndarray | None
     ) -> tuple[list[tuple[int, int]], list[tuple[int, int]], Density]:
         """Counter -> IDM -> PPSM, per point: (all IDM points, the points PPSM keeps, the density)."""
         with timer.stage("counter"):
@@ -253,5 +258,5 @@ class OraclePipeline:
                 for x, y in idm_points(density.map, request.transform.original_size, density.idm_threshold)[0]
             ]
         with timer.stage("ppsm"):
-            kept = ppsm_points(sim, np.array(points).reshape(-1, 2), density.count)
+            kept = ppsm_points(sim, np.array(points).reshape(-1, 2), density.count, gating_boxes)
         return points, kept, density

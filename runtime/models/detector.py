@@ -151,9 +151,9 @@ class GroundingDino:
         name, engine_backend = _engine_choice(manifest, backend, precision)
         return GroundingDino(open_engine(manifest, name, engine_backend, threads, io=DETECTOR_IO), text, min_side)
 
-    def encode_text(self, prompt: str) -> TextTokens:
+    def encode_text(self, prompt: str, allow_unknown: bool = False) -> TextTokens:
         """The prompt's caption tokenised (refused when empty, unknown to the vocabulary or too long)."""
-        return self.text.encode(prompt)
+        return self.text.encode(prompt, allow_unknown)
 
     def detect(self, image_rgb: np.ndarray, tokens: TextTokens) -> Detections:
         """Every detection of the caption in an RGB uint8 image that passes box_threshold."""

@@ -19,6 +19,18 @@ from persense.runtime.manifest import sha256_file
 CLS, SEP, UNK = "[CLS]", "[SEP]", "[UNK]"
 
 
+def all_caption(word: str) -> str:
+    """persense.py's `enhance_class_name` for one class word: "all <plural>" (its second detection's class)."""
+    last = word[-1].lower()
+    if last == "s":
+        return f"all {word}"
+    if last == "y":
+        return f"all {word}s" if len(word) > 1 and word[-2].lower() == "e" else f"all {word[:-1]}ies"
+    if last == "h" or last in "aiou":
+        return f"all {word}es"
+    return f"all {word}s"
+
+
 def caption_for(prompt: str) -> str:
     """The original's caption for one class: lower-cased, stripped, with "." appended unless it ends with one."""
     caption = prompt.lower().strip()
@@ -85,8 +97,9 @@ class TextEncoder:
             )
         return TextEncoder(path, max_text_len)
 
-    def encode(self, prompt: str) -> TextTokens:
-        """The caption of `prompt` tokenised; empty prompts, unknown words and over-long prompts are refused."""
+    def encode(self, prompt: str, allow_unknown: bool = False) -> TextTokens:
+        """The caption of `prompt` tokenised; empty prompts, unknown words (unless `allow_unknown`: a caption
+        persense derived, as the original tokenises whatever it gets) and over-long prompts are refused."""
         if not prompt.replace(".", " ").strip():
             raise PersenseError(f"text prompt {prompt!r} is empty: give the object's name, e.g. --text apple")
         caption = caption_for(prompt)
@@ -94,7 +107,7 @@ class TextEncoder:
         unknown = [
             caption[start:end] for token, (start, end) in zip(encoding.ids, encoding.offsets) if token == self.unk_id
         ]
-        if unknown:
+        if unknown and not allow_unknown:
             raise PersenseError(
                 f"text prompt {prompt!r}: {', '.join(map(repr, unknown))} not in the detector's "
                 f"vocabulary (tokenised to {UNK}); use another word"

@@ -47,16 +47,23 @@ class PerSensePipeline:
         return reference_target(embedding, mask, transform)
 
     def segment(
-        self, image: np.ndarray, target: Target, box: np.ndarray | None = None, text: TextTokens | None = None
+        self,
+        image: np.ndarray,
+        target: Target,
+        box: np.ndarray | None = None,
+        text: TextTokens | None = None,
+        gate: TextTokens | None = None,
     ) -> SegmentResult:
         """Segment every instance of the target object in an RGB uint8 image.
 
         `box` (x0, y0, x1, y1), the first exemplar as a detector gives it: the cascade starts from its
         centre instead of the similarity arg-max (see persense.runtime.pipeline.exemplars). `text`: a tokenised
-        prompt for this pipeline's detector, whose most confident box is used the same way.
+        prompt for this pipeline's detector, whose most confident box is used the same way. `gate`: the tokenised
+        "all <plural>" caption whose detections gate PPSM's points, as the original's second detection.
         """
         timer, warnings = StageTimer(), []
         start, first_exemplar = self._start(image, box, text, timer, warnings)
+        gate_boxes, gating = self._gate(image, gate, timer)
         launches = self.sam.decoder_launches
         with timer.stage("image_encoding"):
             embedding, transform = self.sam.encode(image)
@@ -68,12 +75,12 @@ class PerSensePipeline:
         with timer.stage("exemplar_cascade"):
             exemplar = self._initial_exemplar(embedding, transform, first, guidance, warnings)
         request = CountRequest(image, exemplar[None], transform, embedding, similarity)
-        first_pass = self._candidates(request, similarity, timer)[0]
+        first_pass = self._candidates(request, similarity, timer, gate_boxes)[0]
         with timer.stage("feedback"):
             boxes, scores = self._point_boxes(embedding, transform, first_pass, guidance, warnings)
             best = np.argsort(-scores, kind="stable")[:FEEDBACK_EXEMPLARS]
             request.exemplars = np.concatenate([exemplar[None], boxes[best]])
-        points, density = self._candidates(request, similarity, timer, fallback=True, warnings=warnings)
+        points, density = self._candidates(request, similarity, timer, gate_boxes, fallback=True, warnings=warnings)
         with timer.stage("final_decoding"):
             logits, final_scores = self.sam.decode_best(embedding, Prompts.points(transform.coords_to_input(points)))
         with timer.stage("merge"):
@@ -99,6 +106,7 @@ class PerSensePipeline:
             logits=logits,
             transform=transform,
             first_exemplar=first_exemplar,
+            ppsm_gating=gating,
         )
 
     def _start(
@@ -123,21 +131,33 @@ class PerSensePipeline:
             return None, {"source": "similarity", "text": text.prompt, "detection": None}
         return box_centre(detection.box), {"source": "text", "text": text.prompt, "detection": detection.summary()}
 
+    def _gate(self, image: np.ndarray, gate: TextTokens | None, timer: StageTimer) -> tuple[np.ndarray | None, dict]:
+        """The second detection's boxes that gate PPSM (None: no gating) and their record for result.json."""
+        if gate is None:
+            return None, {"caption": None, "boxes": None, "note": "no text prompt: PPSM is not gated by boxes"}
+        if self.detector is None:
+            raise ValueError("a gating caption needs a pipeline with a detector")
+        with timer.stage("detector"):
+            boxes = self.detector.detect(image, gate).boxes
+        return boxes, {"caption": gate.caption, "boxes": [[float(v) for v in b] for b in boxes]}
+
     def _candidates(
         self,
         request: CountRequest,
         similarity: np.ndarray,
         timer: StageTimer,
+        gate_boxes: np.ndarray | None = None,
         fallback: bool = False,
         warnings: list[str] | None = None,
     ) -> tuple[np.ndarray, Density]:
-        """Counter -> IDM -> PPSM; with `fallback`, all IDM points when PPSM keeps none (as the original)."""
+        """Counter -> IDM -> PPSM (gated by `gate_boxes` when given); with `fallback`, all IDM points when PPSM keeps
+        none (as the original)."""
         with timer.stage("counter"):
             density = self.counter.count(request)
         with timer.stage("idm"):
             points = candidate_points(density.map, request.transform.original_size, density.idm_threshold)
         with timer.stage("ppsm"):
-            kept = points[select_points(points, similarity, density.count)]
+            kept = points[select_points(points, similarity, density.count, gate_boxes)]
         if fallback and len(kept) == 0 and len(points) > 0:
             warnings.append(f"PPSM kept none of {len(points)} candidate points; using all of them (as the original)")
             kept = points

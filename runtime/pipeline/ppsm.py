@@ -27,13 +27,16 @@ def ppsm_threshold(max_similarity: float, count: float) -> float:
         return float(np.float32(max_similarity) / divisor)
 
 
-def select_points(points: np.ndarray, similarity: np.ndarray, count: float) -> np.ndarray:
-    """Boolean keep-mask (N,) over (x, y) points: similarity[y, x] >= ppsm_threshold(similarity.max(), count).
+def select_points(
+    points: np.ndarray, similarity: np.ndarray, count: float, boxes: np.ndarray | None = None
+) -> np.ndarray:
+    """Boolean keep-mask (N,) over (x, y) points: similarity[y, x] >= ppsm_threshold(similarity.max(), count),
+    and with `boxes` (the second detection's [K, 4] xyxy, float32) the point inside at least one box, edges
+    included, as persense.py's point_prompt_select (no box: nothing kept).
 
     Float points are truncated to integer pixels like the original's int64 tensors. Raises
     PersenseError for a similarity map that is not a non-empty 2-D array, points that are not
-    (N, 2) or not finite, points outside the map, or a non-finite count. The class2-box gating of
-    the original is not done here.
+    (N, 2) or not finite, points outside the map, or a non-finite count.
     """
     similarity = np.asarray(similarity)
     if similarity.ndim != 2 or similarity.size == 0:
@@ -53,4 +56,15 @@ def select_points(points: np.ndarray, similarity: np.ndarray, count: float) -> n
         x, y = points[~inside][0]
         raise PersenseError(f"PPSM point (x={x}, y={y}) lies outside the {width}x{height} similarity map")
     xy = xy.astype(np.int64)
-    return similarity[xy[:, 1], xy[:, 0]] >= tau
+    keep = similarity[xy[:, 1], xy[:, 0]] >= tau
+    if boxes is not None:
+        keep &= inside_any_box(xy, boxes)
+    return keep
+
+
+def inside_any_box(xy: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """Boolean (N,): integer (x, y) points inside at least one float32 xyxy box, edges included."""
+    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+    x, y = xy[:, :1], xy[:, 1:]
+    inside = (boxes[:, 0] <= x) & (x <= boxes[:, 2]) & (boxes[:, 1] <= y) & (y <= boxes[:, 3])
+    return inside.any(axis=1)

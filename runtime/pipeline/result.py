@@ -30,6 +30,7 @@ class SegmentResult:
     logits: np.ndarray | None = field(default=None, repr=False)  # [M, 256, 256] chosen low-res logits (runtime)
     transform: SamTransform | None = field(default=None, repr=False)  # the image's geometry (runtime)
     first_exemplar: dict[str, Any] = field(default_factory=dict)  # source ("box"/"text"/"similarity"), point, box
+    ppsm_gating: dict[str, Any] = field(default_factory=dict)  # the second detection's caption and boxes, or why none
 
     def instance_mask(self, index: int) -> np.ndarray:
         """HxW bool mask of instance `index`, whole (where instances overlap, `labels` keeps only the later one)."""
@@ -57,6 +58,7 @@ class SegmentResult:
             "scores": [float(s) for s in self.scores],
             "exemplars": boxes_json(self.exemplars),
             "first_exemplar": self.first_exemplar,
+            "ppsm_gating": self.ppsm_gating,
             "first_pass_points": self.first_pass_points,
             "decoder_prompts": self.decoder_prompts,
             "decoder_launches": self.decoder_launches,
