@@ -56,7 +56,6 @@ class TorchPredictor:
             torch.cuda.synchronize(self.device)  # stage timings: the encoding ends here, not in the next stage
         return None if mask is None else to_input(mask)
 
-    @torch.no_grad()
     def predict(
         self,
         point: np.ndarray,
@@ -74,28 +73,43 @@ class TorchPredictor:
         else:
             coords = torch.cat([coords, torch.as_tensor(transform.boxes_to_input(box.reshape(1, 4))).reshape(2, 2)])
             labels = torch.tensor([1.0, 2.0, 3.0])
+        masks, scores, low = self.decode(coords[None], labels[None], mask_input, attn_sim, target_embedding)
+        return masks[0], scores[0], low[0]
+
+    @torch.no_grad()
+    def decode(
+        self,
+        coords: torch.Tensor,
+        labels: torch.Tensor,
+        mask_input: np.ndarray | None = None,
+        attn_sim: torch.Tensor | None = None,
+        target_embedding: torch.Tensor | None = None,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One decoder call on B prompts (coords [B,N,2] in SAM's input frame, labels [B,N]), multimask:
+        (masks [B,3,H,W] bool, scores [B,3], low-res logits [B,3,256,256])."""
+        rows = coords.shape[0]
         guided = target_embedding is not None
         low, iou = self.decoder(
             *(
                 tensor.to(self.device)
                 for tensor in (
                     self.features,
-                    coords[None],
-                    labels[None],
-                    torch.zeros(1, 1, LOW_RES, LOW_RES)
+                    coords,
+                    labels,
+                    torch.zeros(rows, 1, LOW_RES, LOW_RES)
                     if mask_input is None
-                    else torch.as_tensor(mask_input).reshape(1, 1, LOW_RES, LOW_RES),
-                    torch.tensor([0.0 if mask_input is None else 1.0]),
+                    else torch.as_tensor(mask_input).reshape(rows, 1, LOW_RES, LOW_RES),
+                    torch.full((rows,), 0.0 if mask_input is None else 1.0),
                     target_embedding.reshape(1, -1) if guided else torch.zeros(1, EMBED_DIM),
                     attn_sim.reshape(1, -1) if guided else torch.zeros(1, GRID * GRID),
-                    torch.tensor([1.0 if guided else 0.0]),
+                    torch.full((rows,), 1.0 if guided else 0.0),
                 )
             )
         )
-        self.calls += 1
+        self.calls += rows
         low, iou = low[:, 1:], iou[:, 1:]
         masks = self.sam.postprocess_masks(low, self.input_size, self.original_size) > 0
-        return masks[0].cpu().numpy(), iou[0].cpu().numpy(), low[0].cpu().numpy()
+        return masks.cpu().numpy(), iou.cpu().numpy(), low.cpu().numpy()
 
 
 def result_fields(

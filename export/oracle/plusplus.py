@@ -38,8 +38,7 @@ from persense.export.oracle.imrm import ImrmResult, imrm
 from persense.export.oracle.pipeline import OraclePipeline, inclusive_box, result_fields
 from persense.export.sam.modeling import Sam
 from persense.runtime.counters.base import Counter, CountRequest, Density
-from persense.runtime.geometry.transforms import GRID, LOW_RES, SamTransform
-from persense.runtime.models.sam import EMBED_DIM
+from persense.runtime.geometry.transforms import SamTransform
 from persense.runtime.pipeline.exemplars import check_box
 from persense.runtime.pipeline.result import SegmentResult
 from persense.runtime.pipeline.timing import StageTimer
@@ -222,7 +221,6 @@ class OraclePlusPlus:
                 union |= mask.astype(np.uint8)
         return union * 255, np.array(refined.kept), refined
 
-    @torch.no_grad()
     def predict_batch(
         self,
         points: np.ndarray,
@@ -238,26 +236,5 @@ class OraclePlusPlus:
         coords = torch.as_tensor(transform.coords_to_input(np.asarray(points, float).reshape(rows, 1, 2)))
         coords = torch.cat([coords, torch.zeros(rows, 1, 2, dtype=coords.dtype)], dim=1)
         labels = torch.tensor([1.0, -1.0]).expand(rows, 2)
-        guided = target_embedding is not None
-        low, iou = predictor.decoder(
-            *(
-                tensor.to(predictor.device)
-                for tensor in (
-                    predictor.features,
-                    coords,
-                    labels,
-                    torch.zeros(rows, 1, LOW_RES, LOW_RES)
-                    if mask_input is None
-                    else torch.as_tensor(mask_input).reshape(rows, 1, LOW_RES, LOW_RES),
-                    torch.full((rows,), 0.0 if mask_input is None else 1.0),
-                    target_embedding.reshape(1, -1) if guided else torch.zeros(1, EMBED_DIM),
-                    attn_sim.reshape(1, -1) if guided else torch.zeros(1, GRID * GRID),
-                    torch.full((rows,), 1.0 if guided else 0.0),
-                )
-            )
-        )
-        predictor.calls += rows
         self.launches += 1
-        low, iou = low[:, 1:], iou[:, 1:]
-        masks = predictor.sam.postprocess_masks(low, predictor.input_size, predictor.original_size) > 0
-        return masks.cpu().numpy(), iou.cpu().numpy(), low.cpu().numpy()
+        return predictor.decode(coords, labels, mask_input, attn_sim, target_embedding)
