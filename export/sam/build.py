@@ -1,4 +1,4 @@
-"""Build SAM (vit_h / vit_l / vit_b / tiny) with random weights or from the original checkpoints."""
+"""Build SAM (vit_h / vit_l / vit_b / vit_t / tiny) with random weights or from the original checkpoints."""
 
 from __future__ import annotations
 
@@ -8,39 +8,81 @@ from pathlib import Path
 
 import torch
 
-from persense.export.checkpoints import read_checkpoint
+from persense.export.checkpoints import load_strict, read_checkpoint
 from persense.export.sam.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+from persense.export.sam.tiny_vit import TinyViT, TinyViTConfig
 from persense.runtime.errors import PersenseError
 from persense.runtime.geometry.transforms import GRID, LONG_SIDE, PATCH_SIZE, PIXEL_MEAN, PIXEL_STD
 from persense.runtime.models.sam import EMBED_DIM
 
 
 @dataclass(frozen=True)
-class SamConfig:
-    """Encoder/decoder hyper-parameters of one SAM variant."""
+class VitConfig:
+    """Hyper-parameters of segment-anything's ImageEncoderViT."""
 
     embed_dim: int
     depth: int
     num_heads: int
     global_attn_indexes: tuple[int, ...]
     window_size: int = 14
+
+
+@dataclass(frozen=True)
+class SamConfig:
+    """Encoder/decoder hyper-parameters of one SAM variant."""
+
+    encoder: VitConfig | TinyViTConfig
     decoder_mlp_dim: int = 2048
     iou_head_hidden_dim: int = 256
 
 
 SAM_CONFIGS: dict[str, SamConfig] = {
-    "vit_h": SamConfig(1280, 32, 16, (7, 15, 23, 31)),
-    "vit_l": SamConfig(1024, 24, 16, (5, 11, 17, 23)),
-    "vit_b": SamConfig(768, 12, 12, (2, 5, 8, 11)),
+    "vit_h": SamConfig(VitConfig(1280, 32, 16, (7, 15, 23, 31))),
+    "vit_l": SamConfig(VitConfig(1024, 24, 16, (5, 11, 17, 23))),
+    "vit_b": SamConfig(VitConfig(768, 12, 12, (2, 5, 8, 11))),
+    # MobileSAM: a TinyViT-5M image encoder with SAM's prompt encoder and mask decoder (SPEC-PLUSPLUS.md section 9)
+    "vit_t": SamConfig(TinyViTConfig()),
     # Same I/O as the real models (1024 input, 256x64x64 embedding), a fraction of the compute: for tests.
-    "tiny": SamConfig(32, 2, 2, (1,), decoder_mlp_dim=128, iou_head_hidden_dim=64),
+    "tiny": SamConfig(VitConfig(32, 2, 2, (1,)), decoder_mlp_dim=128, iou_head_hidden_dim=64),
 }
 # The tiny configuration with the project's own weights: trained on persense-synth scenes by
 # persense-train-tiny (export/training/train_tiny.py) and committed; it really segments synthetic objects.
 SAM_CONFIGS["tiny-trained"] = SAM_CONFIGS["tiny"]
 BUNDLED_CHECKPOINTS = {"tiny-trained": Path(__file__).resolve().parents[2] / "assets" / "tiny_sam.pt"}
 
-CHECKPOINT_NAMES = {"vit_h": "sam_vit_h_4b8939.pth", "vit_l": "sam_vit_l_0b3195.pth", "vit_b": "sam_vit_b_01ec64.pth"}
+CHECKPOINT_NAMES = {
+    "vit_h": "sam_vit_h_4b8939.pth",
+    "vit_l": "sam_vit_l_0b3195.pth",
+    "vit_b": "sam_vit_b_01ec64.pth",
+    "vit_t": "mobile_sam.pt",
+}
+TINY_VIT_KEY = "image_encoder.patch_embed.seq.0.c.weight"  # only a MobileSAM checkpoint has it
+VIT_KEY = "image_encoder.patch_embed.proj.weight"
+
+
+def is_tiny_vit(model_type: str) -> bool:
+    """Whether `model_type`'s image encoder is TinyViT (MobileSAM) rather than segment-anything's ViT."""
+    return model_type in SAM_CONFIGS and isinstance(SAM_CONFIGS[model_type].encoder, TinyViTConfig)
+
+
+def _image_encoder(cfg: VitConfig | TinyViTConfig) -> torch.nn.Module:
+    """The image encoder of a configuration (random initialisation)."""
+    if isinstance(cfg, TinyViTConfig):
+        return TinyViT(cfg, LONG_SIDE)
+    return ImageEncoderViT(
+        depth=cfg.depth,
+        embed_dim=cfg.embed_dim,
+        img_size=LONG_SIDE,
+        mlp_ratio=4,
+        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+        num_heads=cfg.num_heads,
+        patch_size=PATCH_SIZE,
+        qkv_bias=True,
+        use_rel_pos=True,
+        global_attn_indexes=cfg.global_attn_indexes,
+        window_size=cfg.window_size,
+        out_chans=EMBED_DIM,
+    )
 
 
 def build_sam(model_type: str) -> Sam:
@@ -49,20 +91,7 @@ def build_sam(model_type: str) -> Sam:
         raise PersenseError(f"unknown SAM model type {model_type!r}; choose one of {', '.join(SAM_CONFIGS)}")
     cfg = SAM_CONFIGS[model_type]
     sam = Sam(
-        image_encoder=ImageEncoderViT(
-            depth=cfg.depth,
-            embed_dim=cfg.embed_dim,
-            img_size=LONG_SIDE,
-            mlp_ratio=4,
-            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-            num_heads=cfg.num_heads,
-            patch_size=PATCH_SIZE,
-            qkv_bias=True,
-            use_rel_pos=True,
-            global_attn_indexes=cfg.global_attn_indexes,
-            window_size=cfg.window_size,
-            out_chans=EMBED_DIM,
-        ),
+        image_encoder=_image_encoder(cfg.encoder),
         prompt_encoder=PromptEncoder(
             embed_dim=EMBED_DIM,
             image_embedding_size=(GRID, GRID),
@@ -89,13 +118,16 @@ def random_sam(model_type: str, seed: int = 0) -> Sam:
 
 
 def _guess_model_type(state_dict: dict[str, torch.Tensor]) -> str | None:
-    """Which SAM variant a state dict belongs to, from the encoder width and depth."""
-    weight = state_dict.get("image_encoder.patch_embed.proj.weight")
+    """Which SAM variant a state dict belongs to: MobileSAM by its TinyViT keys, ViTs by encoder width and depth."""
+    if TINY_VIT_KEY in state_dict:
+        return next(name for name in SAM_CONFIGS if is_tiny_vit(name))
+    weight = state_dict.get(VIT_KEY)
     if weight is None:
         return None
     depth = len({k.split(".")[2] for k in state_dict if k.startswith("image_encoder.blocks.")})
     for name, cfg in SAM_CONFIGS.items():
-        if cfg.embed_dim == weight.shape[0] and cfg.depth == depth:
+        encoder = cfg.encoder
+        if isinstance(encoder, VitConfig) and encoder.embed_dim == weight.shape[0] and encoder.depth == depth:
             return name
     return None
 
@@ -108,9 +140,9 @@ def bundled_or_random_sam(model_type: str, seed: int = 0) -> Sam:
 
 
 def load_sam(model_type: str, checkpoint: str | Path) -> Sam:
-    """A SAM built for `model_type` with the original checkpoint's weights (strict key match)."""
+    """A SAM built for `model_type` with the original checkpoint's weights (strict key and shape match)."""
     state_dict = read_checkpoint(checkpoint)
-    if not isinstance(state_dict, dict) or "image_encoder.patch_embed.proj.weight" not in state_dict:
+    if not isinstance(state_dict, dict) or not (VIT_KEY in state_dict or TINY_VIT_KEY in state_dict):
         raise PersenseError(f"{checkpoint}: not a SAM checkpoint (no image_encoder weights)")
     guessed = _guess_model_type(state_dict)
     if guessed is None or SAM_CONFIGS[guessed] != SAM_CONFIGS[model_type]:
@@ -121,8 +153,5 @@ def load_sam(model_type: str, checkpoint: str | Path) -> Sam:
             else f"{checkpoint}: SAM checkpoint of unknown size; expected {model_type}"
         )
     sam = build_sam(model_type)
-    try:
-        sam.load_state_dict(state_dict, strict=True)
-    except RuntimeError as exc:
-        raise PersenseError(f"{checkpoint}: does not fit SAM {model_type}: {str(exc).splitlines()[0]}") from exc
+    load_strict(sam, state_dict, f"{checkpoint}: does not fit SAM {model_type}")
     return sam

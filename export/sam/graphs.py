@@ -12,6 +12,7 @@ from persense.export.sam.cpu_encoder import cpu_encoder
 from persense.export.sam.modeling import Sam
 from persense.export.sam.persam_decoder import PerSamDecoder
 from persense.export.sam.reassociated_decoder import ReassociatedDecoder
+from persense.export.sam.tiny_vit import TinyViT, fold_batchnorm
 from persense.runtime.geometry.transforms import GRID, LONG_SIDE, LOW_RES
 from persense.runtime.manifest import Artefact, tensor_names
 from persense.runtime.models.sam import EMBED_DIM, ENCODER_IO
@@ -40,11 +41,16 @@ def encoder_example_inputs() -> tuple[torch.Tensor]:
     return (torch.randn(*ENCODER_IO[0][0].shape),)
 
 
+def lean_encoder(encoder: torch.nn.Module) -> torch.nn.Module:
+    """The encoder as exported: TinyViT with BatchNorm folded; ViT with row-blocked global attention (cpu_encoder)."""
+    return fold_batchnorm(encoder) if isinstance(encoder, TinyViT) else cpu_encoder(encoder)
+
+
 def export_encoder(sam: Sam, path: Path, model_type: str, source: str) -> Artefact:
-    """`image` [1,3,1024,1024] (normalised, padded) -> `image_embeddings` [1,256,64,64] (row-blocked global attn)."""
+    """`image` [1,3,1024,1024] (normalised, padded) -> `image_embeddings` [1,256,64,64]."""
     with torch.no_grad():
         seconds = export_onnx(
-            cpu_encoder(sam.image_encoder),
+            lean_encoder(sam.image_encoder),
             encoder_example_inputs(),
             path,
             tensor_names(ENCODER_IO[0]),

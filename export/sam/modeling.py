@@ -37,3 +37,4 @@ ImageEncoderViT = modeling.ImageEncoderViT
 PromptEncoder = modeling.PromptEncoder
 MaskDecoder = modeling.MaskDecoder
 TwoWayTransformer = modeling.TwoWayTransformer
+LayerNorm2d = modeling.common.LayerNorm2d
