@@ -5,6 +5,10 @@ ops stay FP32, and so do the convolutions (patch embedding, neck). The attention
 activation MatMuls) are quantised too. Only the encoder: `--precision int8` runs the FP32 decoder, which an INT8
 copy did not beat (docs/DESIGN.md "INT8"). The error against FP32 is measured at conversion and recorded in the
 manifest (`extra["int8_error"]`).
+
+One artefact for every x86 CPU: without VNNI (AVX2 only) ONNX Runtime's u8s8 kernels add pairs of u8 x s8
+products in saturating 16-bit lanes (VPMADDUBSW), so the weights keep 7 bits (`reduce_range`, |w| <= 64:
+2 x 255 x 64 <= 32767) and no sum can saturate; with VNNI the same kernels run as fast (docs/DESIGN.md "INT8").
 """
 
 from __future__ import annotations
@@ -26,22 +30,20 @@ log = logging.getLogger(__name__)
 # (ORT's ConvInteger is slower than the FP32 Conv); measured in docs/DESIGN.md "INT8"
 QUANTISE_OPTIONS: dict[str, dict[str, bool]] = {ENCODER: {"MatMulConstBOnly": False}}
 QUANTISED_OPS: dict[str, list[str]] = {ENCODER: ["MatMul", "Gemm"]}
+REDUCE_RANGE = True  # 7-bit weights: no u8s8 pair sum saturates on CPUs without VNNI (module docstring)
 
 
 def int8_method(name: str) -> str:
     """The quantisation call used for artefact `name`, as recorded in its INT8 entry (`extra["method"]`)."""
     options = "".join(f", {key}={value}" for key, value in QUANTISE_OPTIONS[name].items())
     ops = f", op_types_to_quantize={QUANTISED_OPS[name]}" if name in QUANTISED_OPS else ""
-    return f"onnxruntime.quantization.quantize_dynamic(QInt8{ops}{options})"
+    return f"onnxruntime.quantization.quantize_dynamic(QInt8, reduce_range={REDUCE_RANGE}{ops}{options})"
 
 
-def convert_int8(name: str, artefact: Artefact, folder: Path) -> Artefact:
-    """Write `<name>_int8.onnx` next to FP32 artefact `name` and return its manifest entry with the measured error."""
+def quantise(name: str, src: Path, dst: Path) -> None:
+    """Write the INT8 form of ONNX model `src` (quantised as artefact `name` is) to `dst`."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    start = time.perf_counter()
-    src = folder / artefact.file
-    dst = folder / (variant_name(Path(artefact.file).stem, "int8") + ".onnx")
     # a source with external weights is above (or forced onto) the large-model path: so is its quantised copy
     large = bool(external_data_files(onnx.load(str(src), load_external_data=False)))
     root = logging.getLogger()
@@ -52,12 +54,21 @@ def convert_int8(name: str, artefact: Artefact, folder: Path) -> Artefact:
             str(src),
             str(dst),
             weight_type=QuantType.QInt8,
+            reduce_range=REDUCE_RANGE,
             use_external_data_format=large,
             op_types_to_quantize=QUANTISED_OPS.get(name),
             extra_options=dict(QUANTISE_OPTIONS[name]),
         )
     finally:
         root.setLevel(level)
+
+
+def convert_int8(name: str, artefact: Artefact, folder: Path) -> Artefact:
+    """Write `<name>_int8.onnx` next to FP32 artefact `name` and return its manifest entry with the measured error."""
+    start = time.perf_counter()
+    src = folder / artefact.file
+    dst = folder / (variant_name(Path(artefact.file).stem, "int8") + ".onnx")
+    quantise(name, src, dst)
     return variant_entry(artefact, src, dst, "int8", start, method=int8_method(name))
 
 

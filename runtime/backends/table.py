@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from persense.runtime.artefact_names import OV_INT8
 from persense.runtime.errors import PersenseError
 
 AUTO = "auto"  # resolved per machine by choice.resolve_backend; never picks openvino (an opt-in extra)
@@ -23,6 +24,11 @@ class Backend:
     own_engines: bool  # runs engines built for it (TensorRT plans), not the ONNX models themselves
     built_precision: str | None = None  # the precision its engines are built in, whatever --precision says
     fallback: str | None = None  # where a model whose own engine is unusable runs instead
+    variants: tuple[tuple[str, str], ...] = ()  # (precision, SAM encoder variant) where they differ
+
+    def encoder_variant(self, precision: str) -> str:
+        """The variant of the SAM encoder (artefact_names.PRECISION_SUFFIXES key or fp32) a precision runs."""
+        return dict(self.variants).get(precision, precision)
 
     @property
     def on_gpu(self) -> bool:
@@ -39,8 +45,17 @@ TABLE: dict[str, Backend] = {
     "ort-cuda": Backend("ort-cuda", "cuda", ("fp32", "fp16", "int8"), 256, False, "ort-cuda", False),
     "trt": Backend("trt", "cuda", ("fp32", "fp16", "int8"), 256, True, "trt", True, "fp16", "ort-cuda"),
     # side models on ORT-CPU: a small share of a query, not measured on OpenVINO; bf16 is the encoder's inference
-    # precision (OpenVINO compiles the FP32 ONNX models), not an artefact
-    "openvino": Backend("openvino", "cpu", ("fp32", "bf16"), 4, False, "ort-cpu", False),
+    # precision (OpenVINO compiles the FP32 ONNX models), not an artefact; int8 runs the NNCF-quantised encoder
+    "openvino": Backend(
+        "openvino",
+        "cpu",
+        ("fp32", "bf16", "int8"),
+        4,
+        False,
+        "ort-cpu",
+        False,
+        variants=(("bf16", "fp32"), ("int8", OV_INT8)),
+    ),
 }
 BACKENDS = (AUTO, *TABLE)  # the --backend choices
 

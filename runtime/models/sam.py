@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from persense.runtime.artefact_names import variant_name
 from persense.runtime.backends.choice import open_engine
 from persense.runtime.backends.engine import Engine
 from persense.runtime.backends.ort_engine import OrtEngine
@@ -99,9 +100,9 @@ class SamEngines:
         precision: str = "fp32",
     ) -> SamEngines:
         """Open and verify both SAM engines; `precision` picks the ONNX models (see `engine_names`; TensorRT
-        uses its own engines; OpenVINO takes it as the encoder's inference precision, the decoder staying f32:
-        OpenVINO 2026.4.1 fails to compile the vit_b dynamic-shape decoder in bf16); the decoder chunk size
-        defaults per backend (the backend table's)."""
+        uses its own engines; OpenVINO takes it as the encoder's inference precision, the decoder staying f32: in
+        bf16 its masks missed the IoU gate, docs/DESIGN.md "OpenVINO decoder"); the decoder chunk size defaults per
+        backend (the backend table's)."""
         names = engine_names(manifest, backend, precision)
         return SamEngines(
             open_engine(manifest, names[ENCODER], backend, threads, arena=False, ov_precision=precision, io=ENCODER_IO),
@@ -167,19 +168,18 @@ def engine_names(manifest: Manifest, backend: str, precision: str) -> dict[str, 
     """Encoder and decoder artefact names for a backend and precision.
 
     fp32: `<name>` (TensorRT maps them to its engines); fp16: `<name>_fp16`; int8: the INT8 encoder with the
-    FP32 decoder (docs/DESIGN.md "INT8"); on openvino only
-    fp32 and bf16, both from the FP32 ONNX models (bf16 is the encoder's inference precision, not an artefact).
+    FP32 decoder (docs/DESIGN.md "INT8"); on openvino fp32 and bf16 from the FP32 ONNX models (bf16 is the
+    encoder's inference precision, not an artefact), int8 the NNCF-quantised encoder (`sam_encoder_ov_int8`).
     On ort-cuda the encoder is `sam_encoder_gpu[_<precision>]` where the manifest has it.
     """
     row = backend_row(backend)
     if precision not in row.precisions:
         raise PersenseError(
-            f"precision {precision} does not run on backend {backend}: openvino runs fp32 or bf16 "
-            f"(from the FP32 models), the other backends fp32, fp16 or int8"
+            f"precision {precision} does not run on backend {backend}: it runs {' or '.join(row.precisions)}"
         )
     names = {ENCODER: ENCODER, DECODER: DECODER}
     if precision in ("fp16", "int8") and not row.own_engines:
-        names[ENCODER] = f"{ENCODER}_{precision}"
+        names[ENCODER] = variant_name(ENCODER, row.encoder_variant(precision))
         names[DECODER] = DECODER if precision == "int8" else f"{DECODER}_{precision}"
     gpu = names[ENCODER].replace(ENCODER, GPU_ENCODER, 1)
     if row.on_gpu and not row.own_engines and gpu in manifest.artefacts:  # ORT-CUDA
