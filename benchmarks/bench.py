@@ -43,6 +43,7 @@ from persense.benchmarks.workload import (
     synthetic_workloads,
     user_workload,
 )
+from persense.runtime.api import METHODS
 from persense.runtime.backends.engine import default_threads
 from persense.runtime.backends.ort_check import check_onnxruntime
 from persense.runtime.cli.common import add_common_flags, run_command
@@ -53,7 +54,7 @@ from persense.runtime.models.detector import DETECTOR
 from persense.runtime.pipeline.timing import STAGES
 
 SCHEMA = "persense-bench/2"
-MODELS = ("tiny", "tiny-trained", "vit_b", "vit_l", "vit_h")  # sam_build.SAM_CONFIGS (not imported: it needs torch)
+MODELS = ("tiny", "tiny-trained", "vit_t", "vit_b", "vit_l", "vit_h")  # sam_build.SAM_CONFIGS (it needs torch)
 DETECTORS = ("grounding-dino", "grounding-dino-tiny")  # export.grounding_dino.DETECTOR_CONFIGS (it needs torch)
 DEFAULTS = {"model": "vit_h", "instances": "10,50,200,400", "warmup": 1, "repeat": 3}
 QUICK = {"model": "tiny", "instances": "10", "warmup": 1, "repeat": 3}
@@ -84,6 +85,7 @@ class Settings:
     engines: Path
     quiet: bool
     detector: str | None = None
+    method: str = "persense"
 
     def describe(self, inputs: str) -> dict[str, Any]:
         """JSON form."""
@@ -101,6 +103,7 @@ class Settings:
             "inputs": inputs,
             "engines": str(self.engines),
             "detector": self.detector,
+            "method": self.method,
         }
 
 
@@ -116,6 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--model", choices=MODELS, help=f"SAM variant (default {DEFAULTS['model']})")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and the scenes (default 0)")
+    parser.add_argument(
+        "--method",
+        choices=METHODS,
+        default=METHODS[0],
+        help="the method both sides run: persense (default) or persense++ (its oracle against the runtime's)",
+    )
     parser.add_argument(
         "--instances", help=f"instance counts of the synthetic scenes (default {DEFAULTS['instances']})"
     )
@@ -191,6 +200,7 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
         args.engines_cache or args.out / f"engines-{model}-seed{args.seed}",
         args.quiet,
         args.detector,
+        args.method,
     )
 
 
@@ -325,6 +335,7 @@ def measure_workload(
                 settings.counter,
                 settings.threads,
                 settings.decode_chunk,
+                settings.method,
             )
         )
         for v in variants
@@ -419,7 +430,9 @@ def prepare_variants(settings: Settings) -> tuple[list[Variant], dict[str, str]]
         f"{' '.join(flags)}) into {settings.engines}, reusing unchanged artefacts",
         settings.quiet,
     )
-    export_errors = export_engines(settings.model_type, settings.seed, settings.engines, flags, settings.detector)
+    export_errors = export_engines(
+        settings.model_type, settings.seed, settings.engines, flags, settings.detector, settings.method
+    )
     skipped.update(
         {
             v.name: reason

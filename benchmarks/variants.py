@@ -98,18 +98,22 @@ def weights_of(model_type: str) -> str:
 
 
 def export_engines(
-    model_type: str, seed: int, folder: Path, flags: list[str], detector: str | None = None
+    model_type: str, seed: int, folder: Path, flags: list[str], detector: str | None = None, method: str = "persense"
 ) -> dict[str, str]:
     """`persense-export` (random weights with `seed`, or the bundled ones) into the cache folder (it reuses
     unchanged artefacts), with the Grounding DINO configuration `detector` (random weights with `seed`) when
-    given, then once per extra flag (--fp16, --int8), so that a failed conversion only skips its variants;
-    {flag: error line}."""
+    given and PerSense++'s feature engine (random weights with `seed`) for persense++, then once per extra flag
+    (--fp16, --int8), so that a failed conversion only skips its variants; {flag: error line}."""
     weights = [] if weights_of(model_type) == "bundled" else ["--random-weights", "--seed", str(seed)]
     command = ["persense.export.cli", "--model", model_type, *weights, "--out", str(folder)]
     error = _run_module(*command)
     if error is None and detector is not None:
         error = _run_module(
             "persense.export.cli", "--detector", detector, "--random-weights", "--seed", str(seed), "--out", str(folder)
+        )
+    if error is None and method == "persense++":
+        error = _run_module(
+            "persense.export.cli", "--method", method, "--random-weights", "--seed", str(seed), "--out", str(folder)
         )
     if error is not None:
         raise PersenseError(f"exporting the {model_type} engines into {folder} failed: {error}")
@@ -166,6 +170,7 @@ class WorkerSpec:
     counter: str  # "fixed" (the workload's density map) or "sam" (SamPrototypeCounter)
     threads: int
     decode_chunk: int | None
+    method: str = "persense"
 
 
 def _counter(spec: WorkerSpec) -> Any:
@@ -191,14 +196,24 @@ def _build_pipeline(spec: WorkerSpec) -> Any:
 
         torch.set_num_threads(spec.threads)
         device = spec.variant.backend.removeprefix("torch-")
-        return OraclePipeline(bundled_or_random_sam(spec.model_type, spec.seed).to(device), _counter(spec))
+        sam = bundled_or_random_sam(spec.model_type, spec.seed).to(device)
+        if spec.method == "persense++":
+            from persense.export.oracle.plusplus import OraclePlusPlus
+
+            return OraclePlusPlus(sam, _counter(spec), resnet_seed=spec.seed)
+        return OraclePipeline(sam, _counter(spec))
     from persense.runtime.models.sam import SamEngines
     from persense.runtime.pipeline.flow import PerSensePipeline
 
     variant = spec.variant
-    sam = SamEngines.from_manifest(
-        load_manifest(spec.engines), variant.backend, spec.threads, spec.decode_chunk, variant.precision
-    )
+    manifest = load_manifest(spec.engines)
+    sam = SamEngines.from_manifest(manifest, variant.backend, spec.threads, spec.decode_chunk, variant.precision)
+    if spec.method == "persense++":
+        from persense.runtime.models.features import FeatureEngine
+        from persense.runtime.plusplus.flow import PlusPlusPipeline
+
+        features = FeatureEngine.from_manifest(manifest, variant.backend, spec.threads, variant.precision)
+        return PlusPlusPipeline(sam, _counter(spec), features=features)
     return PerSensePipeline(sam, _counter(spec))
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from persense.export.precision.error import compare_outputs, sample_feeds
-from persense.runtime.artefact_names import engine_name, source_name, variant_name
+from persense.runtime.artefact_names import FEATURES, engine_name, source_name, variant_name
 from persense.runtime.backends.choice import open_engine
 from persense.runtime.backends.trt_engine import engine_unusable_reason
 from persense.runtime.errors import PersenseError
@@ -108,7 +108,8 @@ class _References:
 
 
 def _build(family: str, model_type: str, checkpoint: Path | None, seed: int) -> Any:
-    """A torch model of one family ('sam', 'counter_countr', 'counter_dsalvanet') from weights or a seed."""
+    """A torch model of one family ('sam', 'counter_countr', 'counter_dsalvanet', 'resnet50_features') from weights
+    or a seed."""
     if family == "sam":
         from persense.export.sam.build import load_sam, random_sam
 
@@ -126,6 +127,11 @@ def _build(family: str, model_type: str, checkpoint: Path | None, seed: int) -> 
         from persense.export.counters.dsalvanet import DsalvanetGraph, load_dsalvanet, random_dsalvanet
 
         return DsalvanetGraph(load_dsalvanet(checkpoint) if checkpoint else random_dsalvanet(seed))
+    if family == FEATURES:
+        from persense.export.features.graph import BackboneGraph
+        from persense.export.features.resnet import build_resnet
+
+        return BackboneGraph(build_resnet(checkpoint, seed))
     raise PersenseError(f"no PyTorch oracle for artefact kind {family!r}")
 
 

@@ -52,6 +52,33 @@ def tiny_engines(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+FEATURE_SEED = 0  # the random ResNet-50 of PerSense++'s feature engine in test engines (OraclePlusPlus's resnet_seed)
+
+
+def with_feature_engine(engines: Path, folder: Path) -> Path:
+    """A copy of an engines folder with PerSense++'s feature engine added (random ResNet-50, FEATURE_SEED)."""
+    from persense.export.cli import main
+
+    shutil.copytree(engines, folder)
+    assert (
+        main(["--method", "persense++", "--random-weights", "--seed", str(FEATURE_SEED), "--out", str(folder), "-q"])
+        == 0
+    )
+    return folder
+
+
+@pytest.fixture(scope="session")
+def plusplus_engines(tiny_engines: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny engines plus the feature engine (shared by the whole session)."""
+    return with_feature_engine(tiny_engines, tmp_path_factory.mktemp("plusplus") / "engines")
+
+
+@pytest.fixture(scope="session")
+def trained_plusplus_engines(trained_tiny_engines: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The trained tiny engines plus the feature engine (shared by the whole session)."""
+    return with_feature_engine(trained_tiny_engines, tmp_path_factory.mktemp("plusplus_trained") / "engines")
+
+
 @pytest.fixture(scope="session")
 def int8_engines(tiny_engines: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny engines with `--int8` added (shared by the whole session)."""

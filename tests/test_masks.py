@@ -14,14 +14,16 @@ def oracle(logits: np.ndarray, transform: SamTransform, with_labels: bool):
     """The straightforward way: upsample each whole map, threshold, box the pixels, paint in order."""
     boxes = np.full((len(logits), 4), np.nan)
     labels = np.zeros(transform.original_size, np.uint16)
+    areas = np.zeros(len(logits), np.int64)
     for i, low in enumerate(logits):
         with np.errstate(invalid="ignore"):  # 0 x inf in the non-finite cases, as in `rasterise`'s exact taps
             mask = transform.upsample_to_original(low) > 0
         ys, xs = np.nonzero(mask)
+        areas[i] = len(ys)
         if len(ys):
             boxes[i] = (xs.min(), ys.min(), xs.max(), ys.max())
         labels[mask] = i + 1  # a later instance wins overlaps
-    return boxes, ~np.isnan(boxes[:, 0]), labels if with_labels else None
+    return boxes, ~np.isnan(boxes[:, 0]), labels if with_labels else None, areas
 
 
 def object_logits(count: int, seed: int, radius: float = 10.0, noise: float = 0.3) -> np.ndarray:
@@ -55,13 +57,14 @@ def test_rasterise_equals_the_full_upsampling_oracle(size, kind, with_labels):
     transform = SamTransform(size)
     logits = KINDS[kind]({"object": 40, "image": 4, "random": 3}[kind], seed=len(size) + size[0])
     got = rasterise(logits, transform, with_labels)
-    boxes, valid, labels = oracle(logits, transform, with_labels)
+    boxes, valid, labels, areas = oracle(logits, transform, with_labels)
     np.testing.assert_array_equal(got.boxes, boxes)
     np.testing.assert_array_equal(got.valid, valid)
     if with_labels:
         np.testing.assert_array_equal(got.labels, labels)
+        np.testing.assert_array_equal(got.areas, areas)  # each whole mask, overlaps with others included
     else:
-        assert got.labels is None
+        assert got.labels is None and got.areas is None
 
 
 def test_values_on_the_rounding_margin_are_decided_by_the_exact_float32_taps():
@@ -73,9 +76,10 @@ def test_values_on_the_rounding_margin_are_decided_by_the_exact_float32_taps():
     low[1, 10:200:2, :] = 3e-8  # tiny positives next to zeros
     low[2] = np.where(np.indices((256, 256)).sum(axis=0) % 2, 1e-3, -1e-3)  # a checkerboard around 0
     got = rasterise(low, transform, True)
-    boxes, valid, labels = oracle(low, transform, True)
+    boxes, valid, labels, areas = oracle(low, transform, True)
     np.testing.assert_array_equal(got.boxes, boxes)
     np.testing.assert_array_equal(got.labels, labels)
+    np.testing.assert_array_equal(got.areas, areas)
     assert valid.all()
 
 
@@ -88,9 +92,10 @@ def test_non_finite_logits_give_what_the_full_upsampling_gives():
     low[2, 100, 100] = -np.inf
     low[3, 40:45, 40:45] = 3e38  # products overflow float32 range
     got = rasterise(low, transform, True)
-    boxes, valid, labels = oracle(low, transform, True)
+    boxes, valid, labels, areas = oracle(low, transform, True)
     np.testing.assert_array_equal(got.boxes, boxes)
     np.testing.assert_array_equal(got.labels, labels)
+    np.testing.assert_array_equal(got.areas, areas)
 
 
 def test_large_and_tiled_masks_mix_with_later_instances_winning():
@@ -100,9 +105,10 @@ def test_large_and_tiled_masks_mix_with_later_instances_winning():
     logits = np.concatenate([objects[:3], image_logits(1, seed=2), objects[3:], -image_logits(1, seed=3)])
     assert (transform.upsampler.tiles.counts(*transform.upsampler.tiles.windows(logits)) > LARGE).sum() >= 1
     got = rasterise(logits, transform, True)
-    boxes, valid, labels = oracle(logits, transform, True)
+    boxes, valid, labels, areas = oracle(logits, transform, True)
     np.testing.assert_array_equal(got.boxes, boxes)
     np.testing.assert_array_equal(got.labels, labels)
+    np.testing.assert_array_equal(got.areas, areas)
     assert len(np.unique(labels)) > 4  # overlaps really happen and several instances remain visible
 
 

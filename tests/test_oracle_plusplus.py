@@ -10,6 +10,7 @@ import torch
 from skimage.feature import peak_local_max
 from sklearn.cluster import KMeans
 
+from persense.export.features.resnet import build_resnet
 from persense.export.oracle import diversity, gating, hybrid_idm, imrm
 from persense.export.oracle.plusplus import DECODE_BATCH, OraclePlusPlus
 from persense.runtime.counters.base import NpyDensityCounter
@@ -174,7 +175,7 @@ def test_roi_align_on_a_hand_computed_map():
 
 
 def test_resnet_has_torchvisions_state_dict_layout():
-    resnet = diversity.build_resnet(seed=1)
+    resnet = build_resnet(seed=1)
     state = resnet.state_dict()
     # 53 convolutions (1 + 16 blocks x 3 + 4 downsample) + 53 BatchNorms x 5 tensors + fc weight, bias = 320
     assert len(state) == 53 + 53 * 5 + 2 == 320
@@ -195,10 +196,10 @@ def test_resnet_has_torchvisions_state_dict_layout():
     assert state["layer4.2.conv3.weight"].shape == (2048, 512, 1, 1) and state["fc.weight"].shape == (1000, 2048)
     assert not any(k.startswith("layer4.1.downsample") for k in state)
     old_file = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}  # pre-0.4.1 files
-    loaded = diversity.build_resnet(old_file, seed=2).state_dict()
+    loaded = build_resnet(old_file, seed=2).state_dict()
     assert torch.equal(loaded["layer3.5.bn3.bias"], state["layer3.5.bn3.bias"])
     with pytest.raises(Exception, match="not a torchvision ResNet-50"):
-        diversity.build_resnet({"conv1.weight": state["conv1.weight"]})
+        build_resnet({"conv1.weight": state["conv1.weight"]})
     image = np.random.default_rng(0).integers(0, 255, (90, 120, 3)).astype(np.uint8)
     features = diversity.RoiFeatures(resnet, image)
     assert features.feature_map.shape == (1, 2048, 7, 7)

@@ -114,3 +114,9 @@ def test_judge_and_mask_iou() -> None:
     assert mean_mask_iou(ref, flipped) < 1.0
     assert not judge(ref, flipped, "low_res_masks", TOLERANCES["fp16"])[1]
     assert mean_mask_iou(np.full((1, 4, 4), -1.0), np.full((1, 4, 4), -2.0)) == 1.0
+
+
+def test_the_feature_engine_is_checked_against_its_resnet(plusplus_engines: Path) -> None:
+    rows = [r for r in check_parity(plusplus_engines) if r.artefact == "resnet50_features"]
+    assert [(r.backend, r.output, r.status) for r in rows] == [("ort-cpu", "features", "pass")], format_table(rows)
+    assert rows[0].cosine >= TOLERANCES["fp32"].min_cosine

@@ -22,30 +22,25 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from sklearn.cluster import KMeans
 from sklearn.metrics.pairwise import cosine_similarity
 from sklearn.preprocessing import StandardScaler
 
-from persense.export.checkpoints import read_checkpoint
 from persense.export.counters.dsalvanet import ResNet50
-from persense.runtime.errors import PersenseError
-from persense.runtime.geometry.transforms import IMAGENET_MEAN, IMAGENET_STD
-
-RESNET_SIZE = 224
-ROI_OUTPUT = 3
-ROI_SAMPLING = 2
-HIGH_SCORE = 0.8
-MIN_HIGH_SCORERS = 3
-CLUSTERS = 3
-CLUSTER_SEED = 42
-KMEANS_N_INIT = 10  # scikit-learn <= 1.3's default, the original's environment
-OVERLAP_IOU = 0.5
-MAX_EXEMPLARS = 3
+from persense.export.features.resnet import resnet_backbone, resnet_input
+from persense.runtime.models.features import ROI_OUTPUT, ROI_SAMPLING
+from persense.runtime.plusplus.clusters import KMEANS_N_INIT
+from persense.runtime.plusplus.diversity import (
+    CLUSTER_SEED,
+    CLUSTERS,
+    HIGH_SCORE,
+    MAX_EXEMPLARS,
+    MIN_HIGH_SCORERS,
+    OVERLAP_IOU,
+)
 
 BoxFeatures = Callable[[list[list[int]]], np.ndarray]  # [y0, x0, y1, x1] int boxes -> (N, 2048) float32
 
@@ -106,37 +101,6 @@ def _bilinear_taps(coords: torch.Tensor, size: int) -> tuple[torch.Tensor, torch
     weights = torch.stack([1.0 - frac, frac], dim=1)
     weights = torch.where(outside[:, None], torch.zeros_like(weights), weights)
     return weights, torch.stack([low, high], dim=1)
-
-
-def resnet_input(image: np.ndarray) -> torch.Tensor:
-    """transforms.ToPILImage, Resize((224, 224)) (PIL bilinear), ToTensor, Normalize: (1, 3, 224, 224)."""
-    resized = np.asarray(Image.fromarray(image).resize((RESNET_SIZE, RESNET_SIZE), Image.BILINEAR), np.float32)
-    normalised = (resized / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
-    return torch.from_numpy(normalised.transpose(2, 0, 1).copy())[None]
-
-
-def resnet_backbone(resnet: ResNet50, image: torch.Tensor) -> torch.Tensor:
-    """`nn.Sequential(*list(resnet50.children())[:-2])`: conv1, bn1, relu, maxpool, layer1..4 -> (1, 2048, 7, 7)."""
-    x = resnet.maxpool(resnet.relu(resnet.bn1(resnet.conv1(image))))
-    return resnet.layer4(resnet.layer3(resnet.layer2(resnet.layer1(x))))
-
-
-def build_resnet(state_dict: dict | str | Path | None = None, seed: int = 0) -> ResNet50:
-    """torchvision's resnet50 layout, eval mode: from a `resnet50-0676ba61.pth`-layout state dict (a dict or a
-    path), else seeded random weights. Missing BatchNorm `num_batches_tracked` entries are allowed (old files)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        resnet = ResNet50()
-    if state_dict is not None:
-        if not isinstance(state_dict, dict):
-            state_dict = read_checkpoint(state_dict)
-        missing, unexpected = resnet.load_state_dict(state_dict, strict=False)
-        missing = [k for k in missing if not k.endswith("num_batches_tracked")]
-        if missing or unexpected:
-            raise PersenseError(
-                f"not a torchvision ResNet-50 state dict: missing {missing[:5]}, unexpected {unexpected[:5]}"
-            )
-    return resnet.eval()
 
 
 class RoiFeatures:

@@ -19,10 +19,12 @@ import numpy as np
 from skimage.feature import peak_local_max
 
 from persense.export.oracle.glue import centroid
+from persense.runtime.counters.base import DSALVANET_IDM_THRESHOLD
+from persense.runtime.counters.countr import IDM_THRESHOLD as COUNTR_IDM_THRESHOLD
+from persense.runtime.plusplus.hybrid_idm import PEAK_MIN_DISTANCE
 
-DSALVANET_THRESHOLD = 30
-COUNTR_THRESHOLD = 20
-PEAK_MIN_DISTANCE = 5
+DSALVANET_THRESHOLD = DSALVANET_IDM_THRESHOLD
+COUNTR_THRESHOLD = COUNTR_IDM_THRESHOLD
 
 
 def dsalvanet_gray(density: np.ndarray, image_size: tuple[int, int]) -> np.ndarray | None:

@@ -20,11 +20,9 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn.cluster import KMeans
 
-from persense.export.oracle.diversity import KMEANS_N_INIT, box_iou
-
-CLUSTERS = 2
-SEED = 0
-RESCUE_IOU = 0.8
+from persense.export.oracle.diversity import box_iou
+from persense.runtime.plusplus.clusters import KMEANS_N_INIT
+from persense.runtime.plusplus.imrm import CLUSTERS, RESCUE_IOU, SEED
 
 
 @dataclass

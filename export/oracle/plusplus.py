@@ -31,7 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from persense.export.oracle.diversity import DiversityResult, RoiFeatures, build_resnet, select_exemplars
+from persense.export.features.resnet import build_resnet
+from persense.export.oracle.diversity import DiversityResult, RoiFeatures, select_exemplars
 from persense.export.oracle.gating import gate_or_all
 from persense.export.oracle.hybrid_idm import hybrid_idm
 from persense.export.oracle.imrm import ImrmResult, imrm
@@ -42,9 +43,9 @@ from persense.runtime.geometry.transforms import SamTransform
 from persense.runtime.pipeline.exemplars import check_box
 from persense.runtime.pipeline.result import SegmentResult
 from persense.runtime.pipeline.timing import StageTimer
+from persense.runtime.plusplus.flow import DIVERSITY_MIN_LINES
 
 DECODE_BATCH = 16
-DIVERSITY_MIN_LINES = 3  # the original: more than 3 lines in bbox.txt, header included
 
 
 @dataclass
@@ -148,6 +149,7 @@ class OraclePlusPlus:
             decoder_prompts=predictor.calls - calls,
             decoder_launches=self.launches,
             first_exemplar={"source": source, "point": [int(v) for v in first]},
+            method="persense++",
             first_idm_points=first_points,
             second_idm_points=second_points,
             first_pass_fallback=fallback1,

@@ -24,10 +24,13 @@ FP16_MAX = 65504.0  # constants are clamped to the FP16 range, not to onnxconver
 
 
 def _dedupe_value_info(model: onnx.ModelProto) -> None:
-    """Keep one value_info per tensor (export + shape inference can list one twice, which breaks the converter)."""
+    """Keep one value_info per tensor (export + shape inference can list one twice, which breaks the converter)
+    and none for the graph's inputs and outputs (the converter would retype a float32 output's final cast)."""
+    io = {v.name for v in (*model.graph.input, *model.graph.output)}
     first: dict[str, onnx.ValueInfoProto] = {}
     for info in model.graph.value_info:
-        first.setdefault(info.name, info)
+        if info.name not in io:
+            first.setdefault(info.name, info)
     kept = list(first.values())
     del model.graph.value_info[:]
     model.graph.value_info.extend(kept)

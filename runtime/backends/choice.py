@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 
+from persense.runtime.artefact_names import RUNS_IN, variant_name
 from persense.runtime.backends.engine import Engine
 from persense.runtime.backends.openvino_engine import INSTALL_HINT
 from persense.runtime.backends.ort_check import check_onnxruntime
@@ -83,3 +84,24 @@ def open_engine(
 
         return OvEngine(path, ov_precision, threads)
     return OrtEngine(path, device=row.device, threads=threads, arena=arena)
+
+
+def side_engine_choice(manifest: Manifest, name: str, backend_name: str, precision: str) -> tuple[str, str]:
+    """(artefact, backend) a model beside SAM runs: its TensorRT engine on trt where usable (else the fallback
+    backend), the backend table's side backend otherwise, its `precision` variant where RUNS_IN says so and it
+    was exported, else the FP32 model."""
+    row = backend(backend_name)
+    if row.own_engines:
+        from persense.runtime.backends.trt_engine import engine_unusable_reason
+
+        reason = engine_unusable_reason(manifest, name)
+        if reason is None:
+            return name, row.name
+        log.info("%s on %s: its %s engine is unusable (%s)", name, row.fallback, row.name, reason)
+        row = backend(row.fallback)
+    if name in RUNS_IN.get(precision, ()):
+        variant = variant_name(name, precision)
+        if variant in manifest.artefacts:
+            return variant, row.side
+        log.info("%s in fp32: the manifest has no %s (export it with --%s)", name, variant, precision)
+    return name, row.side

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from persense.runtime.api import METHODS
 from persense.runtime.backends.table import AUTO, BACKENDS
 from persense.runtime.counters.choice import COUNTERS
 from persense.runtime.errors import PersenseError
@@ -21,7 +22,8 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def add_engine_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, density_flag: str) -> None:
-    """--engines, --backend and --counter: which engines run, on which backend, with which density counter."""
+    """--engines, --backend, --counter and --method: which engines run, on which backend, with which density
+    counter, for which method."""
     parser.add_argument("--engines", type=Path, default=Path("engines"), help="engines folder (default engines/)")
     parser.add_argument("--backend", choices=BACKENDS, default=AUTO, help="execution backend (default auto)")
     parser.add_argument(
@@ -29,6 +31,13 @@ def add_engine_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, 
         choices=COUNTERS,
         default="auto",
         help=f"density counter (auto: {density_flag} if given, else the SAM-only counter)",
+    )
+    parser.add_argument(
+        "--method",
+        choices=METHODS,
+        default=METHODS[0],
+        help="persense (the default) or persense++: hybrid IDM, PPSM as box gating, diversity-aware exemplars "
+        "and IMRM (needs `persense-export --method persense++`; docs/ALGORITHM.md says when to use which)",
     )
 
 

@@ -92,7 +92,14 @@ def run_pipeline(args: argparse.Namespace) -> BatchReport:
     density_for = (lambda name, stem: density_dir / name / f"{stem}_density.npy") if density_dir else None
     counter_name = "sam" if args.counter in ("auto", "npy") else args.counter
     spec = PipelineSpec(
-        args.engines, args.backend, counter_name, args.threads, args.precision, args.cache_dir, not args.no_cache
+        args.engines,
+        args.backend,
+        counter_name,
+        args.threads,
+        args.precision,
+        args.cache_dir,
+        not args.no_cache,
+        args.method,
     )
     if args.ray:
         from persense.runtime.datasets.ray_batch import run_dataset_ray

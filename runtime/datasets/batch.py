@@ -32,6 +32,7 @@ class PipelineSpec:
     precision: str = "fp32"
     cache_dir: Path | None = None  # reference cache folder (None: the per-user default where it opens)
     cache: bool = True  # False: --no-cache
+    method: str = "persense"  # persense or persense++
 
     def open(self) -> PerSense:
         """Open and verify the engines and the counter, with the reference cache asked for."""
@@ -43,6 +44,7 @@ class PipelineSpec:
             self.threads,
             cache_dir=self.cache_dir,
             cache=self.cache,
+            method=self.method,
         )
 
 

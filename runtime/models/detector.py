@@ -14,23 +14,19 @@ The phrase is reported here for information.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import numpy as np
 
-from persense.runtime.backends.choice import open_engine
+from persense.runtime.artefact_names import DETECTOR
+from persense.runtime.backends.choice import open_engine, side_engine_choice
 from persense.runtime.backends.engine import Engine
-from persense.runtime.backends.table import backend as backend_row
 from persense.runtime.errors import PersenseError
 from persense.runtime.geometry.resampling import resize_bilinear_pil
 from persense.runtime.geometry.transforms import IMAGENET_MEAN, IMAGENET_STD
 from persense.runtime.manifest import REEXPORT_HINT, IoSpec, Manifest, TensorSpec
 from persense.runtime.models.text import TextEncoder, TextTokens
 
-log = logging.getLogger(__name__)
-
-DETECTOR = "grounding_dino"
 BOX_THRESHOLD = 0.15
 TEXT_THRESHOLD = 0.10
 SHORT_SIDE, MAX_SIZE = 800, 1333
@@ -148,7 +144,7 @@ class GroundingDino:
     ) -> GroundingDino:
         """Open and verify the detector of an engines folder (its FP16 form for fp16 where exported)."""
         text, min_side = detector_text(manifest)
-        name, engine_backend = _engine_choice(manifest, backend, precision)
+        name, engine_backend = side_engine_choice(manifest, DETECTOR, backend, precision)
         return GroundingDino(open_engine(manifest, name, engine_backend, threads, io=DETECTOR_IO), text, min_side)
 
     def encode_text(self, prompt: str, allow_unknown: bool = False) -> TextTokens:
@@ -162,7 +158,10 @@ class GroundingDino:
 
     def best_box(self, image_rgb: np.ndarray, tokens: TextTokens) -> Detection | None:
         """The most confident detection, or None when no query passes box_threshold."""
-        detections = self.detect(image_rgb, tokens)
+        return self.best_of(self.detect(image_rgb, tokens), tokens)
+
+    def best_of(self, detections: Detections, tokens: TextTokens) -> Detection | None:
+        """The most confident of an image's detections with its phrase, or None when there is none."""
         best = detections.best()
         if best is None:
             return None
@@ -195,24 +194,3 @@ def detector_text(manifest: Manifest) -> tuple[TextEncoder, int]:
             f"{DETECTOR}: the manifest entry lacks its tokenizer or max_text_len; "
             + REEXPORT_HINT.format(folder=manifest.folder)
         ) from exc
-
-
-def _engine_choice(manifest: Manifest, backend: str, precision: str) -> tuple[str, str]:
-    """(artefact, backend) the detector runs: its TensorRT engine on trt where usable (else ORT-CUDA), ORT-CPU
-    under openvino (as the counters), the FP16 model for fp16 where exported, else the FP32 one."""
-    row = backend_row(backend)
-    if row.own_engines:
-        from persense.runtime.backends.trt_engine import engine_unusable_reason
-
-        reason = engine_unusable_reason(manifest, DETECTOR)
-        if reason is None:
-            return DETECTOR, row.name
-        log.info("detector on %s: its %s engine is unusable (%s)", row.fallback, row.name, reason)
-        row = backend_row(row.fallback)
-    backend = row.side
-    fp16 = f"{DETECTOR}_fp16"
-    if precision == "fp16":
-        if fp16 in manifest.artefacts:
-            return fp16, backend
-        log.info("detector in fp32: the manifest has no %s (persense-export --detector ... --fp16)", fp16)
-    return DETECTOR, backend

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -12,7 +13,7 @@ from persense.runtime.geometry.transforms import SamTransform
 from persense.runtime.models.sam import Guidance, Prompts, SamEngines
 from persense.runtime.pipeline.exemplars import box_centre, check_box
 from persense.runtime.pipeline.idm import candidate_points
-from persense.runtime.pipeline.masks import rasterise
+from persense.runtime.pipeline.masks import Instances, rasterise
 from persense.runtime.pipeline.ppsm import select_points
 from persense.runtime.pipeline.prior import (
     Target,
@@ -31,6 +32,24 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FEEDBACK_EXEMPLARS = 3  # best-scoring point boxes added to the initial exemplar for the second pass
+
+
+@dataclass
+class Opening:
+    """One image's state after the stages both methods share (up to the first counter pass)."""
+
+    timer: StageTimer
+    warnings: list[str]
+    embedding: np.ndarray
+    transform: SamTransform
+    similarity: np.ndarray
+    guidance: Guidance
+    request: CountRequest  # exemplars: the cascade's box
+    first_exemplar: dict
+    detections: np.ndarray | None  # every box of the text prompt's detection (None without text)
+    gate_boxes: np.ndarray | None
+    gating: dict
+    launches: int  # decoder launches before this image
 
 
 class PerSensePipeline:
@@ -61,8 +80,37 @@ class PerSensePipeline:
         prompt for this pipeline's detector, whose most confident box is used the same way. `gate`: the tokenised
         "all <plural>" caption whose detections gate PPSM's points, as the original's second detection.
         """
+        opening = self._open(image, target, box, text, gate)
+        timer, warnings, similarity = opening.timer, opening.warnings, opening.similarity
+        request = opening.request
+        first_pass = self._candidates(request, similarity, timer, opening.gate_boxes)[0]
+        with timer.stage("feedback"):
+            boxes, scores = self._point_boxes(
+                opening.embedding, opening.transform, first_pass, opening.guidance, warnings
+            )
+            best = np.argsort(-scores, kind="stable")[:FEEDBACK_EXEMPLARS]
+            request.exemplars = np.concatenate([request.exemplars[:1], boxes[best]])
+        points, density = self._candidates(
+            request, similarity, timer, opening.gate_boxes, fallback=True, warnings=warnings
+        )
+        with timer.stage("final_decoding"):
+            logits, final_scores = self._decode_points(opening, points)
+        with timer.stage("merge"):
+            instances = rasterise(logits, opening.transform, with_labels=True)
+            union = instances.union()
+        return self._result(opening, points, first_pass, density, logits, final_scores, instances, union, len(points))
+
+    def _open(
+        self,
+        image: np.ndarray,
+        target: Target,
+        box: np.ndarray | None,
+        text: TextTokens | None,
+        gate: TextTokens | None,
+    ) -> Opening:
+        """What both methods do first: detections, image encoding, location prior, the exemplar cascade."""
         timer, warnings = StageTimer(), []
-        start, first_exemplar = self._start(image, box, text, timer, warnings)
+        start, first_exemplar, detections = self._start(image, box, text, timer, warnings)
         gate_boxes, gating = self._gate(image, gate, timer)
         launches = self.sam.decoder_launches
         with timer.stage("image_encoding"):
@@ -75,61 +123,87 @@ class PerSensePipeline:
         with timer.stage("exemplar_cascade"):
             exemplar = self._initial_exemplar(embedding, transform, first, guidance, warnings)
         request = CountRequest(image, exemplar[None], transform, embedding, similarity)
-        first_pass = self._candidates(request, similarity, timer, gate_boxes)[0]
-        with timer.stage("feedback"):
-            boxes, scores = self._point_boxes(embedding, transform, first_pass, guidance, warnings)
-            best = np.argsort(-scores, kind="stable")[:FEEDBACK_EXEMPLARS]
-            request.exemplars = np.concatenate([exemplar[None], boxes[best]])
-        points, density = self._candidates(request, similarity, timer, gate_boxes, fallback=True, warnings=warnings)
-        with timer.stage("final_decoding"):
-            logits, final_scores = self.sam.decode_best(embedding, Prompts.points(transform.coords_to_input(points)))
-        with timer.stage("merge"):
-            instances = rasterise(logits, transform, with_labels=True)
-            union = instances.union()
+        return Opening(
+            timer,
+            warnings,
+            embedding,
+            transform,
+            similarity,
+            guidance,
+            request,
+            first_exemplar,
+            detections,
+            gate_boxes,
+            gating,
+            launches,
+        )
+
+    def _decode_points(self, opening: Opening, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The final plain single-point decodes: best logits [M,256,256] and scores [M]."""
+        return self.sam.decode_best(opening.embedding, Prompts.points(opening.transform.coords_to_input(points)))
+
+    def _result(
+        self,
+        opening: Opening,
+        points: np.ndarray,
+        first_pass: np.ndarray,
+        density: Density,
+        logits: np.ndarray,
+        scores: np.ndarray,
+        instances: Instances,
+        union: np.ndarray,
+        decoded: int,
+        **extra: Any,
+    ) -> SegmentResult:
+        """The SegmentResult of a finished run (`decoded`: final prompts decoded; warnings logged once here)."""
         if len(points) == 0:
-            warnings.append("no instance found: the counter's density map gave no candidate point")
-        for message in warnings:
+            opening.warnings.append("no instance found: the counter's density map gave no candidate point")
+        for message in opening.warnings:
             log.warning(message)
         return SegmentResult(
             union=union,
             labels=instances.labels,
             points=points,
             boxes=instances.boxes,
-            scores=final_scores,
-            exemplars=request.exemplars,
+            scores=scores,
+            exemplars=opening.request.exemplars,
             count=density.count,
             first_pass_points=len(first_pass),
-            decoder_prompts=2 + 2 * len(first_pass) + len(points),
-            decoder_launches=self.sam.decoder_launches - launches,
-            timings_ms=timer.ms,
-            warnings=warnings,
+            decoder_prompts=2 + 2 * len(first_pass) + decoded,
+            decoder_launches=self.sam.decoder_launches - opening.launches,
+            timings_ms=opening.timer.ms,
+            warnings=opening.warnings,
             logits=logits,
-            transform=transform,
-            first_exemplar=first_exemplar,
-            ppsm_gating=gating,
+            transform=opening.transform,
+            first_exemplar=opening.first_exemplar,
+            ppsm_gating=opening.gating,
+            **extra,
         )
 
     def _start(
         self, image: np.ndarray, box: np.ndarray | None, text: TextTokens | None, timer: StageTimer, warnings: list[str]
-    ) -> tuple[np.ndarray | None, dict]:
-        """The first point when a box or the detector gives it (None: the similarity arg-max), and its record
-        (`source` "box", "text" or "similarity"; the detector's box, confidence and phrase for "text")."""
+    ) -> tuple[np.ndarray | None, dict, np.ndarray | None]:
+        """The first point when a box or the detector gives it (None: the similarity arg-max), its record
+        (`source` "box", "text" or "similarity"; the detector's box, confidence and phrase for "text") and every
+        box of that detection (None without a text prompt; PerSense++'s IMRM rescues masks with them)."""
         if box is not None:
             checked = check_box(box, image.shape[:2])
-            return box_centre(checked), {"source": "box", "box": checked.tolist()}
+            return box_centre(checked), {"source": "box", "box": checked.tolist()}, None
         if text is None:
-            return None, {"source": "similarity"}
+            return None, {"source": "similarity"}, None
         if self.detector is None:
             raise ValueError("a text prompt needs a pipeline with a detector")
         with timer.stage("detector"):
-            detection = self.detector.best_box(image, text)
+            detections = self.detector.detect(image, text)
+            detection = self.detector.best_of(detections, text)
         if detection is None:
             warnings.append(
                 f"the detector found no {text.caption!r} above box_threshold "
                 f"{self.detector.box_threshold}; starting from the best-matching point instead"
             )
-            return None, {"source": "similarity", "text": text.prompt, "detection": None}
-        return box_centre(detection.box), {"source": "text", "text": text.prompt, "detection": detection.summary()}
+            return None, {"source": "similarity", "text": text.prompt, "detection": None}, detections.boxes
+        record = {"source": "text", "text": text.prompt, "detection": detection.summary()}
+        return box_centre(detection.box), record, detections.boxes
 
     def _gate(self, image: np.ndarray, gate: TextTokens | None, timer: StageTimer) -> tuple[np.ndarray | None, dict]:
         """The second detection's boxes that gate PPSM (None: no gating) and their record for result.json."""

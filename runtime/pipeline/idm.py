@@ -29,21 +29,32 @@ def candidate_points(density: np.ndarray, image_size: tuple[int, int], threshold
     Degenerate cases: an empty, all-zero or constant map gives an empty (0, 2) array (the original
     divided 0 by 0); a map that is not 2-D or holds NaN/inf raises PersenseError.
     """
-    binary = _foreground(density, image_size, threshold)
-    if binary is None:
+    normalised = normalised_map(density, image_size)
+    if normalised is None:
         return np.empty((0, 2), dtype=np.float64)
+    # trunc(v) > T  <=>  v >= floor(T) + 1 for v >= 0: skips the uint8 image, same pixels.
+    children, centroids = contour_centroids(eroded((normalised >= math.floor(threshold) + 1).view(np.uint8)))
+    return np.concatenate([children, centroids])
+
+
+def contour_centroids(binary: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(children of the large contours, every contour) truncated (x, y) centroids of an eroded foreground.
+
+    Both (K, 2) float64, in the original's order: children per large contour in contour order, then contours.
+    """
     contours, _ = cv2.findContours(binary, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     if not contours:
-        return np.empty((0, 2), dtype=np.float64)
+        return np.empty((0, 2), dtype=np.float64), np.empty((0, 2), dtype=np.float64)
     moments = _moments(contours)
     areas = moments[:, 0].copy()  # cv2.contourArea == m00 exactly for integer polygons
     large = np.flatnonzero(areas > areas.mean() + 2.0 * areas.std())
     children = [child for i in large for child in _cores(contours[i], binary.shape)]
-    return _centroids(np.concatenate([_moments(children), moments]))
+    return _centroids(_moments(children)), _centroids(moments)
 
 
-def _foreground(density: np.ndarray, image_size: tuple[int, int], threshold: int) -> np.ndarray | None:
-    """Eroded uint8 foreground mask at image size, or None when the map has no contrast."""
+def normalised_map(density: np.ndarray, image_size: tuple[int, int]) -> np.ndarray | None:
+    """The map at image size, min-max normalised and scaled by 255 (float32, the original's uint8 before the
+    cast); None when it has no contrast (or no pixels). Raises PersenseError for a bad map or size."""
     density = np.asarray(density)
     if density.ndim != 2:
         raise PersenseError(f"IDM expects a 2-D density map, got shape {density.shape}; squeeze it first")
@@ -61,11 +72,14 @@ def _foreground(density: np.ndarray, image_size: tuple[int, int], threshold: int
     low, high = dm.min(), dm.max()
     if high == low:
         return None
-    # trunc(v) > T  <=>  v >= floor(T) + 1 for v >= 0: skips the uint8 image, same pixels.
     np.subtract(dm, low, out=dm)
     np.divide(dm, high - low, out=dm)
     np.multiply(dm, np.float32(255), out=dm)
-    binary = (dm >= math.floor(threshold) + 1).view(np.uint8)
+    return dm
+
+
+def eroded(binary: np.ndarray) -> np.ndarray:
+    """The foreground the contours are taken from: a uint8 mask eroded once with the 3x3 rectangle."""
     return cv2.erode(binary, _ERODE_KERNEL, iterations=1)
 
 

@@ -11,11 +11,12 @@ from persense.runtime.geometry.transforms import LOW_RES, SamTransform
 
 @dataclass
 class Instances:
-    """Per-prompt boxes (x0, y0, x1, y1; NaN for an empty mask), non-empty flags and optionally a label map."""
+    """Per-prompt boxes (x0, y0, x1, y1; NaN for an empty mask), non-empty flags and, with a label map, pixel areas."""
 
     boxes: np.ndarray  # [B, 4] float64
     valid: np.ndarray  # [B] bool
     labels: np.ndarray | None  # HxW uint16, instance i -> i + 1 (a later instance wins overlaps)
+    areas: np.ndarray | None = None  # [B] int64 positive pixels of each whole mask (overlaps counted in each)
 
     def union(self) -> np.ndarray:
         """0/255 uint8 union of all instance masks."""
@@ -42,6 +43,7 @@ def rasterise(logits: np.ndarray, transform: SamTransform, with_labels: bool) ->
     tiles = upsampler.tiles
     extents = _Extents(len(stack))
     labels = np.zeros(transform.original_size, np.uint16) if with_labels else None
+    areas = np.zeros(len(stack), np.int64)
     windows = tiles.windows(stack)
     counts = tiles.counts(*windows)
     whole = np.flatnonzero(counts > LARGE) if with_labels else np.zeros(0, np.int64)
@@ -49,6 +51,7 @@ def rasterise(logits: np.ndarray, transform: SamTransform, with_labels: bool) ->
         y0, y1, x0, x1 = (int(w[i]) for w in windows)
         mask = upsampler.positive_in(stack[i], y0, y1, x0, x1)
         extents.add(np.array([i]), mask[None], np.array([y0]), np.array([x0]))
+        areas[i] = np.count_nonzero(mask)
         _paint(labels, i, mask, y0, x0)
     tiled = (counts > 0) & (counts <= LARGE) if with_labels else counts > 0
     maps, top, left, edge = tiles.grid(np.flatnonzero(tiled), *windows)
@@ -61,9 +64,17 @@ def rasterise(logits: np.ndarray, transform: SamTransform, with_labels: bool) ->
         positive, y, x = tiles.positive(stack, maps[chunk], top[chunk], left[chunk])
         extents.add(maps[chunk], positive, y, x)
         if labels is not None:
+            np.add.at(areas, maps[chunk], _own_pixels(positive, top[chunk] - y, left[chunk] - x))
             for i, tile, y0, x0 in zip(maps[chunk], positive, y, x):
                 _paint(labels, i, tile, y0, x0)
-    return Instances(extents.boxes(), extents.valid(), labels)
+    return Instances(extents.boxes(), extents.valid(), labels, areas if with_labels else None)
+
+
+def _own_pixels(positive: np.ndarray, rows_shifted: np.ndarray, cols_shifted: np.ndarray) -> np.ndarray:
+    """Positive pixels per tile, without the rows/columns a tile shifted into the image shares with its neighbour."""
+    rows = np.arange(positive.shape[1])[None, :] >= rows_shifted[:, None]
+    cols = np.arange(positive.shape[2])[None, :] >= cols_shifted[:, None]
+    return np.einsum("nrc,nr,nc->n", positive, rows, cols, dtype=np.int64)
 
 
 def _paint(labels: np.ndarray | None, index: int, mask: np.ndarray, y0: int, x0: int) -> None:

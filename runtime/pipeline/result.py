@@ -31,6 +31,8 @@ class SegmentResult:
     transform: SamTransform | None = field(default=None, repr=False)  # the image's geometry (runtime)
     first_exemplar: dict[str, Any] = field(default_factory=dict)  # source ("box"/"text"/"similarity"), point, box
     ppsm_gating: dict[str, Any] = field(default_factory=dict)  # the second detection's caption and boxes, or why none
+    method: str = "persense"  # the method that produced it: persense or persense++
+    stages: dict[str, Any] = field(default_factory=dict)  # what the method's own stages decided (PerSense++'s)
 
     def instance_mask(self, index: int) -> np.ndarray:
         """HxW bool mask of instance `index`, whole (where instances overlap, `labels` keeps only the later one)."""
@@ -51,6 +53,7 @@ class SegmentResult:
             return [None if np.isnan(b).any() else [float(v) for v in b] for b in boxes]
 
         return {
+            "method": self.method,
             "instances": int(len(self.points)),
             "count_estimate": float(self.count),
             "points": [[float(x), float(y)] for x, y in self.points],
@@ -59,6 +62,7 @@ class SegmentResult:
             "exemplars": boxes_json(self.exemplars),
             "first_exemplar": self.first_exemplar,
             "ppsm_gating": self.ppsm_gating,
+            **({"stages": self.stages} if self.stages else {}),
             "first_pass_points": self.first_pass_points,
             "decoder_prompts": self.decoder_prompts,
             "decoder_launches": self.decoder_launches,
