@@ -26,18 +26,21 @@ def parse_box(text: str) -> np.ndarray:
     return np.array(values, dtype=np.float64)
 
 
-def check_box(box: Sequence[float] | np.ndarray, image_size: tuple[int, int]) -> np.ndarray:
-    """The box as float64 (x0, y0, x1, y1) if it is finite, not inverted or degenerate, and inside the image."""
+def check_box(
+    box: Sequence[float] | np.ndarray, image_size: tuple[int, int], name: str = "box", image: str = "target"
+) -> np.ndarray:
+    """The box as float64 (x0, y0, x1, y1) if it is finite, not inverted or degenerate, and inside the image
+    (`name` and `image` say which box and image in the message)."""
     values = np.asarray(box, dtype=np.float64).reshape(-1)
     if values.size != 4 or not np.isfinite(values).all():
-        raise PersenseError(f"box must be four finite numbers (x0, y0, x1, y1), got {np.asarray(box).tolist()}")
+        raise PersenseError(f"{name} must be four finite numbers (x0, y0, x1, y1), got {np.asarray(box).tolist()}")
     x0, y0, x1, y1 = values
     height, width = image_size
     if x1 <= x0 or y1 <= y0:
-        raise PersenseError(f"box {values.tolist()} is inverted or empty: it needs x0 < x1 and y0 < y1")
+        raise PersenseError(f"{name} {values.tolist()} is inverted or empty: it needs x0 < x1 and y0 < y1")
     if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
         raise PersenseError(
-            f"box {values.tolist()} is not inside the {width}x{height} target image "
+            f"{name} {values.tolist()} is not inside the {width}x{height} {image} image "
             f"(it needs 0 <= x0 < x1 <= {width} and 0 <= y0 < y1 <= {height})"
         )
     return values
