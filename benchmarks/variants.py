@@ -73,6 +73,7 @@ RUNTIME_VARIANTS = {
         Variant("trt-fp16", "trt", "fp16", "--fp16"),
         Variant("ov-cpu-fp32", "openvino", "fp32"),
         Variant("ov-cpu-bf16", "openvino", "bf16"),
+        Variant("ov-cpu-int8", "openvino", "int8", "--openvino-int8"),
     )
 }
 

@@ -1,4 +1,5 @@
-"""persense-export: SAM (and optionally a counter and a text detector) to ONNX engines plus engines/manifest.json."""
+"""persense-export: SAM (and optionally a counter, a text detector, PerSense++'s feature engine) to ONNX engines
+plus engines/manifest.json."""
 
 from __future__ import annotations
 
@@ -95,6 +96,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write INT8 SAM models (<name>_int8, ONNX Runtime dynamic quantisation) for the CPU",
     )
     parser.add_argument(
+        "--openvino-int8",
+        action="store_true",
+        help="also write sam_encoder_ov_int8 (OpenVINO IR, NNCF quantisation calibrated on persense-synth "
+        "scenes) for --backend openvino --precision int8 (the openvino extra)",
+    )
+    parser.add_argument(
+        "--method",
+        choices=["persense", "persense++"],
+        default="persense",
+        help="persense++ also exports what PerSense++ needs: its ResNet-50 feature engine (added to an existing "
+        "folder on its own, or with --model); persense (default) adds nothing",
+    )
+    parser.add_argument(
+        "--feature-checkpoint",
+        type=Path,
+        help="torchvision's resnet50-0676ba61.pth for --method persense++ (default: the torch hub cache's, "
+        "$TORCH_HOME/hub/checkpoints/, if present; random weights with --random-weights)",
+    )
+    parser.add_argument(
         "--check",
         action="store_true",
         help="compare every engine in --out with the PyTorch model and print a table; "
@@ -111,12 +131,19 @@ def _export(args: argparse.Namespace) -> int:
     if args.check:
         from persense.export.parity import check_parity, format_table, parity_ok
 
-        rows = check_parity(args.out, [p for p in (args.checkpoint, args.counter_checkpoint) if p], args.seed)
+        checkpoints = (args.checkpoint, args.counter_checkpoint, args.feature_checkpoint)
+        rows = check_parity(args.out, [p for p in checkpoints if p], args.seed)
         print(format_table(rows))
         return 0 if parity_ok(rows) else 1
 
-    model = args.model or (None if args.detector else "vit_h")
+    plusplus = args.method == "persense++"
+    model = args.model or (None if args.detector or plusplus else "vit_h")
     checkpoint = resolve_checkpoint(model, args.checkpoint, args.random_weights, DEFAULT_WEIGHTS) if model else None
+    feature_checkpoint = None
+    if plusplus:
+        from persense.export.features.resnet import resolve_feature_checkpoint
+
+        feature_checkpoint = resolve_feature_checkpoint(args.feature_checkpoint, args.random_weights)
     if args.detector and args.detector_checkpoint is None and not args.random_weights:
         raise PersenseError(
             f"no detector checkpoint: pass --detector-checkpoint FOLDER (a Hugging Face "
@@ -133,10 +160,13 @@ def _export(args: argparse.Namespace) -> int:
         counter_config=args.counter_config,
         fp16=args.fp16,
         int8=args.int8,
+        openvino_int8=args.openvino_int8,
         gpu_encoder=args.gpu_encoder,
         detector=args.detector,
         detector_checkpoint=args.detector_checkpoint,
         detector_tokenizer=args.detector_tokenizer,
+        features=plusplus,
+        feature_checkpoint=feature_checkpoint,
     )
     manifest_path, note = export_all(request)
     if note:
@@ -152,6 +182,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("persense-export: error: --checkpoint and --random-weights exclude each other")
     if args.detector_checkpoint is not None and args.random_weights:
         raise SystemExit("persense-export: error: --detector-checkpoint and --random-weights exclude each other")
+    if args.feature_checkpoint is not None and args.random_weights:
+        raise SystemExit("persense-export: error: --feature-checkpoint and --random-weights exclude each other")
+    if args.feature_checkpoint is not None and args.method != "persense++":
+        raise SystemExit("persense-export: error: --feature-checkpoint needs --method persense++")
     return run_command("persense-export", _export, args)
 
 

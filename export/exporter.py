@@ -13,7 +13,16 @@ from pathlib import Path
 from tqdm import tqdm
 
 from persense.export.artefacts import package_versions, reusable
-from persense.runtime.artefact_names import COUNTR, DECODER, DSALVANET, ENCODER, GPU_ENCODER, export_family, source_name
+from persense.runtime.artefact_names import (
+    COUNTR,
+    DECODER,
+    DSALVANET,
+    ENCODER,
+    FEATURES,
+    GPU_ENCODER,
+    export_family,
+    source_name,
+)
 from persense.runtime.errors import PersenseError
 from persense.runtime.manifest import MANIFEST_NAME, Artefact, Manifest, load_manifest, sha256_file
 
@@ -39,10 +48,13 @@ class ExportRequest:
     counter_config: str = "base"  # CounTR size; "tiny" is a test-size model with the same I/O
     fp16: bool = False  # also FP16 ONNX models and, where TensorRT and a GPU are usable, TensorRT engines
     int8: bool = False  # also INT8 (dynamically quantised) SAM models for the CPU
+    openvino_int8: bool = False  # also the NNCF-quantised SAM encoder for OpenVINO (an IR)
     gpu_encoder: str | None = None  # also sam_encoder_gpu with this attention form (export/gpu_encoder.py)
     detector: str | None = None  # "grounding-dino" or "grounding-dino-tiny" (export/grounding_dino.py)
     detector_checkpoint: Path | None = None  # Hugging Face checkpoint folder; None = random weights with `seed`
     detector_tokenizer: Path | None = None  # tokenizer.json or vocab.txt; None = the checkpoint's or generated
+    features: bool = False  # also PerSense++'s ResNet-50 feature engine (--method persense++)
+    feature_checkpoint: Path | None = None  # torchvision's resnet50-0676ba61.pth; None = random weights with `seed`
 
 
 @dataclass
@@ -91,7 +103,7 @@ def _previous_manifest(out: Path) -> Manifest | None:
 
 def _sam_jobs(request: ExportRequest) -> list[Job]:
     """SAM's encoder and decoder (and with `gpu_encoder` the fused-attention encoder), sharing one model build."""
-    from persense.export.sam.build import load_sam, random_sam
+    from persense.export.sam.build import is_tiny_vit, load_sam, random_sam
     from persense.export.sam.graphs import export_decoder, export_encoder
 
     source = sha256_file(request.checkpoint) if request.checkpoint else "random"
@@ -108,6 +120,11 @@ def _sam_jobs(request: ExportRequest) -> list[Job]:
         for name, fn in ((ENCODER, export_encoder), (DECODER, export_decoder))
     ]
     form = request.gpu_encoder
+    if form is not None and is_tiny_vit(request.model_type):
+        raise PersenseError(
+            f"--gpu-encoder fuses the global attention of SAM's ViT encoders; {request.model_type}'s TinyViT has "
+            f"only small windows and no such encoder: drop --gpu-encoder (sam_encoder runs on every backend)"
+        )
     if form is not None:
         from persense.export.sam.gpu_encoder import ATTENTION_FORMS, export_gpu_encoder
 
@@ -183,6 +200,18 @@ def _detector_job(request: ExportRequest) -> Job:
     return Job(DETECTOR, source, key, build, lambda m, path, src: export_onnx(m, path, config, src, tokenizer))
 
 
+def _feature_job(request: ExportRequest) -> Job:
+    """PerSense++'s ResNet-50 feature engine (its checkpoint read and checked now, before any export runs)."""
+    from persense.export.features.graph import MODEL_TYPE, export_features
+    from persense.export.features.resnet import build_resnet, read_state_dict
+
+    checkpoint = request.feature_checkpoint
+    state = read_state_dict(checkpoint) if checkpoint else None
+    source = sha256_file(checkpoint) if checkpoint else "random"
+    key = f"{MODEL_TYPE}:{source}:{'' if checkpoint else request.seed}:r{EXPORT_RECIPE}"
+    return Job(FEATURES, source, key, lambda: build_resnet(state, request.seed), export_features)
+
+
 def _folder_hash(folder: Path) -> str:
     """sha256 of a checkpoint folder's config and weights files (a missing folder fails when loaded)."""
     from persense.export.grounding_dino.hf_checkpoint import WEIGHT_FILES
@@ -220,6 +249,7 @@ def export_all(request: ExportRequest) -> tuple[Path, str | None]:
         (_sam_jobs(request) if request.model_type else [])
         + ([_counter_job(request)] if request.counter else [])
         + ([_detector_job(request)] if request.detector else [])
+        + ([_feature_job(request)] if request.features else [])
     )
     artefacts: dict[str, Artefact] = {}
     for job in tqdm(jobs, desc="persense-export", unit="artefact", file=sys.stderr, disable=len(jobs) < 3):
@@ -244,6 +274,10 @@ def export_all(request: ExportRequest) -> tuple[Path, str | None]:
         from persense.export.precision.int8 import int8_artefacts
 
         artefacts.update(int8_artefacts(artefacts, request.out, previous))
+    if request.openvino_int8:
+        from persense.export.precision.openvino_int8 import ov_int8_artefacts
+
+        artefacts.update(ov_int8_artefacts(artefacts, request.out, previous))
     manifest = Manifest(folder=request.out, model_type=model_type, versions=package_versions(), artefacts=artefacts)
     return manifest.save(), note
 

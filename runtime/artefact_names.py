@@ -8,13 +8,16 @@ DECODER = "sam_decoder"
 COUNTR = "counter_countr"
 DSALVANET = "counter_dsalvanet"
 DETECTOR = "grounding_dino"
+FEATURES = "resnet50_features"  # PerSense++'s ResNet-50 backbone (diversity-aware exemplar selection)
 SAM_MODELS = (ENCODER, DECODER)
 
-PRECISION_SUFFIXES = {"fp16": "_fp16", "int8": "_int8"}  # ONNX variants of an FP32 artefact
+OV_INT8 = "ov_int8"  # the encoder quantised by NNCF for OpenVINO (an OpenVINO IR), what openvino runs for int8
+# variants of an FP32 artefact (ONNX; ov_int8: OpenVINO IR); "_ov_int8" before "_int8" for source_name
+PRECISION_SUFFIXES = {"fp16": "_fp16", OV_INT8: "_ov_int8", "int8": "_int8"}
 ENGINE_SUFFIX = "_trt"  # a TensorRT plan built from an ONNX artefact
 # the models whose variants the runtime runs (--precision fp16 / int8); the counters always run their FP32 model,
 # and the decoder stays FP32 under int8
-RUNS_IN = {"fp16": (ENCODER, GPU_ENCODER, DECODER, DETECTOR), "int8": (ENCODER,)}
+RUNS_IN = {"fp16": (ENCODER, GPU_ENCODER, DECODER, DETECTOR, FEATURES), "int8": (ENCODER,), OV_INT8: (ENCODER,)}
 
 
 def variant_name(name: str, precision: str) -> str:

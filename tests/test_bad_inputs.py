@@ -505,6 +505,73 @@ def mask_too_small(kit: Kit) -> None:
     )
 
 
+def prompted(kit: Kit, *flags: str) -> Outcome:
+    """persense-infer TARGET REF with a reference prompt instead of REF_MASK (the scene image as both)."""
+    return kit.infer(kit.files["image"], kit.files["image"], extra=flags)
+
+
+@row
+def ref_box_outside_image(kit: Kit) -> None:
+    expect_error(
+        prompted(kit, "--ref-box", "10,10,500,100"),
+        "infer",
+        "reference box [10.0, 10.0, 500.0, 100.0] is not inside the 384x288 reference image",
+    )
+
+
+@row
+def ref_box_inverted(kit: Kit) -> None:
+    expect_error(prompted(kit, "--ref-box", "100,100,50,150"), "infer", "is inverted or empty: it needs x0 < x1")
+
+
+@row
+def ref_box_malformed(kit: Kit) -> None:
+    expect_error(prompted(kit, "--ref-box", "1,2,3"), "infer", "--ref-box expects 4 numbers x0,y0,x1,y1")
+
+
+@row
+def ref_point_outside_image(kit: Kit) -> None:
+    expect_error(
+        prompted(kit, "--ref-point", "10,300"), "infer", "reference point (10, 300) is outside the 384x288 reference"
+    )
+
+
+@row
+def ref_label_count_mismatch(kit: Kit) -> None:
+    expect_error(
+        prompted(kit, "--ref-point", "10,10", "--ref-point", "20,20", "--ref-label", "1"),
+        "infer",
+        "got 1 point labels for 2 reference points; give one label per point",
+    )
+
+
+@row
+def ref_background_points_only(kit: Kit) -> None:
+    expect_error(
+        prompted(kit, "--ref-point", "10,10", "--ref-label", "0"),
+        "infer",
+        "a reference prompt needs a box or at least one point on the object (label 1)",
+    )
+
+
+@row
+def ref_prompt_with_mask(kit: Kit) -> None:
+    expect_error(
+        kit.infer(kit.files["image"], kit.files["image"], kit.files["mask"], extra=("--ref-box", "1,1,50,50")),
+        "infer",
+        "is a mask: --ref-box and --ref-point replace REF_MASK",
+    )
+
+
+@row
+def ref_prompt_with_saved_reference(kit: Kit) -> None:
+    expect_error(
+        prompted(kit, "--ref-box", "1,1,50,50", "--reference", str(kit.path("saved.npz"))),
+        "infer",
+        "--ref-box and --ref-point encode a reference from REF; --reference names a saved one",
+    )
+
+
 # --- paths and outputs ------------------------------------------------------------------------------------
 
 
@@ -609,6 +676,29 @@ def text_engines(kit: Kit, query_logits: list[float]) -> Path:
 def text_detector_missing(kit: Kit) -> None:
     expect_error(
         kit.infer(extra=("--text", "apple")),
+        "infer",
+        "no Grounding DINO detector for --text; export it with `persense-export --detector grounding-dino",
+    )
+
+
+@row
+def plusplus_feature_engine_missing(kit: Kit) -> None:
+    expect_error(
+        kit.infer(extra=("--method", "persense++")),
+        "infer",
+        f"{kit.engines}: no ResNet-50 feature engine for --method persense++; export it with "
+        f"`persense-export --method persense++ --out {kit.engines}`",
+    )
+
+
+@row
+def plusplus_text_detector_missing(kit: Kit) -> None:
+    from fake_features import add_constant_feature_engine
+
+    engines = engines_copy(kit)
+    add_constant_feature_engine(engines)
+    expect_error(
+        kit.infer(extra=("--method", "persense++", "--text", "apple"), engines=engines),
         "infer",
         "no Grounding DINO detector for --text; export it with `persense-export --detector grounding-dino",
     )
@@ -909,6 +999,74 @@ def export_missing_checkpoint(kit: Kit) -> None:
         kit.run("export", ["--model", "vit_b", "--checkpoint", absent, "--out", kit.out]),
         "export",
         f"{absent}: checkpoint not found",
+    )
+
+
+@row
+def export_vit_t_checkpoint_wrong_key(kit: Kit) -> None:
+    import torch
+
+    from persense.export.sam.build import random_sam
+
+    state = random_sam("vit_t", 0).state_dict()
+    key = "image_encoder.layers.1.blocks.0.attn.attention_biases"
+    state["image_encoder.layers.1.blocks.0.attn.bias_table"] = state.pop(key)
+    checkpoint = kit.path("mobile_sam.pt")
+    torch.save(state, checkpoint)
+    expect_error(
+        kit.run("export", ["--model", "vit_t", "--checkpoint", checkpoint, "--out", kit.out]),
+        "export",
+        f"does not fit SAM vit_t: missing {key}; unexpected image_encoder.layers.1.blocks.0.attn.bias_table",
+    )
+
+
+@row
+def export_gpu_encoder_vit_t(kit: Kit) -> None:
+    expect_error(
+        kit.run("export", ["--model", "vit_t", "--random-weights", "--gpu-encoder", "--out", kit.out]),
+        "export",
+        "--gpu-encoder fuses the global attention of SAM's ViT encoders; vit_t's TinyViT has only small windows",
+    )
+
+
+@row
+def export_feature_checkpoint_wrong_key(kit: Kit) -> None:
+    import torch
+
+    from persense.export.features.resnet import build_resnet
+
+    checkpoint = kit.path("resnet50-0676ba61.pth")
+    torch.save({**build_resnet(seed=0).state_dict(), "head.weight": torch.zeros(1)}, checkpoint)
+    expect_error(
+        kit.run("export", ["--method", "persense++", "--feature-checkpoint", checkpoint, "--out", kit.out]),
+        "export",
+        f"{checkpoint}: not a torchvision ResNet-50 state dict: unexpected key 'head.weight'",
+    )
+
+
+@row
+def export_feature_checkpoint_missing(kit: Kit) -> None:
+    absent = kit.path("absent-resnet50.pth")
+    expect_error(
+        kit.run("export", ["--method", "persense++", "--feature-checkpoint", absent, "--out", kit.out]),
+        "export",
+        f"{absent}: feature checkpoint not found",
+    )
+
+
+@row
+def export_feature_weights_absent(kit: Kit) -> None:
+    from unittest import mock
+
+    torch_home = kit.path("torch_home")
+    with mock.patch.dict(os.environ, {"TORCH_HOME": str(torch_home)}):
+        outcome = kit.run("export", ["--method", "persense++", "--out", kit.out])
+    expect_error(
+        outcome,
+        "export",
+        f"no ResNet-50 weights for --method persense++: put torchvision's resnet50-0676ba61.pth "
+        f"(https://download.pytorch.org/models/resnet50-0676ba61.pth) in {torch_home}/hub/checkpoints/, "
+        f"pass --feature-checkpoint PATH, or use --random-weights",
     )
 
 

@@ -70,7 +70,7 @@ def open_engine(
     io: IoSpec | None = None,
 ) -> Engine:
     """Verify artefact `name` of a manifest (hash, existence; its recorded I/O against `io` where the backend runs
-    the ONNX model itself) and open it on a resolved backend (`ov_precision`, fp32 or bf16: OpenVINO only)."""
+    the ONNX model itself) and open it on a resolved backend (`ov_precision`, fp32, bf16 or int8: OpenVINO only)."""
     row = backend(backend_name)
     if io is not None and not row.own_engines:
         check_io(name, manifest.artefact(name), *io, REEXPORT_HINT.format(folder=manifest.folder))

@@ -16,12 +16,14 @@ from persense.runtime.backends.table import PRECISIONS
 from persense.runtime.cli.common import add_cache_flags, add_common_flags, add_engine_flags, run_command
 from persense.runtime.cli.overlay import overlay
 from persense.runtime.errors import PersenseError
-from persense.runtime.imageio import read_rgb, write_image, write_json
+from persense.runtime.imageio import read_raw, read_rgb, write_image, write_json
 from persense.runtime.pipeline.exemplars import parse_box
+from persense.runtime.pipeline.reference_prompt import parse_numbers
 from persense.runtime.pipeline.result import SegmentResult
 
 log = logging.getLogger("persense.infer")
 
+REFERENCE_MASK = "reference_mask.png"  # in --out: the mask SAM made from --ref-box/--ref-point
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
 
@@ -30,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="persense-infer",
         description=__doc__,
-        usage="persense-infer IMAGE [IMAGE|DIR ...] (REF REF_MASK | --reference FILE.npz) [options]",
+        usage="persense-infer IMAGE [IMAGE|DIR ...] (REF REF_MASK | REF --ref-box x0,y0,x1,y1 | REF --ref-point x,y "
+        "[--ref-point x,y ...] | --reference FILE.npz) [options]",
     )
     parser.add_argument(
         "paths",
@@ -41,6 +44,25 @@ def build_parser() -> argparse.ArgumentParser:
         "(without them with --reference; targets may be left out with --save-reference)",
     )
     parser.add_argument("--out", type=Path, default=Path("out"), help="output folder (default out/)")
+    parser.add_argument(
+        "--ref-box",
+        metavar="x0,y0,x1,y1",
+        help="the reference object as a box in REF instead of REF_MASK: SAM segments it (its mask is written to "
+        "OUT/reference_mask.png)",
+    )
+    parser.add_argument(
+        "--ref-point",
+        action="append",
+        metavar="x,y",
+        help="a click on (or, with --ref-label 0, off) the reference object in REF, instead of REF_MASK; repeatable",
+    )
+    parser.add_argument(
+        "--ref-label",
+        action="append",
+        type=int,
+        metavar="1|0",
+        help="the label of each --ref-point, in order: 1 on the object (default), 0 off it",
+    )
     add_engine_flags(parser, "--density")
     parser.add_argument("--density", type=Path, help=".npy density map to use as the counter's output")
     first = parser.add_mutually_exclusive_group()
@@ -77,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=PRECISIONS,
         default="fp32",
         help="ONNX models to run (fp16/int8 need `persense-export --fp16/--int8`; int8: INT8 encoder, "
-        "FP32 decoder; TensorRT engines are fp16; openvino: fp32 or bf16)",
+        "FP32 decoder; TensorRT engines are fp16; openvino: fp32, bf16 or int8 (`--openvino-int8`))",
     )
     parser.add_argument("--overlay", action="store_true", help="also write overlay.jpg")
     parser.add_argument("--json", action="store_true", help="print each result.json to stdout")
@@ -151,19 +173,53 @@ def _write_outputs(folder: Path, image: np.ndarray | None, result: SegmentResult
     write_json(folder / "result.json", summary)
 
 
-def _split_paths(args: argparse.Namespace) -> tuple[list[Path], tuple[Path, Path] | None]:
-    """(target paths, (REF, REF_MASK) or None with --reference), refusing a count that fits neither form."""
+def _split_paths(args: argparse.Namespace) -> tuple[list[Path], tuple[Path, Path | None] | None]:
+    """(target paths, (REF, REF_MASK), (REF, None) with a reference prompt, or None with --reference), refusing a
+    count that fits neither form."""
+    prompted = _prompted(args)
     if args.reference is not None:
+        if prompted:
+            raise PersenseError("--ref-box and --ref-point encode a reference from REF; --reference names a saved one")
         if args.save_reference is not None:
             raise PersenseError(
                 "--save-reference saves a reference encoded from REF REF_MASK; --reference already names a saved one"
             )
         return list(args.paths), None
+    if prompted:
+        if len(args.paths) < (1 if args.save_reference is not None else 2):
+            raise PersenseError("expected at least two paths with --ref-box or --ref-point: IMAGE REF")
+        *targets, ref_path = args.paths
+        _refuse_mask_as_reference(ref_path)
+        return targets, (ref_path, None)
     least = 2 if args.save_reference is not None else 3
     if len(args.paths) < least:
         raise PersenseError("expected at least three paths: IMAGE REF REF_MASK (or IMAGE --reference FILE.npz)")
     *targets, ref_path, mask_path = args.paths
     return targets, (ref_path, mask_path)
+
+
+def _refuse_mask_as_reference(path: Path) -> None:
+    """With a prompt the last path is REF; a binary single-channel image there is a REF_MASK given as well."""
+    if path.is_file():
+        image = read_raw(path)
+        if image.ndim == 2 and np.unique(image).size <= 2:
+            raise PersenseError(
+                f"{path} is a mask: --ref-box and --ref-point replace REF_MASK; give IMAGE... REF with them"
+            )
+
+
+def _prompted(args: argparse.Namespace) -> bool:
+    """Whether the reference object is given as a prompt (--ref-box, --ref-point, --ref-label)."""
+    return any(value is not None for value in (args.ref_box, args.ref_point, args.ref_label))
+
+
+def _prompt(args: argparse.Namespace) -> dict:
+    """The reference prompt flags as PerSense.reference's keywords (checked against REF there)."""
+    if args.ref_label is not None and args.ref_point is None:
+        raise PersenseError("--ref-label labels --ref-point clicks; give a --ref-point for each label")
+    box = parse_numbers(args.ref_box, 4, "--ref-box") if args.ref_box is not None else None
+    points = [parse_numbers(text, 2, "--ref-point") for text in args.ref_point] if args.ref_point else None
+    return {"box": box, "points": points, "labels": args.ref_label}
 
 
 def _infer(args: argparse.Namespace) -> int:
@@ -172,6 +228,7 @@ def _infer(args: argparse.Namespace) -> int:
     _check_count(args.decode_chunk, "--decode-chunk")
     box = parse_box(args.box) if args.box is not None else None
     target_paths, pair = _split_paths(args)
+    prompt = _prompt(args) if pair is not None and pair[1] is None else {}
     targets = _targets(target_paths) if target_paths else []
     folders = _output_folders(targets, args.out)
     saved = Reference.load(args.reference) if args.reference is not None else None
@@ -187,11 +244,14 @@ def _infer(args: argparse.Namespace) -> int:
         args.density,
         args.cache_dir,
         not args.no_cache,
+        args.method,
     )
     if args.text is not None:
         ps.text_tokens(args.text)  # refuse a prompt or a missing detector before any encoding
-    reference = ps.reference(*pair) if saved is None else saved
+    reference = ps.reference(*pair, **prompt) if saved is None else saved
     ps.check_reference(reference)
+    if reference.mask is not None and targets:
+        write_image(args.out / REFERENCE_MASK, reference.mask.astype(np.uint8) * np.uint8(255))
     if args.save_reference is not None:
         reference.save(args.save_reference)
         print(f"reference saved to {args.save_reference}")
@@ -228,11 +288,12 @@ def _summary(
     result: SegmentResult,
 ) -> dict:
     """The content of result.json for one target."""
-    source = (
-        {"reference_file": str(args.reference)}
-        if args.reference is not None
-        else {"reference": str(args.paths[-2]), "reference_mask": str(args.paths[-1])}
-    )
+    if args.reference is not None:
+        source = {"reference_file": str(args.reference)}
+    elif _prompted(args):
+        source = {"reference": str(args.paths[-1]), "reference_prompt": _prompt(args)}
+    else:
+        source = {"reference": str(args.paths[-2]), "reference_mask": str(args.paths[-1])}
     return {
         "image": str(path),
         **source,
