@@ -389,6 +389,12 @@ def measure_mask_stages(workloads: list[Workload], repeat: int) -> list[dict[str
     return entries
 
 
+def _method_stages(records: list[dict[str, Any]]) -> list[str]:
+    """Stages a method times beyond PerSense's (PerSense++'s exemplar_selection), in the order first timed."""
+    timed = [name for r in records if r["stages_ms"] for name in r["stages_ms"]]
+    return [name for name in dict.fromkeys(timed) if name not in (*STAGES, DETECTOR_STAGE, "total")]
+
+
 def _document(
     args: argparse.Namespace,
     argv: list[str],
@@ -413,7 +419,12 @@ def _document(
         },
         "memory_method": MEMORY_METHOD,
         "pipelines": pipelines,
-        "stages": [*STAGES, *([DETECTOR_STAGE] if DETECTOR in manifest.artefacts else []), "total"],
+        "stages": [
+            *STAGES,
+            *_method_stages(records),
+            *([DETECTOR_STAGE] if DETECTOR in manifest.artefacts else []),
+            "total",
+        ],
         "workloads": [w.describe() for w in workloads],
         "runs": records,
         "mask_stage": mask_stages,

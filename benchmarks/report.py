@@ -29,8 +29,10 @@ STAGE_LABELS = {
     "feedback": "feedback",
     "final_decoding": "final decoding",
     "merge": "merge/output",
+    "exemplar_selection": "exemplar selection (PerSense++)",
     "total": "total",
 }
+METHOD_LABELS = {"persense": "PerSense", "persense++": "PerSense++"}
 QUERY_KEYS = {"cold": ("stages_ms", "speedup_vs_oracle"), "warm": ("warm_stages_ms", "warm_speedup_vs_oracle")}
 PACKAGES = (
     "persense",
@@ -158,7 +160,7 @@ def _header_lines(doc: dict[str, Any]) -> list[str]:
     ort = versions.get("onnxruntime-gpu", versions.get("onnxruntime", "?"))
     gpu = ", ".join(env["gpus"]) or "no GPU"
     return [
-        f"# persense-bench: SAM {s['model_type']}, {weights_label(s)}",
+        f"# persense-bench: {METHOD_LABELS[s.get('method', 'persense')]}, SAM {s['model_type']}, {weights_label(s)}",
         "",
         f"{env['cpu']} ({env['cpu_cores_usable']} usable cores), {gpu}; python {versions['python']}, "
         f"torch {versions.get('torch', '-')}, onnxruntime {ort}, tensorrt {versions.get('tensorrt', '-')}.  ",
