@@ -40,6 +40,12 @@ TOLERANCES = {
     "fp32": Tolerance(atol=1e-4, rtol=1e-3, max_outliers=0.0, min_cosine=0.99999, min_iou=0.99),
     "fp16": Tolerance(atol=1e-2, rtol=1e-2, max_outliers=1e-3, min_cosine=0.999, min_iou=0.97),
 }
+# per artefact kind where its FP32 arithmetic differs more: ResNet-50's 53 layers of random weights reach values in the
+# hundreds on noise inputs, and ORT's and torch's summation orders differ there by up to a few 1e-4 (one value in
+# 1e5 over atol 1e-4 in one of three CI runs); its cosine stays 1.000000
+ARTEFACT_TOLERANCES = {
+    (FEATURES, "fp32"): Tolerance(atol=1e-3, rtol=1e-3, max_outliers=1e-4, min_cosine=0.99999, min_iou=0.99),
+}
 
 
 @dataclass
@@ -161,7 +167,7 @@ def _engine_rows(
 ) -> list[ParityRow]:
     """Rows of one engine (run on `backend`) against the PyTorch outputs."""
     art = manifest.artefacts[name]
-    tol = TOLERANCES[art.precision]
+    tol = ARTEFACT_TOLERANCES.get((art.kind, art.precision), TOLERANCES[art.precision])
     engine = open_engine(manifest, name, backend)
     outputs = engine.run(feeds)
     rows = []
