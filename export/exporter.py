@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 # Part of every artefact's source key: bump it when a change to the export code changes what it writes,
 # so that folders exported by older code are re-exported instead of reused.
-EXPORT_RECIPE = 6
+EXPORT_RECIPE = 7
 
 
 @dataclass

@@ -10,6 +10,7 @@ initializers. Weights that feed a constant-foldable node stay attached, so foldi
 
 from __future__ import annotations
 
+import ast
 import logging
 import time
 import warnings
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 LARGE_MODEL_BYTES = 1_000_000_000  # vit_l (1.2 GB) and vit_h (2.5 GB); tests lower it to force the large path
 DETACH_MIN_BYTES = 1 << 16  # weights from this size on are detached while simplifying a large model
 EXTERNAL_MIN_BYTES = 1024  # initializers from this size on go to the external data file (onnx's default)
+NAME_SCOPES = "pkg.torch.onnx.name_scopes"  # the module path the dynamo exporter records on each node
 _ALIGNMENT = 4096  # external tensors start on page boundaries, so ONNX Runtime can memory-map them
 
 
@@ -38,9 +40,11 @@ def export_onnx(
     output_names: list[str],
     dynamic_shapes: dict[str, Any] | None = None,
     options: dict[str, Any] | None = None,
+    named_scopes: tuple[str, ...] = (),
 ) -> float:
     """Export with torch's dynamo exporter (extra torch.onnx.export `options`, e.g. opset_version), simplify with
-    onnxslim, check, save; returns seconds taken."""
+    onnxslim, check, save; returns seconds taken. The one node inside each submodule of `named_scopes` (attribute
+    names) is named after it, so later steps can select it."""
     import torch
 
     start = time.perf_counter()
@@ -59,6 +63,7 @@ def export_onnx(
             verbose=False,
             **(options or {}),
         )
+    name_scoped_nodes(program.model, named_scopes)
     weights = sum(v.const_value.nbytes for v in program.model.graph.initializers.values() if v.const_value is not None)
     if weights > LARGE_MODEL_BYTES:
         log.info("%s: %.2f GB of weights, simplified with weights detached", path.name, weights / 1e9)
@@ -69,6 +74,19 @@ def export_onnx(
     seconds = time.perf_counter() - start
     log.info("exported %s in %.1f s", path.name, seconds)
     return seconds
+
+
+def name_scoped_nodes(model: Any, scopes: tuple[str, ...]) -> None:
+    """Name the single node the exporter recorded inside each module attribute of `scopes` after that attribute."""
+    found: dict[str, list[Any]] = {scope: [] for scope in scopes}
+    for node in model.graph:
+        scope_path = ast.literal_eval(node.metadata_props.get(NAME_SCOPES, "[]"))
+        for scope in set(scope_path) & found.keys():
+            found[scope].append(node)
+    for scope, nodes in found.items():
+        if len(nodes) != 1:
+            raise RuntimeError(f"expected one exported node in module {scope!r}, found {[n.op_type for n in nodes]}")
+        nodes[0].name = scope
 
 
 def simplify(model: onnx.ModelProto) -> onnx.ModelProto:

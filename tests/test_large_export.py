@@ -31,8 +31,8 @@ from persense.runtime.manifest import load_manifest, sha256_file
 from persense.runtime.models.sam import SamEngines
 
 NAMES = ("sam_encoder", "sam_decoder")
-# every artefact --fp16 --int8 writes for the tiny SAM (the decoder has no INT8 copy)
-WRITTEN = ("sam_encoder", "sam_encoder_fp16", "sam_encoder_int8", "sam_decoder", "sam_decoder_fp16")
+# every artefact --fp16 --int8 writes for the tiny SAM
+WRITTEN = ("sam_encoder", "sam_encoder_fp16", "sam_encoder_int8", "sam_decoder", "sam_decoder_fp16", "sam_decoder_int8")
 MIN_FP16_COSINE = 0.999
 MIN_INT8_COSINE = 0.99
 PEAK_RSS_LIMIT_GB = 12.0

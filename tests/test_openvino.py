@@ -1,5 +1,5 @@
 """--backend openvino: OvEngine parity with ONNX Runtime on the tiny engines, the pipeline on it, its errors;
-precision choices per backend (int8: INT8 encoder, FP32 decoder; OpenVINO INT8 in test_openvino_int8.py)."""
+precision choices per backend (int8: the INT8 encoder and decoder; OpenVINO INT8 in test_openvino_int8.py)."""
 
 from __future__ import annotations
 
@@ -155,7 +155,7 @@ def test_precisions_a_backend_does_not_run_are_refused(tiny_engines, backend, pr
 
 def test_engine_names_per_backend_and_precision(tiny_engines):
     manifest = load_manifest(tiny_engines)
-    assert engine_names(manifest, "ort-cpu", "int8") == {ENCODER: "sam_encoder_int8", DECODER: DECODER}
+    assert engine_names(manifest, "ort-cpu", "int8") == {ENCODER: "sam_encoder_int8", DECODER: "sam_decoder_int8"}
     assert engine_names(manifest, "ort-cpu", "fp16") == {ENCODER: "sam_encoder_fp16", DECODER: "sam_decoder_fp16"}
     for precision in ("fp32", "bf16"):
         assert engine_names(manifest, "openvino", precision) == {ENCODER: ENCODER, DECODER: DECODER}

@@ -74,7 +74,7 @@ def test_the_ir_runs_quantised_products_that_cannot_saturate(ov_int8_engines: Pa
 def test_openvino_int8_selects_the_ir_encoder_and_the_fp32_decoder(ov_int8_engines: Path) -> None:
     manifest = load_manifest(ov_int8_engines)
     assert engine_names(manifest, "openvino", "int8") == {ENCODER: OV_INT8_ENCODER, DECODER: DECODER}
-    assert engine_names(manifest, "ort-cpu", "int8") == {ENCODER: "sam_encoder_int8", DECODER: DECODER}
+    assert engine_names(manifest, "ort-cpu", "int8") == {ENCODER: "sam_encoder_int8", DECODER: "sam_decoder_int8"}
 
 
 def test_embedding_and_masks_stay_close_to_fp32(ov_int8_engines: Path, scene, scene_files) -> None:

@@ -6,18 +6,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from persense.export.checkpoints import list_keys
 from persense.runtime.errors import PersenseError
 
 log = logging.getLogger(__name__)
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-MAX_LISTED = 5  # missing or unexpected weights named in an error
-
-
-def _names(keys: list[str]) -> str:
-    """The first few weight names of a list, and how many more."""
-    shown = ", ".join(sorted(keys)[:MAX_LISTED])
-    return shown + (f" and {len(keys) - MAX_LISTED} more" if len(keys) > MAX_LISTED else "")
 
 
 def _checked_folder(folder: Path) -> None:
@@ -57,13 +51,13 @@ def load_hf_folder(folder: Path) -> Any:
         )
     except (OSError, ValueError, RuntimeError) as exc:
         raise PersenseError(f"{folder}: cannot load the detector weights ({str(exc).splitlines()[0]})") from exc
-    missing = [k for k in info.get("missing_keys", ()) if "relative_position_index" not in k]
-    mismatched = [str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys", ())]
+    missing = sorted(k for k in info.get("missing_keys", ()) if "relative_position_index" not in k)
+    mismatched = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys", ()))
     if missing:
-        raise PersenseError(f"{folder}: checkpoint lacks {len(missing)} detector weights ({_names(missing)})")
+        raise PersenseError(f"{folder}: checkpoint lacks {len(missing)} detector weights ({list_keys(missing)})")
     if mismatched:
-        raise PersenseError(f"{folder}: {len(mismatched)} weights have the wrong shape ({_names(mismatched)})")
-    unexpected = list(info.get("unexpected_keys", ()))
+        raise PersenseError(f"{folder}: {len(mismatched)} weights have the wrong shape ({list_keys(mismatched)})")
+    unexpected = sorted(info.get("unexpected_keys", ()))
     if unexpected:
-        log.warning("%s: %d weights not used by the detector (%s)", folder, len(unexpected), _names(unexpected))
+        log.warning("%s: %d weights not used by the detector (%s)", folder, len(unexpected), list_keys(unexpected))
     return model.eval()

@@ -1,10 +1,11 @@
-"""The INT8 SAM encoder for the CPU: ONNX Runtime dynamic quantisation of its MatMul/Gemm products.
+"""The INT8 SAM models for the CPU: ONNX Runtime dynamic quantisation of their matrix products.
 
 Weights become int8 per tensor, activations are quantised on the fly; LayerNorm, softmax and the element-wise
-ops stay FP32, and so do the convolutions (patch embedding, neck). The attention products (activation x
-activation MatMuls) are quantised too. Only the encoder: `--precision int8` runs the FP32 decoder, which an INT8
-copy did not beat (docs/DESIGN.md "INT8"). The error against FP32 is measured at conversion and recorded in the
-manifest (`extra["int8_error"]`).
+ops stay FP32. The encoder: every MatMul/Gemm, the attention products (activation x activation) included, but
+not the convolutions (patch embedding, neck). The decoder: only the mask upscaling's two per-pixel products
+(39 % of its multiply-adds); quantising its attention products too cost mask IoU below the 0.98 gate
+(docs/DESIGN.md "INT8"). The error against FP32 is measured at conversion and recorded in the manifest
+(`extra["int8_error"]`).
 
 One artefact for every x86 CPU: without VNNI (AVX2 only) ONNX Runtime's u8s8 kernels add pairs of u8 x s8
 products in saturating 16-bit lanes (VPMADDUBSW), so the weights keep 7 bits (`reduce_range`, |w| <= 64:
@@ -21,15 +22,18 @@ import onnx
 
 from persense.export.artefacts import external_data_files, reusable_variant
 from persense.export.precision.error import variant_entry
-from persense.runtime.artefact_names import ENCODER, RUNS_IN, variant_name
+from persense.export.sam.reassociated_decoder import UPSCALE_PRODUCTS
+from persense.runtime.artefact_names import DECODER, ENCODER, RUNS_IN, variant_name
 from persense.runtime.manifest import Artefact, Manifest
 
 log = logging.getLogger(__name__)
 
-# quantize_dynamic's options per model: the attention products too (MatMulConstBOnly=False), MatMul/Gemm only
-# (ORT's ConvInteger is slower than the FP32 Conv); measured in docs/DESIGN.md "INT8"
-QUANTISE_OPTIONS: dict[str, dict[str, bool]] = {ENCODER: {"MatMulConstBOnly": False}}
+# quantize_dynamic's options per model: the encoder's attention products too (MatMulConstBOnly=False), MatMul/Gemm
+# only (ORT's ConvInteger is slower than the FP32 Conv); the decoder's named upscaling products only; measured in
+# docs/DESIGN.md "INT8"
+QUANTISE_OPTIONS: dict[str, dict[str, bool]] = {ENCODER: {"MatMulConstBOnly": False}, DECODER: {}}
 QUANTISED_OPS: dict[str, list[str]] = {ENCODER: ["MatMul", "Gemm"]}
+QUANTISED_NODES: dict[str, list[str]] = {DECODER: list(UPSCALE_PRODUCTS)}
 REDUCE_RANGE = True  # 7-bit weights: no u8s8 pair sum saturates on CPUs without VNNI (module docstring)
 
 
@@ -37,7 +41,8 @@ def int8_method(name: str) -> str:
     """The quantisation call used for artefact `name`, as recorded in its INT8 entry (`extra["method"]`)."""
     options = "".join(f", {key}={value}" for key, value in QUANTISE_OPTIONS[name].items())
     ops = f", op_types_to_quantize={QUANTISED_OPS[name]}" if name in QUANTISED_OPS else ""
-    return f"onnxruntime.quantization.quantize_dynamic(QInt8, reduce_range={REDUCE_RANGE}{ops}{options})"
+    nodes = f", nodes_to_quantize={QUANTISED_NODES[name]}" if name in QUANTISED_NODES else ""
+    return f"onnxruntime.quantization.quantize_dynamic(QInt8, reduce_range={REDUCE_RANGE}{ops}{nodes}{options})"
 
 
 def quantise(name: str, src: Path, dst: Path) -> None:
@@ -45,7 +50,11 @@ def quantise(name: str, src: Path, dst: Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     # a source with external weights is above (or forced onto) the large-model path: so is its quantised copy
-    large = bool(external_data_files(onnx.load(str(src), load_external_data=False)))
+    model = onnx.load(str(src), load_external_data=False)
+    large = bool(external_data_files(model))
+    missing = set(QUANTISED_NODES.get(name, ())) - {node.name for node in model.graph.node}
+    if missing:
+        raise RuntimeError(f"{src.name} has no node(s) {sorted(missing)} to quantise: export it again (--force)")
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # quantize_dynamic logs a generic pre-processing hint on the root logger
@@ -57,6 +66,7 @@ def quantise(name: str, src: Path, dst: Path) -> None:
             reduce_range=REDUCE_RANGE,
             use_external_data_format=large,
             op_types_to_quantize=QUANTISED_OPS.get(name),
+            nodes_to_quantize=QUANTISED_NODES.get(name),
             extra_options=dict(QUANTISE_OPTIONS[name]),
         )
     finally:
@@ -73,7 +83,8 @@ def convert_int8(name: str, artefact: Artefact, folder: Path) -> Artefact:
 
 
 def int8_artefacts(artefacts: dict[str, Artefact], folder: Path, previous: Manifest | None) -> dict[str, Artefact]:
-    """`--int8`: the INT8 entry of SAM's FP32 encoder, reusing one made the same way from the same file."""
+    """`--int8`: the INT8 entries of SAM's FP32 encoder and decoder, reusing ones made the same way from the same
+    files."""
     return {
         variant_name(name, "int8"): _reusable(previous, name, art) or convert_int8(name, art, folder)
         for name, art in artefacts.items()

@@ -11,7 +11,7 @@ from persense.export.onnx_io import export_onnx
 from persense.export.sam.cpu_encoder import cpu_encoder
 from persense.export.sam.modeling import Sam
 from persense.export.sam.persam_decoder import PerSamDecoder
-from persense.export.sam.reassociated_decoder import ReassociatedDecoder
+from persense.export.sam.reassociated_decoder import UPSCALE_PRODUCTS, ReassociatedDecoder
 from persense.export.sam.tiny_vit import TinyViT, fold_batchnorm
 from persense.runtime.geometry.transforms import GRID, LONG_SIDE, LOW_RES
 from persense.runtime.manifest import Artefact, tensor_names
@@ -82,5 +82,11 @@ def export_decoder_graph(decoder: PerSamDecoder, path: Path) -> float:
         "persam_weight": {0: batch},
     }
     return export_onnx(
-        decoder, decoder_example_inputs(), path, PerSamDecoder.input_names, PerSamDecoder.output_names, dynamic
+        decoder,
+        decoder_example_inputs(),
+        path,
+        PerSamDecoder.input_names,
+        PerSamDecoder.output_names,
+        dynamic,
+        named_scopes=UPSCALE_PRODUCTS if isinstance(decoder, ReassociatedDecoder) else (),
     )

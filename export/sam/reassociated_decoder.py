@@ -12,7 +12,8 @@ same products are computed here with the projection weights moved onto the token
 
 The mask upscaling (two stride-2 transposed convolutions with a channel LayerNorm) is written as
 per-pixel matrix products on token-major data, with the LayerNorm over the last axis, which avoids
-NCHW channel reductions; the output pixels are reordered once at the end.
+NCHW channel reductions; the output pixels are reordered once at the end. Each of the two products runs in its own
+`NamedProduct` module, so its ONNX node carries a stable name (`--int8` quantises these two only).
 
 This is exact algebra (float rounding aside; tests hold it to 1e-4 of the literal module) and halves the
 multiply-adds of the transformer per prompt. The token MLPs and the prediction heads are unchanged.
@@ -34,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from persense.export.sam.modeling import Sam
 from persense.export.sam.persam_decoder import PerSamDecoder
 
 
@@ -80,6 +82,17 @@ def image_to_tokens(module: nn.Module, q: Tensor, k: Tensor, v: Tensor) -> Tenso
     return attn.transpose(1, 2) @ projected
 
 
+class NamedProduct(nn.Module):
+    """`x @ weight` as its own module, so the exported graph names its MatMul node after the attribute holding it."""
+
+    def forward(self, x: Tensor, weight: Tensor) -> Tensor:
+        return x @ weight
+
+
+# the upscaling's two per-pixel products, by their module (= ONNX node) names: what the --int8 decoder quantises
+UPSCALE_PRODUCTS = ("upscale_product_1", "upscale_product_2")
+
+
 def image_norm(norm: nn.Module, keys: Tensor, update: Tensor) -> Tensor:
     """Residual add and LayerNorm of the image tokens (B,N,C), computed on a (B,rows,cols,C) view so that ONNX
     Runtime does not fuse them into SkipLayerNormalization (a 3-D-only fusion, slower here)."""
@@ -95,6 +108,11 @@ class ReassociatedDecoder(PerSamDecoder):
     tokens_to_image = staticmethod(tokens_to_image)
     image_to_tokens = staticmethod(image_to_tokens)
     image_norm = staticmethod(image_norm)
+
+    def __init__(self, sam: Sam, best_only: bool = False) -> None:
+        super().__init__(sam, best_only)
+        for name in UPSCALE_PRODUCTS:
+            setattr(self, name, NamedProduct())
 
     def image_tokens(self, image_embeddings: Tensor, mask_input: Tensor, has_mask_input: Tensor) -> Tensor:
         """The embedding plus the dense prompt as tokens (B,N,C): the mask branch's last 1x1 convolution is a product
@@ -116,10 +134,10 @@ class ReassociatedDecoder(PerSamDecoder):
         b, n, c = keys.shape
         c1, c2 = up1.out_channels, up2.out_channels
         w1 = up1.weight.permute(0, 2, 3, 1).reshape(up1.in_channels, 4 * c1)  # (C, (a, b, o))
-        h1 = (keys.reshape(b * n, c) @ w1 + up1.bias.repeat(4)).reshape(b, n * 4, c1)
+        h1 = (self.upscale_product_1(keys.reshape(b * n, c), w1) + up1.bias.repeat(4)).reshape(b, n * 4, c1)
         h1 = F.gelu(F.layer_norm(h1, (c1,), norm.weight, norm.bias, norm.eps))
         w2 = up2.weight.permute(0, 2, 3, 1).reshape(c1, 4 * c2)  # (o, (p, q, r))
-        h2 = F.gelu(h1.reshape(b * n * 4, c1) @ w2 + up2.bias.repeat(4)).reshape(b, n * 16, c2)
+        h2 = F.gelu(self.upscale_product_2(h1.reshape(b * n * 4, c1), w2) + up2.bias.repeat(4)).reshape(b, n * 16, c2)
         logits = (h2 @ hyper_in.transpose(1, 2)).reshape(b, grid, grid, 2, 2, 2, 2, -1)  # (b, i, j, a, b, p, q, m)
         side = grid * 4
         return logits.permute(0, 7, 1, 3, 5, 2, 4, 6).reshape(b, -1, side, side)

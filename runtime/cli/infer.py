@@ -98,8 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--precision",
         choices=PRECISIONS,
         default="fp32",
-        help="ONNX models to run (fp16/int8 need `persense-export --fp16/--int8`; int8: INT8 encoder, "
-        "FP32 decoder; TensorRT engines are fp16; openvino: fp32, bf16 or int8 (`--openvino-int8`))",
+        help="ONNX models to run (fp16/int8 need `persense-export --fp16/--int8`; int8: INT8 encoder, decoder "
+        "with INT8 upscaling; TensorRT engines are fp16; openvino: fp32, bf16 or int8 (`--openvino-int8`))",
     )
     parser.add_argument("--overlay", action="store_true", help="also write overlay.jpg")
     parser.add_argument("--json", action="store_true", help="print each result.json to stdout")

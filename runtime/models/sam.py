@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from persense.runtime.artefact_names import variant_name
+from persense.runtime.artefact_names import RUNS_IN, variant_name
 from persense.runtime.backends.choice import open_engine
 from persense.runtime.backends.engine import Engine
 from persense.runtime.backends.ort_engine import OrtEngine
@@ -167,9 +167,10 @@ class SamEngines:
 def engine_names(manifest: Manifest, backend: str, precision: str) -> dict[str, str]:
     """Encoder and decoder artefact names for a backend and precision.
 
-    fp32: `<name>` (TensorRT maps them to its engines); fp16: `<name>_fp16`; int8: the INT8 encoder with the
-    FP32 decoder (docs/DESIGN.md "INT8"); on openvino fp32 and bf16 from the FP32 ONNX models (bf16 is the
-    encoder's inference precision, not an artefact), int8 the NNCF-quantised encoder (`sam_encoder_ov_int8`).
+    fp32: `<name>` (TensorRT maps them to its engines); fp16: `<name>_fp16`; int8: `<name>_int8` (the decoder's
+    upscaling products only, docs/DESIGN.md "INT8"); on openvino fp32 and bf16 from the FP32 ONNX models (bf16 is the
+    encoder's inference precision, not an artefact), int8 the NNCF-quantised encoder (`sam_encoder_ov_int8`) with
+    the FP32 decoder.
     On ort-cuda the encoder is `sam_encoder_gpu[_<precision>]` where the manifest has it.
     """
     row = backend_row(backend)
@@ -179,8 +180,9 @@ def engine_names(manifest: Manifest, backend: str, precision: str) -> dict[str, 
         )
     names = {ENCODER: ENCODER, DECODER: DECODER}
     if precision in ("fp16", "int8") and not row.own_engines:
-        names[ENCODER] = variant_name(ENCODER, row.encoder_variant(precision))
-        names[DECODER] = DECODER if precision == "int8" else f"{DECODER}_{precision}"
+        variant = row.encoder_variant(precision)
+        names[ENCODER] = variant_name(ENCODER, variant)
+        names[DECODER] = variant_name(DECODER, variant) if DECODER in RUNS_IN[variant] else DECODER
     gpu = names[ENCODER].replace(ENCODER, GPU_ENCODER, 1)
     if row.on_gpu and not row.own_engines and gpu in manifest.artefacts:  # ORT-CUDA
         names[ENCODER] = gpu
