@@ -15,6 +15,7 @@ OV_INT8 = "ov_int8"  # the encoder quantised by NNCF for OpenVINO (an OpenVINO I
 # variants of an FP32 artefact (ONNX; ov_int8: OpenVINO IR); "_ov_int8" before "_int8" for source_name
 PRECISION_SUFFIXES = {"fp16": "_fp16", OV_INT8: "_ov_int8", "int8": "_int8"}
 ENGINE_SUFFIX = "_trt"  # a TensorRT plan built from an ONNX artefact
+EXPORT_FLAGS = {"fp16": "--fp16", OV_INT8: "--openvino-int8", "int8": "--int8"}  # the persense-export flag per variant
 # the models whose variants the runtime runs (--precision fp16 / int8); the counters always run their FP32 model,
 # and OpenVINO's int8 runs the FP32 decoder
 RUNS_IN = {
@@ -27,6 +28,12 @@ RUNS_IN = {
 def variant_name(name: str, precision: str) -> str:
     """The manifest name of the `precision` ONNX variant of FP32 artefact `name` (fp32: `name` itself)."""
     return name if precision == "fp32" else name + PRECISION_SUFFIXES[precision]
+
+
+def export_flag(name: str) -> str | None:
+    """The persense-export flag that writes variant or engine `name` (`sam_decoder_int8` -> `--int8`), or None."""
+    name = name.removesuffix(ENGINE_SUFFIX) + ("_fp16" if name.endswith(ENGINE_SUFFIX) else "")  # --fp16 builds them
+    return next((EXPORT_FLAGS[p] for p, suffix in PRECISION_SUFFIXES.items() if name.endswith(suffix)), None)
 
 
 def engine_name(name: str) -> str:

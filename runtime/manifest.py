@@ -8,11 +8,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from persense.runtime.artefact_names import export_flag
 from persense.runtime.errors import PersenseError
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 1
 REEXPORT_HINT = "re-export with `persense-export --out {folder}`"
+VARIANT_HINT = "`persense-export --out {folder} {flag}` (with the folder's --model) adds it"
 
 
 def installed_versions(names: tuple[str, ...]) -> dict[str, str]:
@@ -111,8 +113,10 @@ class Manifest:
     def artefact(self, name: str) -> Artefact:
         """The named artefact, or a PersenseError naming the fix."""
         if name not in self.artefacts:
+            flag = export_flag(name)
+            hint = REEXPORT_HINT if flag is None else VARIANT_HINT
             raise PersenseError(
-                f"{self.folder}: manifest has no '{name}' artefact; " + REEXPORT_HINT.format(folder=self.folder)
+                f"{self.folder}: manifest has no '{name}' artefact; " + hint.format(folder=self.folder, flag=flag)
             )
         return self.artefacts[name]
 

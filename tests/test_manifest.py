@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 
+from persense.runtime.artefact_names import export_flag
 from persense.runtime.errors import PersenseError
 from persense.runtime.manifest import load_manifest
 from persense.runtime.models.sam import SamEngines
@@ -101,3 +102,18 @@ def test_export_reuses_unchanged_artefacts_and_redoes_tampered_ones(engines_copy
     assert after["sam_decoder.onnx"] == before["sam_decoder.onnx"]
     assert after["sam_encoder.onnx"] != before["sam_encoder.onnx"]
     SamEngines.from_manifest(load_manifest(engines_copy), "ort-cpu")
+
+
+@pytest.mark.parametrize(
+    "name, flag",
+    [
+        ("sam_decoder_int8", "--int8"),
+        ("sam_encoder_ov_int8", "--openvino-int8"),
+        ("sam_encoder_gpu_fp16", "--fp16"),
+        ("sam_decoder_trt", "--fp16"),
+        ("sam_decoder", None),
+        ("sam_encoder_gpu", None),
+    ],
+)
+def test_a_missing_variant_names_the_export_flag_that_writes_it(name: str, flag: str | None) -> None:
+    assert export_flag(name) == flag

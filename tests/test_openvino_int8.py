@@ -113,5 +113,5 @@ def test_reused_kept_and_refused_when_tampered(ov_int8_engines: Path, tmp_path: 
 
 
 def test_missing_openvino_int8_names_the_artefact(tiny_engines: Path) -> None:
-    with pytest.raises(PersenseError, match=f"manifest has no '{OV_INT8_ENCODER}' artefact"):
+    with pytest.raises(PersenseError, match=f"manifest has no '{OV_INT8_ENCODER}' artefact; .* --openvino-int8` "):
         PerSense.open(tiny_engines, backend="openvino", precision="int8", threads=2, cache=False)
