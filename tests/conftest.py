@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -42,52 +43,73 @@ def tiny_sam():
     return random_sam("tiny", TINY_SEED)
 
 
+def shared_folder(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], None]) -> Path:
+    """A folder built once per test run and read by every pytest-xdist worker: the first to get the lock builds it
+    (the session's exports, which no test writes into, cost each worker their time otherwise)."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's base folder, common to the workers
+    folder, done = root / name, root / f"{name}.done"
+    with FileLock(root / f"{name}.lock"):
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            build(folder)
+            done.touch()
+    return folder
+
+
+def export_into(*args: str) -> Callable[[Path], None]:
+    """A `shared_folder` build: persense-export with `args` into the folder."""
+
+    def build(folder: Path) -> None:
+        from persense.export.cli import main
+
+        assert main([*args, "--out", str(folder), "-q"]) == 0
+
+    return build
+
+
 @pytest.fixture(scope="session")
 def tiny_engines(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An engines folder exported by persense-export from the tiny SAM (shared by the whole session)."""
-    from persense.export.cli import main
-
-    folder = tmp_path_factory.mktemp("engines_tiny")
-    assert main(["--model", "tiny", "--seed", str(TINY_SEED), "--out", str(folder), "-q"]) == 0
-    return folder
+    """An engines folder exported by persense-export from the tiny SAM (shared by the whole run)."""
+    return shared_folder(tmp_path_factory, "engines_tiny", export_into("--model", "tiny", "--seed", str(TINY_SEED)))
 
 
 FEATURE_SEED = 0  # the random ResNet-50 of PerSense++'s feature engine in test engines (OraclePlusPlus's resnet_seed)
 
 
-def with_feature_engine(engines: Path, folder: Path) -> Path:
-    """A copy of an engines folder with PerSense++'s feature engine added (random ResNet-50, FEATURE_SEED)."""
-    from persense.export.cli import main
+def added_to(engines: Path, *args: str) -> Callable[[Path], None]:
+    """A `shared_folder` build: a copy of an engines folder with what persense-export `args` adds to it."""
 
-    shutil.copytree(engines, folder)
-    assert (
-        main(["--method", "persense++", "--random-weights", "--seed", str(FEATURE_SEED), "--out", str(folder), "-q"])
-        == 0
-    )
-    return folder
+    def build(folder: Path) -> None:
+        shutil.copytree(engines, folder)
+        export_into(*args)(folder)
+
+    return build
+
+
+FEATURE_ENGINE = ("--method", "persense++", "--random-weights", "--seed", str(FEATURE_SEED))  # the export adding it
 
 
 @pytest.fixture(scope="session")
 def plusplus_engines(tiny_engines: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny engines plus the feature engine (shared by the whole session)."""
-    return with_feature_engine(tiny_engines, tmp_path_factory.mktemp("plusplus") / "engines")
+    """The tiny engines plus the feature engine (random ResNet-50, FEATURE_SEED; shared by the whole run)."""
+    return shared_folder(tmp_path_factory, "engines_plusplus", added_to(tiny_engines, *FEATURE_ENGINE))
 
 
 @pytest.fixture(scope="session")
 def trained_plusplus_engines(trained_tiny_engines: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The trained tiny engines plus the feature engine (shared by the whole session)."""
-    return with_feature_engine(trained_tiny_engines, tmp_path_factory.mktemp("plusplus_trained") / "engines")
+    """The trained tiny engines plus the same feature engine (shared by the whole run)."""
+    return shared_folder(tmp_path_factory, "engines_plusplus_trained", added_to(trained_tiny_engines, *FEATURE_ENGINE))
 
 
 @pytest.fixture(scope="session")
 def int8_engines(tiny_engines: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny engines with `--int8` added (shared by the whole session)."""
-    from persense.export.cli import main
-
-    folder = tmp_path_factory.mktemp("int8") / "engines"
-    shutil.copytree(tiny_engines, folder)
-    assert main(["--model", "tiny", "--seed", str(TINY_SEED), "--out", str(folder), "--int8", "-q"]) == 0
-    return folder
+    """The tiny engines with `--int8` added (shared by the whole run)."""
+    args = ("--model", "tiny", "--seed", str(TINY_SEED), "--int8")
+    return shared_folder(tmp_path_factory, "engines_int8", added_to(tiny_engines, *args))
 
 
 def draw_scene(
@@ -146,14 +168,13 @@ def trained_tiny_sam():
     return load_sam("tiny-trained", BUNDLED_CHECKPOINTS["tiny-trained"])
 
 
+TRAINED = ("--model", "tiny-trained")  # persense-export's arguments for the trained tiny SAM
+
+
 @pytest.fixture(scope="session")
 def trained_tiny_engines(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An engines folder exported by persense-export from the trained tiny SAM (shared by the whole session)."""
-    from persense.export.cli import main
-
-    folder = tmp_path_factory.mktemp("engines_tiny_trained")
-    assert main(["--model", "tiny-trained", "--out", str(folder), "-q"]) == 0
-    return folder
+    """An engines folder exported by persense-export from the trained tiny SAM (shared by the whole run)."""
+    return shared_folder(tmp_path_factory, "engines_tiny_trained", export_into(*TRAINED))
 
 
 def positive_window(upsampler: Upsampler, low_res: np.ndarray) -> tuple[int, int, np.ndarray] | None:

@@ -841,8 +841,9 @@ def onnx_truncated_rehashed(kit: Kit) -> None:
 
 @row
 def precision_not_exported(kit: Kit) -> None:
-    expect_error(kit.infer(extra=("--precision", "fp16")), "infer", "manifest has no 'sam_encoder_fp16' artefact; `")
-    expect_error(kit.infer(extra=("--precision", "fp16")), "infer", " --fp16` (with the folder's --model) adds it")
+    outcome = kit.infer(extra=("--precision", "fp16"))
+    expect_error(outcome, "infer", "manifest has no 'sam_encoder_fp16' artefact; `")
+    expect_error(outcome, "infer", " --fp16` (with the folder's --model) adds it")
 
 
 @row
