@@ -168,13 +168,10 @@ def trained_tiny_sam():
     return load_sam("tiny-trained", BUNDLED_CHECKPOINTS["tiny-trained"])
 
 
-TRAINED = ("--model", "tiny-trained")  # persense-export's arguments for the trained tiny SAM
-
-
 @pytest.fixture(scope="session")
 def trained_tiny_engines(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An engines folder exported by persense-export from the trained tiny SAM (shared by the whole run)."""
-    return shared_folder(tmp_path_factory, "engines_tiny_trained", export_into(*TRAINED))
+    return shared_folder(tmp_path_factory, "engines_tiny_trained", export_into("--model", "tiny-trained"))
 
 
 def positive_window(upsampler: Upsampler, low_res: np.ndarray) -> tuple[int, int, np.ndarray] | None:
