@@ -32,7 +32,8 @@ def variant_name(name: str, precision: str) -> str:
 
 def export_flag(name: str) -> str | None:
     """The persense-export flag that writes variant or engine `name` (`sam_decoder_int8` -> `--int8`), or None."""
-    name = name.removesuffix(ENGINE_SUFFIX) + ("_fp16" if name.endswith(ENGINE_SUFFIX) else "")  # --fp16 builds them
+    if name.endswith(ENGINE_SUFFIX):
+        return EXPORT_FLAGS["fp16"]  # --fp16 builds the TensorRT engines
     return next((EXPORT_FLAGS[p] for p, suffix in PRECISION_SUFFIXES.items() if name.endswith(suffix)), None)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 
-from persense.runtime.artefact_names import RUNS_IN, variant_name
+from persense.runtime.artefact_names import RUNS_IN, export_flag, variant_name
 from persense.runtime.backends.engine import Engine
 from persense.runtime.backends.openvino_engine import INSTALL_HINT
 from persense.runtime.backends.ort_check import check_onnxruntime
@@ -103,5 +103,5 @@ def side_engine_choice(manifest: Manifest, name: str, backend_name: str, precisi
         variant = variant_name(name, precision)
         if variant in manifest.artefacts:
             return variant, row.side
-        log.info("%s in fp32: the manifest has no %s (export it with --%s)", name, variant, precision)
+        log.info("%s in fp32: the manifest has no %s (export it with %s)", name, variant, export_flag(variant))
     return name, row.side
